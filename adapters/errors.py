@@ -1,0 +1,58 @@
+"""Typed domain errors. The gateway maps each class to one HTTP status in one place."""
+from __future__ import annotations
+
+
+class MetaloraError(Exception):
+    """Base class; `code` is the stable machine-readable error code clients see."""
+
+    code = "internal_error"
+
+
+class InvalidAdapterName(MetaloraError):
+    code = "invalid_adapter_name"
+
+    def __init__(self, name: object):
+        super().__init__(
+            f"invalid adapter name {name!r}: use 1-64 characters [a-z0-9._-] starting with a letter or digit,"
+            " optionally followed by @v<N> to pin a version"
+        )
+        self.name = name
+
+
+class AdapterNotFound(MetaloraError):
+    code = "adapter_not_found"
+
+    def __init__(self, ref: str):
+        super().__init__(f"adapter {ref!r} not found")
+        self.ref = ref
+
+
+class AdapterNotReady(MetaloraError):
+    code = "adapter_not_ready"
+
+    def __init__(self, ref: str, status: str):
+        super().__init__(f"adapter {ref!r} has no ready version yet (newest version is {status})")
+        self.ref = ref
+        self.status = status
+
+
+class JobNotFound(MetaloraError):
+    code = "job_not_found"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id!r} not found")
+        self.job_id = job_id
+
+
+class QuotaExceeded(MetaloraError):
+    code = "quota_exceeded"
+
+
+class StoreUnavailable(MetaloraError):
+    """The metadata store (Redis) cannot be reached; callers should retry later."""
+
+    code = "store_unavailable"
+
+
+class ArtifactCorrupt(MetaloraError):
+    code = "adapter_artifact_corrupt"

@@ -1,0 +1,113 @@
+"""Lifecycle enums and the records kept in the metadata store.
+
+Records are plain dataclasses with `to_dict`/`from_dict` so both stores (Redis hashes of JSON, SQLite
+rows of JSON) serialise them the same way; wire models in `server/protocol.py` convert from them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class VersionStatus(str, Enum):
+    # A version exists from the moment its job is accepted, so `name@v2` can be reported as "queued".
+    QUEUED = "queued"
+    RUNNING = "running"
+    READY = "ready"
+    FAILED = "failed"
+
+
+def now() -> float:
+    return time.time()
+
+
+def new_job_id() -> str:
+    return "job-" + uuid.uuid4().hex[:20]
+
+
+class _Record:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]
+        for key, value in data.items():
+            if isinstance(value, Enum):
+                data[key] = value.value
+        return data
+
+
+@dataclass
+class Job(_Record):
+    id: str
+    tenant: str
+    adapter: str
+    version: int
+    num_examples: int
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=now)
+    updated_at: float = field(default_factory=now)
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    error: str | None = None
+    attempts: int = 0
+    # Training options the client chose (steps, learning_rate, ...), validated by the gateway.
+    options: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.status = JobStatus(self.status)
+
+
+@dataclass
+class AdapterVersion(_Record):
+    tenant: str
+    adapter: str
+    version: int
+    job_id: str
+    num_examples: int
+    status: VersionStatus = VersionStatus.QUEUED
+    created_at: float = field(default_factory=now)
+    ready_at: float | None = None
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.status = VersionStatus(self.status)
+
+
+@dataclass
+class Adapter:
+    """An adapter name in a tenant's namespace and all its versions, oldest first."""
+
+    tenant: str
+    name: str
+    versions: list[AdapterVersion]
+
+    @property
+    def newest_ready(self) -> AdapterVersion | None:
+        ready = [v for v in self.versions if v.status is VersionStatus.READY]
+        return ready[-1] if ready else None
+
+    @property
+    def created_at(self) -> float:
+        return self.versions[0].created_at if self.versions else 0.0

