@@ -1,0 +1,191 @@
+"""`AdaptEngine`: the base model and one LoRA wrapper kept resident; per job: reset the LoRA weights to
+the shared init, run `adapt`, write a PEFT adapter folder vLLM can serve.
+
+A shared init is a folder in PEFT format (`adapter_config.json`, `adapter_model.safetensors`) plus
+`metalora_meta.json` = {"adapt_config": AdaptConfig.to_dict(), ...anything meta-training records}; the
+AdaptConfig in it is the procedure the init was meta-learned for, so it is also the default for jobs.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.config import AdaptConfig
+from trainer.data import EncodedExample, encode_examples, mean_loss
+from trainer.inner_loop import adapt
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SHARED_INIT_META = "metalora_meta.json"
+ADAPT_RECORD = "metalora_adapt.json"
+_ADAPTER = "default"  # peft's adapter name inside the wrapper; one adapter is ever active
+
+
+@dataclass
+class SharedInit:
+    path: Path
+    state: dict[str, torch.Tensor]  # keys as peft saves them (adapter name stripped)
+    adapt_config: AdaptConfig
+    meta: dict[str, Any]
+
+
+def load_shared_init(path: Path | str) -> SharedInit:
+    path = Path(path)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, SHARED_INIT_META):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"shared init {path} is incomplete: {name} is missing")
+    meta = json.loads((path / SHARED_INIT_META).read_text())
+    if "adapt_config" not in meta:
+        raise ValueError(f"{path / SHARED_INIT_META} has no adapt_config: cannot tell what it was trained for")
+    config = AdaptConfig.from_dict(meta["adapt_config"])
+    peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if peft_config.get("r") != config.rank or sorted(peft_config.get("target_modules") or []) != sorted(config.target_modules):
+        raise ValueError(f"shared init {path}: adapter_config.json disagrees with the adapt_config in {SHARED_INIT_META}")
+    return SharedInit(path=path, state=load_file(str(path / ADAPTER_WEIGHTS)), adapt_config=config, meta=meta)
+
+
+def write_adapter(model, out_dir: Path | str, base_model_name_or_path: str, extra: dict[str, dict]) -> None:
+    """Write the active LoRA of a peft `model` as a PEFT adapter folder, plus JSON files `extra`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=_ADAPTER, save_embedding_layers=False)
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, str(out_dir / ADAPTER_WEIGHTS))
+    config = copy.deepcopy(model.peft_config[_ADAPTER])
+    # vLLM's filesystem resolver serves an adapter only if this equals its --model exactly.
+    config.base_model_name_or_path = base_model_name_or_path
+    config.inference_mode = True
+    config.save_pretrained(str(out_dir))
+    for name, content in extra.items():
+        (out_dir / name).write_text(json.dumps(content, indent=2, sort_keys=True))
+
+
+def save_shared_init(model, out_dir: Path | str, config: AdaptConfig, base_model_name_or_path: str,
+                     meta: dict[str, Any] | None = None) -> None:
+    """The format `load_shared_init` reads; meta-training writes its result with this."""
+    write_adapter(model, out_dir, base_model_name_or_path,
+                  {SHARED_INIT_META: {**(meta or {}), "adapt_config": config.to_dict()}})
+
+
+@dataclass
+class AdaptOutcome:
+    config: AdaptConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def split_holdout(encoded: list[EncodedExample], config: AdaptConfig) -> tuple[list[EncodedExample], list[EncodedExample]]:
+    """(train, holdout): a seeded random `holdout_fraction` slice, empty when it would be under one
+    example or would leave nothing to train on."""
+    n_holdout = int(len(encoded) * config.holdout_fraction)
+    if n_holdout < 1 or n_holdout >= len(encoded):
+        return list(encoded), []
+    # Its own stream, so changing the holdout does not change the batch order seed's meaning.
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(config.seed + 7919)).tolist()
+    held = set(order[:n_holdout])
+    return [e for i, e in enumerate(encoded) if i not in held], [e for i, e in enumerate(encoded) if i in held]
+
+
+class AdaptEngine:
+    def __init__(self, base_model_dir: Path, shared_init: Path | None, device: str = "auto"):
+        self.base_model_dir = Path(base_model_dir)
+        self.device = resolve_device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base_model_dir))
+        # bf16 weights on CUDA (compute is autocast bf16 there anyway); fp32 on CPU.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(str(self.base_model_dir), dtype=dtype).to(self.device)
+        base.requires_grad_(False)
+        self.shared = load_shared_init(shared_init) if shared_init is not None else None
+        self.default_config = self.shared.adapt_config if self.shared else AdaptConfig()
+        # peft keeps LoRA weights fp32 over a bf16 base (autocast_adapter_dtype), which AdamW needs.
+        self.model = get_peft_model(base, self.default_config.lora_config())
+        self._structure = self._structure_of(self.default_config)
+        self._last: AdaptOutcome | None = None
+        self._lock = threading.Lock()  # one job at a time on the resident model
+
+    @staticmethod
+    def _structure_of(config: AdaptConfig) -> tuple:
+        return (config.lora_structure(), config.dropout)
+
+    def _reset_lora(self, config: AdaptConfig) -> tuple[str, str | None]:
+        """Put LoRA modules of the job's shape in place, at their init. Returns (init kind, note)."""
+        if self._structure_of(config) != self._structure:
+            base = self.model.unload()
+            base.requires_grad_(False)
+            self.model = get_peft_model(base, config.lora_config())
+            self._structure = self._structure_of(config)
+        if self.shared is not None and config.lora_structure() == self.shared.adapt_config.lora_structure():
+            result = set_peft_model_state_dict(self.model, self.shared.state, adapter_name=_ADAPTER)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if missing or result.unexpected_keys:
+                raise ValueError(f"shared init {self.shared.path} does not fit the base model: missing {missing[:3]},"
+                                 f" unexpected {list(result.unexpected_keys)[:3]}")
+            return "shared", None
+        # peft's standard init (A kaiming-uniform, B zero), reproducible under the job's seed.
+        torch.manual_seed(config.seed)
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters(_ADAPTER, True)
+        if self.shared is None:
+            return "standard", None
+        s = self.shared.adapt_config
+        return "standard", (f"the shared init is for rank {s.rank}, alpha {s.alpha}, targets {list(s.target_modules)};"
+                            f" this job asked for rank {config.rank}, alpha {config.alpha},"
+                            f" targets {list(config.target_modules)}, so it started from the standard LoRA init")
+
+    def train(self, examples: list[dict], config: AdaptConfig | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> AdaptOutcome:
+        config = config or self.default_config
+        with self._lock:
+            started = time.perf_counter()
+            encoded = encode_examples(self.tokenizer, examples, config.max_seq_len)
+            train_set, holdout = split_holdout(encoded, config)
+            init, note = self._reset_lora(config)
+            eval_set = holdout or train_set
+            loss_before = mean_loss(self.model, eval_set, config.batch_size)
+            train_losses = adapt(self.model, train_set, config, on_step=on_step)
+            loss_after = mean_loss(self.model, eval_set, config.batch_size)
+            metrics: dict[str, Any] = {
+                "loss_before": loss_before,
+                "loss_after": loss_after,
+                "eval_on": "holdout" if holdout else "train",
+                "train_losses": train_losses,
+                "steps": config.steps,
+                "num_train": len(train_set),
+                "num_holdout": len(holdout),
+                "seconds": time.perf_counter() - started,
+                "init": init,
+                "device": self.device.type,
+            }
+            if note:
+                metrics["init_note"] = note
+            self._last = AdaptOutcome(config=config, metrics=metrics)
+            return self._last
+
+    def save(self, out_dir: Path, base_model_name_or_path: str) -> None:
+        """Write the adapter from the last `train` (PEFT files + metalora_adapt.json)."""
+        with self._lock:
+            if self._last is None:
+                raise RuntimeError("nothing trained yet")
+            record = {
+                "adapt_config": self._last.config.to_dict(),
+                "metrics": self._last.metrics,
+                "base_model": base_model_name_or_path,
+                "shared_init": str(self.shared.path) if self.shared and self._last.metrics["init"] == "shared" else None,
+            }
+            write_adapter(self.model, out_dir, base_model_name_or_path, {ADAPT_RECORD: record})

@@ -1,0 +1,73 @@
+"""THE inner loop. The worker, meta-training and evaluation all call `adapt`, so the shared init is learned
+for exactly the procedure that serves adapters: change it here and the shared init must be retrained."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from trainer.config import AdaptConfig
+from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device
+
+
+def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters of the active adapter, by their name in `model`."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
+
+
+def get_lora_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in lora_parameters(model).items()}
+
+
+@torch.no_grad()
+def set_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    params = lora_parameters(model)
+    if params.keys() != state.keys():
+        missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+        raise KeyError(f"LoRA state does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+    for name, param in params.items():
+        param.copy_(state[name])
+
+
+def adapt(
+    model,
+    encoded: list[EncodedExample],
+    config: AdaptConfig,
+    *,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """K = config.steps AdamW steps on the LoRA parameters, in place, from their current values.
+
+    A fresh optimizer per call (no state leaks between jobs) and a reseeded RNG (LoRA dropout, batch
+    order) make the result a function of (init, examples, config) alone. `on_step(step, loss)` is called
+    after each step with step counting from 1; it may raise to abort (the worker's timeout and shutdown).
+    Returns the per-step training losses.
+    """
+    params = lora_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable LoRA parameters")
+    torch.manual_seed(config.seed)
+    device = model_device(model)
+    # No weight decay: it would pull every adapter towards zero instead of towards the learned init.
+    optimizer = torch.optim.AdamW(
+        params.values(), lr=config.learning_rate, weight_decay=0.0,
+        fused=device.type == "cuda",
+    )
+    was_training = model.training
+    model.train()
+    losses: list[torch.Tensor] = []
+    try:
+        for step, batch in enumerate(iterate_batches(encoded, config.batch_size, config.steps, config.seed), 1):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast_for(device):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            if on_step is not None:
+                on_step(step, loss.item())  # the one host sync per step, only when someone listens
+    finally:
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).float().tolist()
