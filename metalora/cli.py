@@ -1,0 +1,97 @@
+"""The `metalora` command line: one entry point for every process the system runs.
+
+    metalora serve          # embedded default: vLLM + worker + gateway on this machine
+    metalora gateway        # the HTTP gateway only (compose service `gateway`)
+    metalora worker         # one adaptation worker (compose service `worker`, scale with --scale)
+    metalora engine         # the vLLM OpenAI server with metalora's LoRA flags
+    metalora prepare-model  # convert/cache the default base model and print its folder
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from adapters.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # Validated at start: a bad METALORA_* value stops the process with the variable named.
+        sys.exit(f"invalid configuration:\n{exc}")
+
+
+def cmd_serve(args) -> int:
+    from metalora.supervisor import serve
+
+    return serve(_settings(), log_dir=args.log_dir)
+
+
+def cmd_gateway(args) -> int:
+    from server.app import run
+
+    run(_settings())
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from trainer.worker import main as worker_main
+
+    worker_main(_settings())
+    return 0
+
+
+def cmd_engine(args) -> int:
+    from metalora.engine import vllm_command, vllm_env
+
+    settings = _settings()
+    argv = vllm_command(settings, host=args.host, port=args.port)
+    if args.print:
+        print(" ".join(argv))
+        return 0
+    settings.adapter_root.mkdir(parents=True, exist_ok=True)
+    os.execve(argv[0], argv, vllm_env(settings))
+
+
+def cmd_prepare_model(args) -> int:
+    from trainer.base_model import ensure_base_model
+
+    print(ensure_base_model(_settings()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default=os.environ.get("METALORA_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the whole system on this machine (embedded default)")
+    p.add_argument("--log-dir", default=None, help="write each child's output to <dir>/<child>.log")
+    p.set_defaults(func=cmd_serve)
+
+    sub.add_parser("gateway", help="run the HTTP gateway").set_defaults(func=cmd_gateway)
+    sub.add_parser("worker", help="run one adaptation worker").set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("engine", help="run the vLLM OpenAI server with metalora's LoRA flags")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: the port of the first METALORA_VLLM_URLS")
+    p.add_argument("--print", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=cmd_engine)
+
+    sub.add_parser("prepare-model", help="convert and cache the base model, print its folder") \
+        .set_defaults(func=cmd_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(args.func(args) or 0)
