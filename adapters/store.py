@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from adapters.records import Adapter, AdapterVersion, Job
+from adapters.errors import AdapterNotFound, AdapterNotReady, MetaloraError
+from adapters.records import Adapter, AdapterVersion, Job, JobStatus, VersionStatus, now
 
 
 class MetadataStore(Protocol):
@@ -69,3 +70,79 @@ class JobQueue(Protocol):
     async def ack(self, lease: JobLease) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class LeaseLost(MetaloraError):
+    """`heartbeat` found the job leased to another consumer (this one was too slow): stop working on it.
+    Lives here rather than in errors.py because only the worker sees it, never an HTTP client."""
+
+    code = "lease_lost"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"lease on job {job_id!r} was lost to another worker")
+        self.job_id = job_id
+
+
+# --- semantics shared by both implementations, so they cannot drift apart ---
+
+# Fields a caller may change with update_job; identity fields are fixed at submit.
+UPDATABLE_JOB_FIELDS = frozenset(
+    {"status", "step", "total_steps", "loss", "error", "attempts", "metrics", "started_at", "finished_at"}
+)
+
+_VERSION_STATUS_OF = {
+    JobStatus.QUEUED: VersionStatus.QUEUED,
+    JobStatus.RUNNING: VersionStatus.RUNNING,
+    JobStatus.SUCCEEDED: VersionStatus.READY,
+    JobStatus.FAILED: VersionStatus.FAILED,
+}
+
+ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
+
+
+def apply_job_changes(job: Job, version: AdapterVersion | None, changes: dict[str, Any]) -> None:
+    """Apply update_job's changes in place. Finished jobs are terminal, so a late progress report from a
+    worker cannot revive a job that failed or whose adapter was deleted; callers check that first."""
+    unknown = set(changes) - UPDATABLE_JOB_FIELDS
+    if unknown:
+        raise ValueError(f"update_job cannot change {sorted(unknown)}")
+    for key, value in changes.items():
+        setattr(job, key, value)
+    job.status = JobStatus(job.status)
+    t = now()
+    job.updated_at = t
+    if job.status is JobStatus.RUNNING and job.started_at is None:
+        job.started_at = t
+    if job.status.finished and job.finished_at is None:
+        job.finished_at = t
+    if version is not None:
+        version.status = _VERSION_STATUS_OF[job.status]
+        if job.status is JobStatus.SUCCEEDED and version.ready_at is None:
+            version.ready_at = t
+        if job.status is JobStatus.FAILED:
+            version.error = job.error
+
+
+def owns(version: AdapterVersion | None, job: Job) -> bool:
+    """A version record belongs to a job only if it names that job; anything else means the adapter was
+    deleted (and must not be resurrected)."""
+    return version is not None and version.job_id == job.id
+
+
+def pick_version(name: str, versions: list[AdapterVersion], version: int | None) -> AdapterVersion:
+    """resolve()'s rule over one adapter's versions (oldest first)."""
+    if not versions:
+        raise AdapterNotFound(name)
+    if version is not None:
+        ref = f"{name}@v{version}"
+        found = next((v for v in versions if v.version == version), None)
+        if found is None:
+            raise AdapterNotFound(ref)
+        if found.status is not VersionStatus.READY:
+            raise AdapterNotReady(ref, found.status.value)
+        return found
+    adapter = Adapter(versions[0].tenant, name, versions)
+    ready = adapter.newest_ready
+    if ready is None:
+        raise AdapterNotReady(name, versions[-1].status.value)
+    return ready

@@ -1,0 +1,113 @@
+"""The adapter store: one flat folder per version, `<root>/<vllm_name>/`, read by vLLM's resolver.
+
+Folders appear and disappear only by rename (atomic on one filesystem), so vLLM never reads half a
+folder: writes go to `.tmp-*` and are renamed into place; deletes are renamed to `.trash-*` first.
+Versions are immutable: a folder that exists is never replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from adapters.errors import InvalidAdapterName
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+
+
+class ArtifactExists(FileExistsError):
+    """The version's folder already exists; versions are immutable."""
+
+
+class ArtifactStore(Protocol):
+    """What the worker and the gateway need; a local folder today, an object store later."""
+
+    def staging(self, vllm_name: str) -> contextlib.AbstractContextManager[Path]: ...
+
+    def exists(self, vllm_name: str) -> bool: ...
+
+    def delete(self, vllm_name: str) -> bool: ...
+
+    def sweep_orphans(self, max_age_s: float) -> list[str]: ...
+
+
+def _check_name(vllm_name: str) -> str:
+    # vllm_name() already produces safe names; this guards callers that pass anything else.
+    if (not isinstance(vllm_name, str) or not vllm_name or vllm_name.startswith(".")
+            or any(sep in vllm_name for sep in ("/", "\\", "\x00")) or ".." in vllm_name):
+        raise InvalidAdapterName(vllm_name)
+    return vllm_name
+
+
+class LocalArtifactStore:
+    def __init__(self, root: Path | str):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, vllm_name: str) -> Path:
+        path = (self.root / _check_name(vllm_name)).resolve()
+        if path.parent != self.root:
+            raise InvalidAdapterName(vllm_name)
+        return path
+
+    def exists(self, vllm_name: str) -> bool:
+        return self.path(vllm_name).is_dir()
+
+    @contextlib.contextmanager
+    def staging(self, vllm_name: str) -> Iterator[Path]:
+        """Yield an empty temp folder; on success it becomes `path(vllm_name)`, on error it is removed.
+        Raises ArtifactExists (before or after writing) when the version is already stored."""
+        final = self.path(vllm_name)
+        if final.exists():
+            raise ArtifactExists(str(final))
+        tmp = self.root / f"{TMP_PREFIX}{vllm_name}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            # rename(2) would silently replace an *empty* folder, hence the check; a writer racing us
+            # past the check leaves a non-empty folder, which rename refuses (ENOTEMPTY/EEXIST).
+            if final.exists():
+                raise ArtifactExists(str(final))
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise ArtifactExists(str(final)) from exc
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def delete(self, vllm_name: str) -> bool:
+        """Remove a version's folder; False when it was not there."""
+        final = self.path(vllm_name)
+        trash = self.root / f"{TRASH_PREFIX}{vllm_name}-{uuid.uuid4().hex}"
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def sweep_orphans(self, max_age_s: float) -> list[str]:
+        """Remove `.tmp-*` / `.trash-*` left by crashed writers, older than max_age_s (so a staging
+        folder still being written is spared). Returns the names removed."""
+        cutoff = time.time() - max_age_s
+        removed = []
+        for entry in self.root.iterdir():
+            if not entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                continue
+            try:
+                if entry.lstat().st_mtime > cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+        return removed

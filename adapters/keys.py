@@ -1,0 +1,50 @@
+"""Every Redis key name and TTL metalora uses, in one place (arq-constants style).
+
+All keys start with `Settings.redis_prefix`, so several deployments or test runs can share one Redis
+and `SCAN MATCH {prefix}:*` finds everything one of them owns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Finished jobs stay readable for a week so clients can still poll a job they submitted long ago.
+FINISHED_JOB_TTL_S = 7 * 24 * 3600
+# Examples are deleted when their job finishes; this TTL only bounds what a crashed deployment leaks.
+EXAMPLES_TTL_S = 14 * 24 * 3600
+
+JOBS_GROUP = "workers"
+STREAM_FIELD_JOB_ID = "job_id"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def versions(self, tenant: str, name: str) -> str:
+        """Hash: version number -> AdapterVersion JSON."""
+        return f"{self.prefix}:adapter:{tenant}:{name}:versions"
+
+    def next_version(self, tenant: str, name: str) -> str:
+        """Counter of the last allocated version. Kept when the adapter is deleted: a version number is
+        never reused, because vLLM caches LoRAs by name and the old folder name must stay unique."""
+        return f"{self.prefix}:adapter:{tenant}:{name}:next_version"
+
+    def adapter_names(self, tenant: str) -> str:
+        """Set of the tenant's adapter names that have at least one version."""
+        return f"{self.prefix}:adapters:{tenant}"
+
+    def job(self, job_id: str) -> str:
+        """String: Job JSON."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def job_examples(self, job_id: str) -> str:
+        """String: JSON list of examples."""
+        return f"{self.prefix}:job:{job_id}:examples"
+
+    @property
+    def jobs_stream(self) -> str:
+        return f"{self.prefix}:jobs:stream"
+
+    @property
+    def jobs_group(self) -> str:
+        return JOBS_GROUP

@@ -1,0 +1,366 @@
+"""Redis implementation of MetadataStore and JobQueue (deployments with several gateways/workers).
+
+Every multi-key change is one MULTI/EXEC under WATCH (optimistic locking, retried on conflict), so a
+crash or a concurrent writer never leaves half a job or resurrects a deleted adapter. JSON is built in
+Python rather than Lua so both stores serialise records identically.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from adapters import keys as K
+from adapters.errors import AdapterNotFound, JobNotFound, StoreUnavailable
+from adapters.names import validate_name, validate_tenant
+from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
+from adapters.settings import Settings
+from adapters.store import (
+    ADAPTER_DELETED_ERROR, LeaseLost, apply_job_changes, owns, pick_version,
+)
+
+T = TypeVar("T")
+
+# Connect fails fast when Redis is down; reads get longer because XREADGROUP blocks in slices below it.
+CONNECT_TIMEOUT_S = 1.0
+SOCKET_TIMEOUT_S = 3.0
+BLOCK_SLICE_MS = 1000
+_WATCH_RETRIES = 50
+
+
+def unavailable_on_connection_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The one place redis-py's transport errors become the domain's StoreUnavailable."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+
+    return wrapper
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    assert settings.redis_url, "Redis backend needs METALORA_REDIS_URL"
+    return aioredis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        # One quick retry rides out a dropped idle connection without turning "down" into a long hang.
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
+def _error_code(exc: ResponseError) -> str:
+    # Redis error replies start with an upper-case code (NOGROUP, BUSYGROUP): the protocol's error type.
+    return str(exc).split(" ", 1)[0]
+
+
+async def _transaction(client: aioredis.Redis, watch: list[str], body: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `body(pipe)` under WATCH; body reads with the pipe, calls pipe.multi(), queues writes.
+    Retried when a watched key changed between the read and EXEC."""
+    for _ in range(_WATCH_RETRIES):
+        async with client.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(*watch)
+                result = await body(pipe)
+                if pipe.explicit_transaction:
+                    await pipe.execute()
+                return result
+            except WatchError:
+                await asyncio.sleep(0)
+    raise StoreUnavailable("Redis transaction kept conflicting; try again")
+
+
+def _versions_from_hash(raw: dict[str, str]) -> list[AdapterVersion]:
+    versions = [AdapterVersion.from_dict(json.loads(v)) for v in raw.values()]
+    return sorted(versions, key=lambda v: v.version)
+
+
+class RedisMetadataStore:
+    def __init__(self, client: aioredis.Redis, settings: Settings):
+        self.r = client
+        self.keys = K.Keys(settings.redis_prefix)
+
+    @unavailable_on_connection_errors
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    @unavailable_on_connection_errors
+    async def submit_job(self, tenant, adapter, num_examples, examples, options) -> Job:
+        validate_tenant(tenant)
+        validate_name(adapter)
+        k = self.keys
+        counter = k.next_version(tenant, adapter)
+        examples_json = json.dumps(examples)
+
+        async def body(pipe) -> Job:
+            version = int(await pipe.get(counter) or 0) + 1
+            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
+                      num_examples=num_examples, options=dict(options))
+            record = AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
+                                    num_examples=num_examples, created_at=job.created_at)
+            pipe.multi()
+            pipe.incr(counter)
+            pipe.hset(k.versions(tenant, adapter), str(version), json.dumps(record.to_dict()))
+            pipe.sadd(k.adapter_names(tenant), adapter)
+            pipe.set(k.job(job.id), json.dumps(job.to_dict()))
+            pipe.set(k.job_examples(job.id), examples_json, ex=K.EXAMPLES_TTL_S)
+            pipe.xadd(k.jobs_stream, {K.STREAM_FIELD_JOB_ID: job.id})
+            return job
+
+        return await _transaction(self.r, [counter], body)
+
+    async def _read_job(self, reader, job_id: str) -> Job:
+        raw = await reader.get(self.keys.job(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return Job.from_dict(json.loads(raw))
+
+    async def _read_version(self, reader, job: Job) -> AdapterVersion | None:
+        raw = await reader.hget(self.keys.versions(job.tenant, job.adapter), str(job.version))
+        return AdapterVersion.from_dict(json.loads(raw)) if raw else None
+
+    @unavailable_on_connection_errors
+    async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
+        job = await self._read_job(self.r, job_id)
+        if tenant is not None and job.tenant != tenant:
+            raise JobNotFound(job_id)
+        return job
+
+    @unavailable_on_connection_errors
+    async def get_job_examples(self, job_id: str) -> list[dict[str, str]]:
+        raw = await self.r.get(self.keys.job_examples(job_id))
+        if raw is None:
+            raise JobNotFound(job_id)
+        return json.loads(raw)
+
+    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool]):
+        """Shared WATCH/MULTI for update/finish/fail: `change` mutates job (and the version if this job
+        still owns it) and returns whether to write."""
+        k = self.keys
+        job0 = await self._read_job(self.r, job_id)  # the version key depends on the job's identity
+        vkey = k.versions(job0.tenant, job0.adapter)
+
+        async def body(pipe):
+            job = await self._read_job(pipe, job_id)
+            version = await self._read_version(pipe, job)
+            owned = version if owns(version, job) else None
+            if not change(job, owned):
+                return job, False
+            pipe.multi()
+            ttl = K.FINISHED_JOB_TTL_S if job.status.finished else None
+            pipe.set(k.job(job_id), json.dumps(job.to_dict()), ex=ttl)
+            if owned is not None:
+                pipe.hset(vkey, str(job.version), json.dumps(owned.to_dict()))
+            if job.status.finished:
+                pipe.delete(k.job_examples(job_id))
+            return job, True
+
+        return await _transaction(self.r, [k.job(job_id), vkey], body)
+
+    @unavailable_on_connection_errors
+    async def update_job(self, job_id: str, **changes: Any) -> Job:
+        def change(job: Job, version):
+            if job.status.finished:
+                return False
+            apply_job_changes(job, version, changes)
+            return True
+
+        job, _ = await self._change_job(job_id, change)
+        return job
+
+    @unavailable_on_connection_errors
+    async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
+        def change(job: Job, version):
+            if version is None or job.status.finished:
+                return False
+            apply_job_changes(job, version, {"status": JobStatus.SUCCEEDED, "metrics": metrics})
+            version.metrics = dict(metrics)
+            return True
+
+        job, written = await self._change_job(job_id, change)
+        return written or (job.status is JobStatus.SUCCEEDED and await self._owned(job))
+
+    async def _owned(self, job: Job) -> bool:
+        return owns(await self._read_version(self.r, job), job)
+
+    @unavailable_on_connection_errors
+    async def fail_job(self, job_id: str, error: str) -> None:
+        def change(job: Job, version):
+            if job.status.finished:
+                return False
+            apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
+            return True
+
+        await self._change_job(job_id, change)
+
+    @unavailable_on_connection_errors
+    async def list_adapters(self, tenant: str) -> list[Adapter]:
+        names = sorted(await self.r.smembers(self.keys.adapter_names(tenant)))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.versions(tenant, name))
+            hashes = await pipe.execute()
+        return [Adapter(tenant, name, _versions_from_hash(h)) for name, h in zip(names, hashes) if h]
+
+    @unavailable_on_connection_errors
+    async def get_adapter(self, tenant: str, name: str) -> Adapter:
+        versions = _versions_from_hash(await self.r.hgetall(self.keys.versions(tenant, name)))
+        if not versions:
+            raise AdapterNotFound(name)
+        return Adapter(tenant, name, versions)
+
+    @unavailable_on_connection_errors
+    async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
+        versions = _versions_from_hash(await self.r.hgetall(self.keys.versions(tenant, name)))
+        return pick_version(name, versions, version)
+
+    @unavailable_on_connection_errors
+    async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
+        k = self.keys
+        vkey = k.versions(tenant, name)
+
+        async def body(pipe) -> list[AdapterVersion]:
+            versions = _versions_from_hash(await pipe.hgetall(vkey))
+            if not versions:
+                raise AdapterNotFound(name)
+            # In-flight jobs are failed in the same transaction, so a worker that claims one later sees
+            # a finished job and skips it instead of training an adapter nobody can load.
+            jobs = []
+            for v in versions:
+                await pipe.watch(k.job(v.job_id))
+                raw = await pipe.get(k.job(v.job_id))
+                if raw is not None:
+                    job = Job.from_dict(json.loads(raw))
+                    if not job.status.finished:
+                        apply_job_changes(job, None, {"status": JobStatus.FAILED, "error": ADAPTER_DELETED_ERROR})
+                        jobs.append(job)
+            pipe.multi()
+            pipe.delete(vkey)
+            pipe.srem(k.adapter_names(tenant), name)
+            for job in jobs:
+                pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
+                pipe.delete(k.job_examples(job.id))
+            return versions
+
+        return await _transaction(self.r, [vkey], body)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+
+@dataclass
+class RedisLease:
+    job_id: str
+    delivery_count: int
+    entry_id: str
+    consumer: str
+
+
+# Atomic check-and-touch: XCLAIM alone would steal the entry back from a worker that took over.
+_HEARTBEAT_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"""
+
+
+class RedisJobQueue:
+    """A Streams consumer group: the pending-entries list is the lease table, idle time the lease age."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings):
+        self.r = client
+        self.keys = K.Keys(settings.redis_prefix)
+        self.lease_ms = max(1, int(settings.lease_s * 1000))
+        self._heartbeat = self.r.register_script(_HEARTBEAT_LUA)
+        self._group_ready = False
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            # id 0: jobs submitted before the first worker ever started are delivered too.
+            await self.r.xgroup_create(self.keys.jobs_stream, self.keys.jobs_group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if _error_code(exc) != "BUSYGROUP":
+                raise
+        self._group_ready = True
+
+    async def _delivery_count(self, entry_id: str) -> int:
+        pending = await self.r.xpending_range(self.keys.jobs_stream, self.keys.jobs_group, entry_id, entry_id, 1)
+        return int(pending[0]["times_delivered"]) if pending else 1
+
+    async def _reclaim_expired(self, consumer: str) -> RedisLease | None:
+        start = "0-0"
+        while True:
+            nxt, entries, _deleted = await self.r.xautoclaim(
+                self.keys.jobs_stream, self.keys.jobs_group, consumer, self.lease_ms, start_id=start, count=1
+            )
+            for entry_id, fields in entries:
+                count = await self._delivery_count(entry_id)
+                return RedisLease(fields[K.STREAM_FIELD_JOB_ID], count, entry_id, consumer)
+            if nxt == "0-0":
+                return None
+            start = nxt
+
+    async def _read_new(self, consumer: str, block_ms: int | None) -> RedisLease | None:
+        reply = await self.r.xreadgroup(
+            self.keys.jobs_group, consumer, {self.keys.jobs_stream: ">"}, count=1, block=block_ms
+        )
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                return RedisLease(fields[K.STREAM_FIELD_JOB_ID], 1, entry_id, consumer)
+        return None
+
+    @unavailable_on_connection_errors
+    async def claim(self, consumer: str, block_ms: int) -> RedisLease | None:
+        deadline = time.monotonic() + max(0, block_ms) / 1000
+        while True:
+            try:
+                await self._ensure_group()
+                lease = await self._reclaim_expired(consumer)
+                if lease is not None:
+                    return lease
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                # BLOCK 0 means forever in Redis; block in slices below the socket timeout instead, and
+                # look for expired leases between slices.
+                lease = await self._read_new(consumer, min(left_ms, BLOCK_SLICE_MS) if left_ms > 0 else None)
+            except ResponseError as exc:
+                if _error_code(exc) != "NOGROUP":  # Redis restarted without persistence
+                    raise
+                self._group_ready = False
+                continue
+            if lease is not None or time.monotonic() >= deadline:
+                return lease
+
+    @unavailable_on_connection_errors
+    async def heartbeat(self, lease: RedisLease) -> None:
+        held = await self._heartbeat(
+            keys=[self.keys.jobs_stream], args=[self.keys.jobs_group, lease.entry_id, lease.consumer]
+        )
+        if not held:
+            raise LeaseLost(lease.job_id)
+
+    @unavailable_on_connection_errors
+    async def ack(self, lease: RedisLease) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.jobs_stream, self.keys.jobs_group, lease.entry_id)
+            pipe.xdel(self.keys.jobs_stream, lease.entry_id)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self.r.aclose()

@@ -1,0 +1,304 @@
+"""SQLite implementation of MetadataStore and JobQueue: the embedded default (no server to run).
+
+The gateway process and the worker process open the same file: WAL lets readers run beside the one
+writer, busy_timeout makes writers wait for each other, and every read-modify-write runs inside
+BEGIN IMMEDIATE so two processes can never allocate the same version or claim the same job.
+stdlib sqlite3 runs in a thread (asyncio.to_thread) so the event loop never waits on the file lock.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from adapters import keys as K
+from adapters.errors import AdapterNotFound, JobNotFound, StoreUnavailable
+from adapters.names import validate_name, validate_tenant
+from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
+from adapters.settings import Settings
+from adapters.store import ADAPTER_DELETED_ERROR, LeaseLost, apply_job_changes, owns, pick_version
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+POLL_INTERVAL_S = 0.05
+# Extended result codes all share their primary code in the low byte.
+_UNAVAILABLE_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR,
+                      sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (tenant TEXT, adapter TEXT, last_version INTEGER NOT NULL,
+                                     PRIMARY KEY (tenant, adapter));
+CREATE TABLE IF NOT EXISTS versions (tenant TEXT, adapter TEXT, version INTEGER, record TEXT NOT NULL,
+                                     PRIMARY KEY (tenant, adapter, version));
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL);
+CREATE TABLE IF NOT EXISTS examples (job_id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL,
+                                  owner TEXT, token TEXT, lease_expires_at REAL,
+                                  delivery_count INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+class _Db:
+    """One connection per process object, serialised by a lock; other processes wait on the file lock."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.executescript(SCHEMA)
+
+    def run(self, fn: Callable[[sqlite3.Connection], T], write: bool) -> T:
+        with self.lock:
+            if not write:
+                return fn(self.conn)
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self.conn)
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            return result
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+        try:
+            return await asyncio.to_thread(self.run, fn, write)
+        except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _UNAVAILABLE_CODES:
+                raise StoreUnavailable(f"SQLite store busy or unreadable: {exc.sqlite_errorname}") from exc
+            raise
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def open_db(path: Path) -> _Db:
+    return _Db(Path(path))
+
+
+def _read_job(c: sqlite3.Connection, job_id: str) -> Job:
+    row = c.execute("SELECT record FROM jobs WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                    (job_id, now())).fetchone()
+    if row is None:
+        raise JobNotFound(job_id)
+    return Job.from_dict(json.loads(row[0]))
+
+
+def _read_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[AdapterVersion]:
+    rows = c.execute("SELECT record FROM versions WHERE tenant = ? AND adapter = ? ORDER BY version",
+                     (tenant, name)).fetchall()
+    return [AdapterVersion.from_dict(json.loads(r[0])) for r in rows]
+
+
+def _read_version(c: sqlite3.Connection, job: Job) -> AdapterVersion | None:
+    row = c.execute("SELECT record FROM versions WHERE tenant = ? AND adapter = ? AND version = ?",
+                    (job.tenant, job.adapter, job.version)).fetchone()
+    return AdapterVersion.from_dict(json.loads(row[0])) if row else None
+
+
+def _write_job(c: sqlite3.Connection, job: Job) -> None:
+    expires = now() + K.FINISHED_JOB_TTL_S if job.status.finished else None
+    c.execute("INSERT OR REPLACE INTO jobs (id, record, expires_at) VALUES (?, ?, ?)",
+              (job.id, json.dumps(job.to_dict()), expires))
+    if job.status.finished:
+        c.execute("DELETE FROM examples WHERE job_id = ?", (job.id,))
+
+
+def _write_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
+    c.execute("INSERT OR REPLACE INTO versions (tenant, adapter, version, record) VALUES (?, ?, ?, ?)",
+              (v.tenant, v.adapter, v.version, json.dumps(v.to_dict())))
+
+
+class SqliteMetadataStore:
+    def __init__(self, db: _Db):
+        self.db = db
+
+    async def ping(self) -> None:
+        await self.db.call(lambda c: c.execute("SELECT 1").fetchone())
+
+    async def submit_job(self, tenant, adapter, num_examples, examples, options) -> Job:
+        validate_tenant(tenant)
+        validate_name(adapter)
+        examples_json = json.dumps(examples)
+
+        def tx(c: sqlite3.Connection) -> Job:
+            c.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now(),))
+            row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
+                            (tenant, adapter)).fetchone()
+            version = (row[0] if row else 0) + 1
+            c.execute("INSERT OR REPLACE INTO counters (tenant, adapter, last_version) VALUES (?, ?, ?)",
+                      (tenant, adapter, version))
+            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
+                      num_examples=num_examples, options=dict(options))
+            _write_version(c, AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
+                                             num_examples=num_examples, created_at=job.created_at))
+            _write_job(c, job)
+            c.execute("INSERT INTO examples (job_id, data) VALUES (?, ?)", (job.id, examples_json))
+            c.execute("INSERT INTO queue (job_id) VALUES (?)", (job.id,))
+            return job
+
+        return await self.db.call(tx, write=True)
+
+    async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
+        job = await self.db.call(lambda c: _read_job(c, job_id))
+        if tenant is not None and job.tenant != tenant:
+            raise JobNotFound(job_id)
+        return job
+
+    async def get_job_examples(self, job_id: str) -> list[dict[str, str]]:
+        row = await self.db.call(
+            lambda c: c.execute("SELECT data FROM examples WHERE job_id = ?", (job_id,)).fetchone())
+        if row is None:
+            raise JobNotFound(job_id)
+        return json.loads(row[0])
+
+    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool]):
+        def tx(c: sqlite3.Connection):
+            job = _read_job(c, job_id)
+            version = _read_version(c, job)
+            owned = version if owns(version, job) else None
+            if not change(job, owned):
+                return job, owned, False
+            _write_job(c, job)
+            if owned is not None:
+                _write_version(c, owned)
+            return job, owned, True
+
+        return await self.db.call(tx, write=True)
+
+    async def update_job(self, job_id: str, **changes: Any) -> Job:
+        def change(job: Job, version):
+            if job.status.finished:
+                return False
+            apply_job_changes(job, version, changes)
+            return True
+
+        job, _, _ = await self._change_job(job_id, change)
+        return job
+
+    async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
+        def change(job: Job, version):
+            if version is None or job.status.finished:
+                return False
+            apply_job_changes(job, version, {"status": JobStatus.SUCCEEDED, "metrics": metrics})
+            version.metrics = dict(metrics)
+            return True
+
+        job, owned, written = await self._change_job(job_id, change)
+        return written or (job.status is JobStatus.SUCCEEDED and owned is not None)
+
+    async def fail_job(self, job_id: str, error: str) -> None:
+        def change(job: Job, version):
+            if job.status.finished:
+                return False
+            apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
+            return True
+
+        await self._change_job(job_id, change)
+
+    async def list_adapters(self, tenant: str) -> list[Adapter]:
+        def read(c: sqlite3.Connection) -> list[Adapter]:
+            rows = c.execute("SELECT record FROM versions WHERE tenant = ? ORDER BY adapter, version",
+                             (tenant,)).fetchall()
+            by_name: dict[str, list[AdapterVersion]] = {}
+            for (record,) in rows:
+                v = AdapterVersion.from_dict(json.loads(record))
+                by_name.setdefault(v.adapter, []).append(v)
+            return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
+
+        return await self.db.call(read)
+
+    async def get_adapter(self, tenant: str, name: str) -> Adapter:
+        versions = await self.db.call(lambda c: _read_versions(c, tenant, name))
+        if not versions:
+            raise AdapterNotFound(name)
+        return Adapter(tenant, name, versions)
+
+    async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
+        versions = await self.db.call(lambda c: _read_versions(c, tenant, name))
+        return pick_version(name, versions, version)
+
+    async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
+        def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
+            versions = _read_versions(c, tenant, name)
+            if not versions:
+                raise AdapterNotFound(name)
+            # Fail in-flight jobs too, so a worker that claims one later skips it (see redis_store).
+            for v in versions:
+                try:
+                    job = _read_job(c, v.job_id)
+                except JobNotFound:
+                    continue
+                if not job.status.finished:
+                    apply_job_changes(job, None, {"status": JobStatus.FAILED, "error": ADAPTER_DELETED_ERROR})
+                    _write_job(c, job)
+            c.execute("DELETE FROM versions WHERE tenant = ? AND adapter = ?", (tenant, name))
+            return versions
+
+        return await self.db.call(tx, write=True)
+
+    async def close(self) -> None:
+        self.db.close()
+
+
+@dataclass
+class SqliteLease:
+    job_id: str
+    delivery_count: int
+    consumer: str
+    token: str
+
+
+class SqliteJobQueue:
+    """The queue table is the lease table: a row is free when it has no owner or its lease expired."""
+
+    def __init__(self, db: _Db, settings: Settings):
+        self.db = db
+        self.lease_s = settings.lease_s
+
+    def _try_claim(self, c: sqlite3.Connection, consumer: str) -> SqliteLease | None:
+        t = now()
+        row = c.execute("SELECT seq, job_id, delivery_count FROM queue WHERE owner IS NULL OR lease_expires_at <= ?"
+                        " ORDER BY seq LIMIT 1", (t,)).fetchone()
+        if row is None:
+            return None
+        seq, job_id, count = row
+        token = uuid.uuid4().hex
+        c.execute("UPDATE queue SET owner = ?, token = ?, lease_expires_at = ?, delivery_count = ? WHERE seq = ?",
+                  (consumer, token, t + self.lease_s, count + 1, seq))
+        return SqliteLease(job_id, count + 1, consumer, token)
+
+    async def claim(self, consumer: str, block_ms: int) -> SqliteLease | None:
+        deadline = time.monotonic() + max(0, block_ms) / 1000
+        while True:
+            lease = await self.db.call(lambda c: self._try_claim(c, consumer), write=True)
+            if lease is not None or time.monotonic() >= deadline:
+                return lease
+            # Polling is fine: an embedded deployment has one or two workers and jobs take minutes.
+            await asyncio.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    async def heartbeat(self, lease: SqliteLease) -> None:
+        def tx(c: sqlite3.Connection) -> int:
+            return c.execute("UPDATE queue SET lease_expires_at = ? WHERE job_id = ? AND token = ?",
+                             (now() + self.lease_s, lease.job_id, lease.token)).rowcount
+
+        if not await self.db.call(tx, write=True):
+            raise LeaseLost(lease.job_id)
+
+    async def ack(self, lease: SqliteLease) -> None:
+        await self.db.call(lambda c: c.execute("DELETE FROM queue WHERE job_id = ?", (lease.job_id,)), write=True)
+
+    async def close(self) -> None:
+        self.db.close()
