@@ -1,0 +1,68 @@
+"""`create_app(settings, backend=None)`: the gateway ASGI app; `run(settings)`: serve it with uvicorn."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapters.base_model import base_model_path, served_model_name
+from adapters.settings import Settings
+from server.errors import BodyLimitMiddleware, register_handlers
+from server.routes import router
+from server.services import ExampleTokenCounter, Gateway
+from server.upstream import UpstreamPool, UpstreamTimeouts
+
+log = logging.getLogger("metalora.gateway")
+
+
+def create_app(settings: Settings, backend=None) -> FastAPI:
+    """`backend` (adapters.backend.Backend) is opened from settings unless given; a given one is left open
+    on shutdown (its owner closes it)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        counter = ExampleTokenCounter.from_model_dir(base_model_path(settings))
+        owned = backend is None
+        if owned:
+            from adapters.backend import open_backend
+
+            opened = open_backend(settings)
+        else:
+            opened = backend
+        pool = UpstreamPool(
+            settings.vllm_urls, settings.health_interval_s,
+            UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s))
+        try:
+            await pool.start()
+            app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings))
+            app.state.backend = opened
+            yield
+        finally:
+            await pool.close()
+            if owned:
+                await opened.close()
+
+    app = FastAPI(title="metalora gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    register_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """What `metalora gateway` (and the embedded supervisor) call."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        # OpenAI clients keep connections alive between requests; outlive their idle gaps.
+        timeout_keep_alive=30,
+        # Per-request access logging costs throughput on the proxy hot path; errors are still logged.
+        access_log=False,
+        log_level="info",
+    )

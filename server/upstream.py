@@ -1,0 +1,223 @@
+"""The vLLM replica pool: health checks, adapter-affinity routing, failover, one shared HTTP client.
+
+Routing: rendezvous (highest-random-weight) hashing of the vLLM adapter name over the *healthy* replicas,
+so an adapter always lands on the same replica (its LoRA stays warm in that replica's cache) and moves
+only when that replica goes unhealthy; the other adapters do not move. Requests without an affinity key
+(the base model) are spread round-robin.
+
+Failover: a request is retried on the next replica in the adapter's rendezvous order on transport errors
+that happen before the gateway has sent any byte to its client (connection refused/reset, the replica
+closing the connection before answering). A replica that fails that way is marked unhealthy at once; the
+background checker marks it healthy again once its `/health` answers 200.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from adapters.errors import MetaloraError
+
+log = logging.getLogger("metalora.upstream")
+
+
+class UpstreamUnavailable(MetaloraError):
+    """No healthy vLLM replica can take the request; the client should retry shortly."""
+
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str = "no healthy inference replica is available", retry_after_s: float = 2.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+# Errors that mean the replica never produced an answer, so the (side-effect-free) completion can be
+# sent to another replica. Timeouts while reading are not retried: the replica may be busy, not dead.
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+
+
+@dataclass(frozen=True)
+class UpstreamTimeouts:
+    connect_s: float = 2.0
+    read_s: float = 300.0
+    write_s: float = 30.0
+    health_s: float = 2.0
+
+    def httpx(self) -> httpx.Timeout:
+        # Waiting for a free pooled connection is bounded by the read timeout: the pool is sized large.
+        return httpx.Timeout(connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.read_s)
+
+
+@dataclass
+class Upstream:
+    url: str
+    healthy: bool = False
+    last_error: str | None = "not checked yet"
+    last_check: float = 0.0
+    # Precomputed so scoring a key is one hash, no string formatting of the URL on the hot path.
+    _salt: bytes = field(default=b"", repr=False)
+
+    def __post_init__(self):
+        self._salt = self.url.encode()
+
+    def score(self, key: bytes) -> int:
+        digest = hashlib.blake2b(self._salt + b"\x00" + key, digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    def snapshot(self) -> dict:
+        return {"url": self.url, "healthy": self.healthy, "last_error": self.last_error}
+
+
+def rendezvous_order(upstreams: list[Upstream], key: str) -> list[Upstream]:
+    """All given replicas, best first for `key` (HRW hashing: stable, and minimal movement)."""
+    raw = key.encode()
+    return sorted(upstreams, key=lambda u: u.score(raw), reverse=True)
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        urls: list[str],
+        health_interval_s: float = 2.0,
+        timeouts: UpstreamTimeouts | None = None,
+        max_connections: int = 1024,
+    ):
+        if not urls:
+            raise ValueError("UpstreamPool needs at least one URL")
+        self.upstreams = [Upstream(u.rstrip("/")) for u in urls]
+        self.health_interval_s = health_interval_s
+        self.timeouts = timeouts or UpstreamTimeouts()
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=30.0)
+        # ONE client for all proxied traffic: connection pooling and keep-alive to every replica.
+        self.client = httpx.AsyncClient(timeout=self.timeouts.httpx(), limits=limits)
+        # Health checks use their own small client so a saturated proxy pool cannot starve them.
+        self._health_client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeouts.health_s))
+        self._rr = itertools.count()
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Check every replica once (so the first requests route correctly), then keep checking."""
+        await self.check_all()
+        if self._task is None:
+            self._task = asyncio.create_task(self._health_loop(), name="metalora-upstream-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        await self.client.aclose()
+        await self._health_client.aclose()
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.health_interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.check_all()
+            except Exception:  # never let the checker die
+                log.exception("upstream health check failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(u) for u in self.upstreams))
+
+    async def _check(self, upstream: Upstream) -> None:
+        try:
+            response = await self._health_client.get(upstream.url + "/health")
+            ok = response.status_code == 200
+            error = None if ok else f"/health answered {response.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if ok != upstream.healthy:
+            log.warning("upstream %s is now %s%s", upstream.url, "healthy" if ok else "unhealthy",
+                        "" if ok else f" ({error})")
+        upstream.healthy, upstream.last_error, upstream.last_check = ok, error, time.time()
+
+    def mark_failed(self, upstream: Upstream, exc: Exception) -> None:
+        if upstream.healthy:
+            log.warning("upstream %s failed (%s); routing around it", upstream.url, type(exc).__name__)
+        upstream.healthy = False
+        upstream.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        self._wake.set()  # re-check soon rather than after a full interval
+
+    # ---------------------------------------------------------------- routing
+    @property
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self.health_interval_s))
+
+    def healthy(self) -> list[Upstream]:
+        return [u for u in self.upstreams if u.healthy]
+
+    def candidates(self, adapter_key: str | None) -> list[Upstream]:
+        """Healthy replicas in the order to try them. Raise UpstreamUnavailable when there are none."""
+        healthy = self.healthy()
+        if not healthy:
+            raise UpstreamUnavailable(retry_after_s=self.retry_after_s)
+        if adapter_key is None:
+            start = next(self._rr) % len(healthy)
+            return healthy[start:] + healthy[:start]
+        if len(healthy) == 1:
+            return healthy
+        return rendezvous_order(healthy, adapter_key)
+
+    def pick(self, adapter_key: str | None) -> Upstream:
+        return self.candidates(adapter_key)[0]
+
+    def snapshot(self) -> list[dict]:
+        return [u.snapshot() for u in self.upstreams]
+
+    # ---------------------------------------------------------------- requests
+    async def post(self, path: str, content: bytes, adapter_key: str | None, *, stream: bool = False
+                   ) -> httpx.Response:
+        """POST a JSON body to the affine replica, failing over on transport errors.
+
+        With stream=True the response is returned with its body unread: the caller must
+        `aclose()` it. Nothing has been sent to the gateway's client yet at this point, so a
+        replica dying before it answers is still invisible to the client.
+        """
+        last_exc: Exception | None = None
+        for upstream in self.candidates(adapter_key):
+            request = self.client.build_request(
+                "POST", upstream.url + path, content=content, headers={"content-type": "application/json"})
+            try:
+                return await self.client.send(request, stream=stream)
+            except RETRYABLE_ERRORS as exc:
+                self.mark_failed(upstream, exc)
+                last_exc = exc
+        raise UpstreamUnavailable(
+            f"no inference replica could be reached ({type(last_exc).__name__})",
+            retry_after_s=self.retry_after_s) from last_exc
+
+    async def broadcast(self, path: str, json_body: dict, timeout_s: float = 5.0) -> dict[str, int | str]:
+        """POST to every replica (healthy or not), best effort: {url: status code or error text}."""
+
+        async def one(upstream: Upstream) -> int | str:
+            try:
+                response = await self.client.post(upstream.url + path, json=json_body, timeout=timeout_s)
+                return response.status_code
+            except httpx.HTTPError as exc:
+                return type(exc).__name__
+
+        results = await asyncio.gather(*(one(u) for u in self.upstreams))
+        return dict(zip((u.url for u in self.upstreams), results))
