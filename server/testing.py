@@ -1,0 +1,119 @@
+"""Test helpers for the gateway (imported by tests only, never by the running gateway).
+
+- `ServerThread`: serve an ASGI app with a real uvicorn server on a free port, in a background thread.
+- `fake_replica(name)`: a tiny stand-in for a vLLM OpenAI server (/health, /v1/completions incl. SSE,
+  /v1/unload_lora_adapter) that records what it received. For pool/proxy unit tests only; end-to-end
+  tests use the real vLLM.
+- `write_wordlevel_tokenizer(folder)`: a tiny whitespace `tokenizers` tokenizer.json (1 token per word).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"test server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def fake_replica(name: str):
+    """A minimal vLLM stand-in. `app.state.healthy` toggles /health; `app.state.calls` records requests."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def health(request: Request):
+        return Response(status_code=200 if request.app.state.healthy else 503)
+
+    async def completions(request: Request):
+        body = await request.json()
+        request.app.state.calls.append(("/v1/completions", body))
+        model = body.get("model")
+        if body.get("prompt") == "error":
+            return JSONResponse({"error": {"message": f"The model `{model}` rejected this", "type": "BadRequestError",
+                                           "param": None, "code": 400}}, status_code=400)
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+                 "choices": [{"index": 0, "text": f"from {name}", "finish_reason": None}]}
+        if body.get("stream") is True:
+            async def events():
+                for i in range(3):
+                    chunk["choices"][0]["text"] = f"{name}:{i} \"model\": {model}"
+                    yield ("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n").encode()
+                    await asyncio.sleep(0.01)
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        chunk["served_by"] = name
+        chunk["echo"] = {k: v for k, v in body.items() if k not in ("model", "prompt")}
+        return Response(json.dumps(chunk, separators=(",", ":")), media_type="application/json")
+
+    async def unload(request: Request):
+        body = await request.json()
+        request.app.state.calls.append(("/v1/unload_lora_adapter", body))
+        return JSONResponse({"error": {"message": "not loaded", "type": "NotFoundError", "code": 404}},
+                            status_code=404)
+
+    app = Starlette(routes=[
+        Route("/health", health),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
+    ])
+    app.state.healthy = True
+    app.state.calls = []
+    app.state.name = name
+    return app
+
+
+def write_wordlevel_tokenizer(folder: Path, words: list[str] | None = None) -> Path:
+    """A tokenizer.json where each whitespace-separated word is one token (unknown words -> [UNK])."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {"[UNK]": 0, "</s>": 1}
+    for word in words or ["hello", "world", "good", "bad", "positive", "negative"]:
+        vocab.setdefault(word, len(vocab))
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
