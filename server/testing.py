@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -117,3 +118,29 @@ def write_wordlevel_tokenizer(folder: Path, words: list[str] | None = None) -> P
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
+
+
+def tokenizer_dir(tmp_path: Path) -> Path:
+    """The real base model's folder when its tokenizer.json is there (prepared model), else a tiny one."""
+    from adapters.base_model import base_model_path
+    from adapters.settings import Settings
+
+    real = base_model_path(Settings(base_model="default"))
+    if (real / "tokenizer.json").is_file():
+        return real
+    return write_wordlevel_tokenizer(tmp_path / "tiny-model")
+
+
+@contextlib.asynccontextmanager
+async def gateway_client(settings, backend=None):
+    """The gateway app with its lifespan running, and an httpx client talking to it in-process."""
+    import httpx
+
+    from server.app import create_app
+
+    app = create_app(settings, backend=backend)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            client.app = app  # type: ignore[attr-defined]
+            yield client
