@@ -63,11 +63,16 @@ class JobQueue(Protocol):
     that expires (worker died) is handed to another worker. `delivery_count` lets the worker bound
     retries."""
 
-    async def claim(self, consumer: str, block_ms: int) -> JobLease | None: ...
+    async def claim(self, consumer: str, block_ms: int) -> JobLease | None:
+        """An expired lease first (its worker died; delivery_count > 1), else a new job, waiting up to
+        block_ms (0 = don't wait). The job may already be finished (its adapter was deleted, or an
+        earlier attempt finished but died before ack): the worker then just acks it."""
 
-    async def heartbeat(self, lease: JobLease) -> None: ...
+    async def heartbeat(self, lease: JobLease) -> None:
+        """Extend the lease by lease_s. Raise LeaseLost when another worker has taken the job over."""
 
-    async def ack(self, lease: JobLease) -> None: ...
+    async def ack(self, lease: JobLease) -> None:
+        """Remove the job from the queue for good (after finish_job or fail_job)."""
 
     async def close(self) -> None: ...
 
