@@ -1,0 +1,228 @@
+"""Meta-learning the shared LoRA init (MeTA-LoRA, arXiv 2510.11598) and a multitask baseline.
+
+θ (the shared init) lives in `MetaLearner.theta`, a list of nn.Parameters aligned with the model's LoRA
+parameters; a stock AdamW updates it. Every method only writes a (pseudo-)gradient into θ.grad:
+- "fomaml" (MeTA-LoRA stage 2, first-order): for each task, set the model's LoRA to θ, run THE inner loop
+  `adapt()` on the support set (stage 1), then the gradient of the loss on the task's disjoint query set at
+  the adapted weights; θ.grad = mean over tasks.
+- "reptile": same stage 1; θ.grad = mean over tasks of (θ − θ_i), so a step moves θ towards the adapted
+  weights.
+- "multitask": plain joint LoRA training on the same tasks for the same compute: (K + 1) optimizer steps
+  per outer step, each on the mean gradient of one batch per task (a meta step costs T·(K + 1) forward/
+  backward passes; so does this).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from trainer.config import AdaptConfig
+from trainer.data import EncodedExample, autocast_for, collate, model_device
+from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+
+METHODS = ("fomaml", "reptile", "multitask")
+
+
+@dataclass
+class MetaConfig:
+    method: str = "fomaml"
+    outer_steps: int = 200
+    meta_batch_tasks: int = 4  # T tasks per outer step
+    support_size: int = 16  # examples the inner loop adapts on (the serving path sees ~100)
+    query_size: int = 16  # disjoint examples the adapted weights are judged on
+    outer_lr: float = 1e-3
+    outer_weight_decay: float = 0.0  # decay would pull θ to zero, i.e. back to "no init"
+    outer_grad_clip: float = 1.0  # 0 = off
+    seed: int = 0
+    inner: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=5, batch_size=8, holdout_fraction=0.0))
+
+    def __post_init__(self):
+        if isinstance(self.inner, dict):
+            self.inner = AdaptConfig.from_dict(self.inner)
+        if not isinstance(self.inner, AdaptConfig):
+            raise ValueError(f"inner must be an AdaptConfig, got {type(self.inner).__name__}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("outer_steps", "meta_batch_tasks", "support_size", "query_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.outer_lr, (int, float)) or not 0 < self.outer_lr < 1:
+            raise ValueError(f"outer_lr must be in (0, 1), got {self.outer_lr!r}")
+        if not isinstance(self.outer_weight_decay, (int, float)) or self.outer_weight_decay < 0:
+            raise ValueError(f"outer_weight_decay must be >= 0, got {self.outer_weight_decay!r}")
+        if not isinstance(self.outer_grad_clip, (int, float)) or self.outer_grad_clip < 0:
+            raise ValueError(f"outer_grad_clip must be >= 0, got {self.outer_grad_clip!r}")
+        self.outer_lr, self.outer_weight_decay = float(self.outer_lr), float(self.outer_weight_decay)
+        self.outer_grad_clip = float(self.outer_grad_clip)
+
+    @property
+    def examples_per_task(self) -> int:
+        return self.support_size + self.query_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["inner"] = self.inner.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MetaConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MetaConfig option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass
+class Episode:
+    task: str
+    support: list[EncodedExample]
+    query: list[EncodedExample]
+
+
+def sample_episode(task: str, encoded: list[EncodedExample], config: MetaConfig, rng: random.Random) -> Episode:
+    """Disjoint support/query drawn from one task's train split."""
+    need = config.examples_per_task
+    if len(encoded) < need:
+        raise ValueError(f"task {task} has {len(encoded)} train examples; an episode needs {need}")
+    chosen = rng.sample(range(len(encoded)), need)
+    return Episode(task, [encoded[i] for i in chosen[:config.support_size]],
+                   [encoded[i] for i in chosen[config.support_size:]])
+
+
+def batch_loss(model, examples: list[EncodedExample]) -> torch.Tensor:
+    """Differentiable token-mean loss over `examples` in one batch (query sets are small)."""
+    device = model_device(model)
+    batch = {k: v.to(device, non_blocking=True) for k, v in collate(examples).items()}
+    with autocast_for(device):
+        return model(**batch).loss
+
+
+class MetaLearner:
+    def __init__(self, model, config: MetaConfig):
+        self.model, self.config = model, config
+        self.names = list(lora_parameters(model))
+        if not self.names:
+            raise ValueError("the model has no trainable LoRA parameters")
+        state = get_lora_state(model)
+        self.theta = [torch.nn.Parameter(state[n].detach().clone().float()) for n in self.names]
+        device = model_device(model)
+        self.optimizer = torch.optim.AdamW(self.theta, lr=config.outer_lr, weight_decay=config.outer_weight_decay,
+                                           fused=device.type == "cuda")
+        self.step = 0
+
+    def theta_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in zip(self.names, self.theta)}
+
+    def load_theta_into_model(self) -> None:
+        set_lora_state(self.model, self.theta_state())
+
+    def _inner_config(self, episode_index: int) -> AdaptConfig:
+        # A distinct, reproducible batch order per (outer step, task slot).
+        from dataclasses import replace
+        return replace(self.config.inner, seed=self.config.seed * 1_000_003 + self.step * 101 + episode_index)
+
+    def adapted_query_loss(self, episode: Episode, episode_index: int = 0, *, theta: dict | None = None) -> float:
+        """Query loss after adapting from θ (or `theta`) on the support set; the model is left adapted."""
+        set_lora_state(self.model, theta if theta is not None else self.theta_state())
+        adapt(self.model, episode.support, self._inner_config(episode_index))
+        with torch.no_grad():
+            return batch_loss(self.model, episode.query).item()
+
+    def meta_step(self, episodes: list[Episode]) -> dict[str, float]:
+        """One outer update from `episodes` (one per task). Returns logging stats."""
+        method = self.config.method
+        if method == "multitask":
+            stats = self._multitask_step(episodes)
+        else:
+            grads = [torch.zeros_like(p) for p in self.theta]
+            support_first, support_last, query = [], [], []
+            params = lora_parameters(self.model)
+            for i, episode in enumerate(episodes):
+                set_lora_state(self.model, self.theta_state())
+                losses = adapt(self.model, episode.support, self._inner_config(i))
+                support_first.append(losses[0])
+                support_last.append(losses[-1])
+                if method == "fomaml":
+                    loss = batch_loss(self.model, episode.query)
+                    grad = torch.autograd.grad(loss, [params[n] for n in self.names])
+                    for acc, g in zip(grads, grad):
+                        acc.add_(g.float(), alpha=1.0 / len(episodes))
+                    query.append(loss.item())
+                else:  # reptile
+                    with torch.no_grad():
+                        for acc, p, n in zip(grads, self.theta, self.names):
+                            acc.add_(p.detach() - params[n].detach().float(), alpha=1.0 / len(episodes))
+            stats = {"support_loss_first": sum(support_first) / len(episodes),
+                     "support_loss_last": sum(support_last) / len(episodes)}
+            if query:
+                stats["query_loss"] = sum(query) / len(query)
+            stats["grad_norm"] = self._apply(grads)
+        self.step += 1
+        # Keep the model holding θ between steps, so evaluation/export see the current init.
+        self.load_theta_into_model()
+        return stats
+
+    def _apply(self, grads: list[torch.Tensor]) -> float:
+        for p, g in zip(self.theta, grads):
+            p.grad = g
+        norm = torch.nn.utils.clip_grad_norm_(self.theta, self.config.outer_grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def _multitask_step(self, episodes: list[Episode]) -> dict[str, float]:
+        cfg = self.config.inner
+        params = lora_parameters(self.model)
+        rng = random.Random(self.config.seed * 1_000_003 + self.step)
+        losses, norms = [], []
+        self.model.train()
+        for _ in range(cfg.steps + 1):
+            self.load_theta_into_model()
+            grads = [torch.zeros_like(p) for p in self.theta]
+            for episode in episodes:
+                pool = episode.support + episode.query
+                loss = batch_loss(self.model, rng.sample(pool, min(cfg.batch_size, len(pool))))
+                grad = torch.autograd.grad(loss, [params[n] for n in self.names])
+                for acc, g in zip(grads, grad):
+                    acc.add_(g.float(), alpha=1.0 / len(episodes))
+                losses.append(loss.item())
+            norms.append(self._apply(grads))
+        return {"train_loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms)}
+
+    # --- checkpoints: config + θ + optimizer + step + RNG, nanoGPT style ---
+    def state_dict(self) -> dict[str, Any]:
+        return {"meta_config": self.config.to_dict(), "theta": self.theta_state(), "names": self.names,
+                "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = MetaConfig.from_dict(state["meta_config"])
+        if saved.inner.lora_structure() != self.config.inner.lora_structure():
+            raise ValueError("checkpoint LoRA structure differs from this model's")
+        if state["names"] != self.names:
+            raise ValueError("checkpoint LoRA parameter names differ from this model's")
+        with torch.no_grad():
+            for p, n in zip(self.theta, self.names):
+                p.copy_(state["theta"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.load_theta_into_model()
+
+
+def save_checkpoint(path, learner: MetaLearner, extra: dict[str, Any] | None = None) -> None:
+    import os
+    state = {**learner.state_dict(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+             **(extra or {})}
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint behind
+
+
+def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
+    # weights_only=False: the checkpoint holds python RNG state; only load checkpoints you wrote.
+    return torch.load(path, map_location=map_location, weights_only=False)
