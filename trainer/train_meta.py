@@ -1,0 +1,218 @@
+"""Meta-train the shared LoRA init (MeTA-LoRA) on the BIG-bench task pool, one readable loop.
+
+    python -m trainer.tasks.fetch                       # once: task folders into ~/.cache/metalora/tasks
+    flock /tmp/metalora-heavy.lock python -m trainer.train_meta --out_dir=runs/meta-fomaml --outer_steps=150
+    python -m trainer.train_meta --out_dir=runs/meta-fomaml --resume      # continue from ckpt.pt
+    python -m trainer.train_meta --method=multitask --out_dir=runs/multitask   # the baseline init
+
+Any default below can be overridden as --name=value. The result is a shared-init folder (PEFT adapter +
+metalora_meta.json with data, config, command and git commit) at --export_dir (default out_dir/shared_init);
+copy it to trainer/shared_init/<base model dir name>/ for the worker to pick it up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# --- defaults (each overridable as --name=value) ---------------------------------------------------
+method = "fomaml"  # fomaml | reptile | multitask
+outer_steps = 150
+meta_batch_tasks = 4  # tasks per outer step
+support_size = 16
+query_size = 16
+outer_lr = 1e-3
+outer_grad_clip = 1.0
+inner_steps = 5  # K during meta-training (serving may use more: the init is evaluated at several K)
+inner_lr = 2e-3
+inner_batch_size = 8
+rank = 8
+alpha = 16
+max_seq_len = 192  # BIG-bench items are <= 600 + 100 chars by the importer's rule
+seed = 0
+tasks_dir = str(Path.home() / ".cache" / "metalora" / "tasks" / "bigbench")
+n_val_tasks = 8  # meta-train tasks held out of the pool, used only for the periodic validation
+val_examples = 32  # per validation task, from its validation split
+eval_interval = 25
+log_interval = 1
+ckpt_interval = 25
+out_dir = "runs/meta"
+export_dir = ""  # "" = out_dir/shared_init
+model_dir = ""  # "" = the converted default base model (trainer.base_model.ensure_base_model)
+device = "auto"
+threads = 0  # 0 = torch default; 1 to leave the other core to colleagues
+resume = False
+# ----------------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
+            and k not in ("annotations",)}
+
+
+def parse_args(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key, value in DEFAULTS.items():
+        if isinstance(value, bool):
+            parser.add_argument(f"--{key}", action="store_true", default=value)
+        else:
+            parser.add_argument(f"--{key}", type=type(value), default=value)
+    return vars(parser.parse_args(argv))
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import AdaptConfig
+    from trainer.data import ExampleTooLong, encode_examples, mean_loss
+    from trainer.engine import resolve_device, save_shared_init
+    from trainer.inner_loop import adapt, set_lora_state
+    from trainer.meta import MetaConfig, MetaLearner, load_checkpoint, sample_episode, save_checkpoint
+    from trainer.tasks.format import find_tasks, load_task
+
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    config = MetaConfig(
+        method=args["method"], outer_steps=args["outer_steps"], meta_batch_tasks=args["meta_batch_tasks"],
+        support_size=args["support_size"], query_size=args["query_size"], outer_lr=args["outer_lr"],
+        outer_grad_clip=args["outer_grad_clip"], seed=args["seed"],
+        inner=AdaptConfig(steps=args["inner_steps"], learning_rate=args["inner_lr"], batch_size=args["inner_batch_size"],
+                          rank=args["rank"], alpha=args["alpha"], max_seq_len=args["max_seq_len"], seed=args["seed"],
+                          holdout_fraction=0.0))
+    out = Path(args["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "ckpt.pt"
+    log_file = (out / "log.jsonl").open("a")
+
+    # --- task pool: every task folder under tasks_dir; the evaluation tasks can never be in it ---
+    tasks_root = Path(args["tasks_dir"]).expanduser()
+    if "olmo" in tasks_root.parts:
+        raise SystemExit(f"{tasks_root}: the OLMo tasks are held-out evaluation tasks, never meta-train on them")
+    names = [p.name for p in find_tasks(tasks_root)]
+    if len(names) < args["n_val_tasks"] + config.meta_batch_tasks:
+        raise SystemExit(f"{tasks_root} has {len(names)} tasks; run `python -m trainer.tasks.fetch` first")
+    random.Random(1234).shuffle(names)  # a fixed split, independent of the run's seed
+    val_names, train_names = sorted(names[:args["n_val_tasks"]]), sorted(names[args["n_val_tasks"]:])
+
+    # --- model ---
+    if args["model_dir"]:
+        model_path = Path(args["model_dir"])
+    else:
+        from adapters.settings import Settings
+        from trainer.base_model import ensure_base_model
+        model_path = ensure_base_model(Settings())
+    dev = resolve_device(args["device"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(dev)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(config.seed)  # the standard LoRA init θ_0 (A random, B = 0) is part of the run
+    model = get_peft_model(base, config.inner.lora_config())
+    learner = MetaLearner(model, config)
+
+    encoded_cache: dict[str, list] = {}
+
+    def encoded(name: str, split: str = "train") -> list:
+        # Lazily encoded: the pool has hundreds of tasks and one run samples only part of them.
+        key = f"{name}/{split}"
+        if key not in encoded_cache:
+            items = []
+            for example in load_task(tasks_root / name).split(split):
+                try:
+                    items += encode_examples(tokenizer, [example], config.inner.max_seq_len)
+                except ExampleTooLong:
+                    pass
+            encoded_cache[key] = items
+        return encoded_cache[key]
+
+    rng = random.Random(config.seed)
+    best_val = math.inf
+    if args["resume"] and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, map_location=dev)
+        if MetaConfig.from_dict(ckpt["meta_config"]) != config:
+            raise SystemExit(f"{ckpt_path} was written with a different MetaConfig:\n{ckpt['meta_config']}")
+        learner.load_state_dict(ckpt)
+        rng.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        best_val = ckpt.get("best_val", math.inf)
+        print(f"resumed from {ckpt_path} at step {learner.step}")
+
+    def validate() -> dict:
+        """Adapt from θ on each held-out task's first `support_size` train examples (K = inner_steps), then
+        the loss on its validation split; also the loss at θ itself (no adaptation)."""
+        theta = learner.theta_state()
+        before, after = [], []
+        for name in val_names:
+            support, held = encoded(name)[:config.support_size], encoded(name, "validation")[:args["val_examples"]]
+            if not support or not held:
+                continue
+            set_lora_state(model, theta)
+            before.append(mean_loss(model, held, config.inner.batch_size))
+            adapt(model, support, config.inner)
+            after.append(mean_loss(model, held, config.inner.batch_size))
+        learner.load_theta_into_model()
+        return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
+
+    print(f"{config.method}: {len(train_names)} train tasks, {len(val_names)} val tasks, device {dev}, "
+          f"{sum(p.numel() for p in learner.theta)} LoRA params")
+    t0 = time.time()
+    while learner.step < config.outer_steps:
+        step = learner.step
+        if step % args["eval_interval"] == 0:
+            v = validate()
+            print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
+                  f"{v['val_loss_adapted']:.4f}")
+            log_file.write(json.dumps({"step": step, **v}) + "\n")
+            best_val = min(best_val, v["val_loss_adapted"])
+        episodes = []
+        while len(episodes) < config.meta_batch_tasks:
+            name = rng.choice(train_names)
+            if len(encoded(name)) >= config.examples_per_task and name not in {e.task for e in episodes}:
+                episodes.append(sample_episode(name, encoded(name), config, rng))
+        t_step = time.time()
+        stats = learner.meta_step(episodes)
+        dt = time.time() - t_step
+        if step % args["log_interval"] == 0:
+            shown = " ".join(f"{k} {v:.4f}" for k, v in stats.items())
+            print(f"step {step + 1}/{config.outer_steps} {dt:.1f}s/step {shown}", flush=True)
+        log_file.write(json.dumps({"step": step + 1, "seconds": dt, "tasks": [e.task for e in episodes], **stats}) + "\n")
+        log_file.flush()
+        if learner.step % args["ckpt_interval"] == 0 or learner.step == config.outer_steps:
+            save_checkpoint(ckpt_path, learner, {"best_val": best_val, "run_args": args})
+    v = validate()
+    print(f"final: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} {v['val_loss_adapted']:.4f};"
+          f" {time.time() - t0:.0f}s")
+    log_file.write(json.dumps({"step": learner.step, "final": True, **v}) + "\n")
+
+    export = Path(args["export_dir"] or out / "shared_init")
+    learner.load_theta_into_model()
+    save_shared_init(model, export, config.inner, model_path.name, meta={
+        "method": config.method, "meta_config": config.to_dict(), "steps_done": learner.step,
+        "data": {"tasks_dir": str(tasks_root), "train_tasks": train_names, "val_tasks": val_names,
+                 "source": "bigbench==1.0.0 JSON tasks via trainer.tasks.fetch"},
+        "final_validation": v, "command": " ".join([sys.executable, "-m", "trainer.train_meta", *(
+            sys.argv[1:] if argv is None else argv)]), "git_commit": git_commit(),
+    })
+    print(f"shared init written to {export}")
+    return export
+
+
+if __name__ == "__main__":
+    main()
