@@ -119,3 +119,38 @@ def test_checkpoint_round_trips(setup, tmp_path):
     for a, b in zip(fresh.theta, learner.theta):
         assert torch.allclose(a, b, atol=1e-6)
     assert set(lora_parameters(setup[0])) == set(learner.names)
+
+
+def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
+    """End to end on the tiny model: an option task and an open task, every method, files written."""
+    import json as _json
+
+    from tests.test_inner_loop import save_tiny_model
+    from trainer.engine import save_shared_init
+    from trainer.evaluate import evaluate
+    from trainer.tasks.format import write_task
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    mc = [{"prompt": f"w{i}: {w} ->", "completion": f" {w}", "options": [f" {w}", " none"], "answer": 0}
+          for i, w in enumerate(WORDS * 2)]
+    write_task(tmp_path / "tasks" / "mc", {"train": mc, "validation": mc[:2], "test": mc[:4]})
+    gen = [{"prompt": f"w{i}: {w} ->", "completion": f" {w}"} for i, w in enumerate(WORDS)]
+    write_task(tmp_path / "tasks" / "gen", {"train": gen, "validation": gen[:2], "test": gen[:3]})
+    learner = learner_for(setup, "fomaml")
+    learner.meta_step(episodes(setup))
+    save_shared_init(setup[0], tmp_path / "init", setup[2], "tiny")
+    inner = AdaptConfig(steps=2, batch_size=4, learning_rate=1e-2, max_seq_len=64, holdout_fraction=0.0)
+    report = evaluate([tmp_path / "tasks" / "mc", tmp_path / "tasks" / "gen"],
+                      ["zero_shot", "in_context", "standard_init", "meta_init", "multitask_init"], [0, 2], [0],
+                      n_train=8, out_dir=tmp_path / "out", model_dir=model_dir, meta_init=tmp_path / "init",
+                      multitask_init=tmp_path / "init", adapt_config=inner, device="cpu")
+    rows = report["rows"]
+    assert len(rows) == 2 * (2 + 3 * 2) and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # K=0 from the meta init differs from K=0 from the standard init only through the loaded weights: with B=0
+    # in the standard init its K=0 accuracy must equal zero-shot.
+    by = {(r["task"], r["method"], r["k"]): r["accuracy"] for r in rows}
+    assert by[("mc", "standard_init", 0)] == by[("mc", "zero_shot", 0)]
+    saved = _json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["git_commit"] and saved["rows"] == rows
+    assert "| mc |" in (tmp_path / "out" / "results.md").read_text()
+    assert (tmp_path / "out" / "accuracy_vs_k_mean.png").stat().st_size > 0
