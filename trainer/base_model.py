@@ -83,12 +83,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 def ensure_base_model(settings: Settings) -> Path:
     """Return the base model folder, converting the default GGUF on first use."""
     path = base_model_path(settings)
-    if settings.base_model != "default":
+    default_path = (settings.model_cache_dir / DEFAULT_BASE_MODEL_DIRNAME).expanduser().resolve()
+    # Naming the default folder by its path (as containers do) still means "convert the shipped GGUF".
+    is_default = settings.base_model == "default" or path == default_path
+    if not is_default:
         if not (path / "config.json").is_file():
             raise BaseModelMissing(f"METALORA_BASE_MODEL={settings.base_model!r} is not an HF model folder")
         return path
     if not (path / _COMPLETE_MARKER).is_file():
-        assert path.name == DEFAULT_BASE_MODEL_DIRNAME
         log.info("converting %s into %s (once)", GGUF_FILE, path)
         convert_gguf(_gguf_path(), path)
     return path
