@@ -1,0 +1,273 @@
+"""The training worker: claim a job, train it on the resident engine, write the adapter atomically,
+mark it ready, ack. `metalora worker` runs `main(settings)`.
+
+Failure policy:
+- bad data or options (ValueError from encoding/config), a timeout, any training error: the job fails
+  with the message and is acked; retrying a deterministic failure would only fail again.
+- the process dies (crash, OOM kill, SIGKILL): nothing is acked, the lease expires and another worker
+  claims the job; `max_job_attempts` deliveries bound that.
+- SIGTERM: stop claiming, abort the current job at its next step and leave it un-acked (status back to
+  queued), so another worker (or this one restarted) takes it once the lease expires.
+- the store is unreachable: the job is left un-acked for the same redelivery.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from concurrent.futures import Future
+from pathlib import Path
+
+from adapters.artifacts import ArtifactExists, LocalArtifactStore
+from adapters.backend import Backend, open_backend
+from adapters.base_model import base_model_path
+from adapters.errors import JobNotFound, StoreUnavailable
+from adapters.names import vllm_name
+from adapters.records import Job, JobStatus, now
+from adapters.settings import Settings
+from adapters.store import JobLease, LeaseLost
+
+log = logging.getLogger("metalora.worker")
+
+CLAIM_BLOCK_MS = 1000  # also how quickly an idle worker notices a stop request
+PROGRESS_INTERVAL_S = 0.5  # progress writes per job are bounded, whatever the step time
+ORPHAN_MAX_AGE_S = 600.0  # older `.tmp-*` folders are from dead writers (a save takes seconds)
+JOB_RECORD = "metalora_job.json"  # which job wrote an adapter folder, so a retry can recognise its own
+
+
+class JobAborted(Exception):
+    """Raised from the step callback to stop training: timeout, lost lease or shutdown."""
+
+
+def shared_init_path(settings: Settings, base_dir: Path) -> Path | None:
+    value = settings.shared_init
+    if value == "none":
+        return None
+    if value == "auto":
+        candidate = Path(__file__).parent / "shared_init" / base_dir.name
+        return candidate if (candidate / "adapter_model.safetensors").is_file() else None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"METALORA_SHARED_INIT={value!r} is not a folder (use auto, none or a path)")
+    return path
+
+
+def build_engine(settings: Settings):
+    from trainer.engine import AdaptEngine
+
+    base_dir = base_model_path(settings)
+    if not (base_dir / "config.json").is_file():
+        from trainer.base_model import ensure_base_model
+
+        base_dir = ensure_base_model(settings)
+    return AdaptEngine(base_dir, shared_init_path(settings, base_dir))
+
+
+class Worker:
+    def __init__(self, settings: Settings, backend: Backend, artifacts: LocalArtifactStore, engine, stop: asyncio.Event):
+        self.settings = settings
+        self.store, self.queue = backend.store, backend.queue
+        self.artifacts = artifacts
+        self.engine = engine
+        self.stop = stop
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # The exact --model string vLLM is started with (see adapters/base_model.py).
+        self.base_model_name = str(base_model_path(settings))
+
+    async def run(self) -> None:
+        log.info("worker %s ready (base model %s, init %s)", self.consumer, self.base_model_name,
+                 "shared" if self.engine.shared else "standard")
+        while not self.stop.is_set():
+            try:
+                lease = await self.queue.claim(self.consumer, CLAIM_BLOCK_MS)
+            except StoreUnavailable as exc:
+                log.warning("store unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if lease is not None:
+                try:
+                    await self.process(lease)
+                except StoreUnavailable as exc:
+                    # Not acked: the lease expires and the job is delivered again.
+                    log.warning("job %s: store unavailable (%s); left for redelivery", lease.job_id, exc)
+
+    async def process(self, lease: JobLease) -> None:
+        try:
+            job = await self.store.get_job(lease.job_id)
+        except JobNotFound:
+            await self.queue.ack(lease)
+            return
+        if job.status.finished:  # acked late, or its adapter was deleted while it waited
+            await self.queue.ack(lease)
+            return
+        attempts, limit = lease.delivery_count, self.settings.max_job_attempts
+        if attempts > limit:
+            message = (f"gave up after {limit} attempts: each time the worker training it stopped"
+                       " before finishing (crash, out of memory, or shutdown)")
+            await self.store.fail_job(job.id, message)
+            await self.queue.ack(lease)
+            log.info("job %s failed: %s", job.id, message)
+            return
+        await self._run_job(job, lease)
+
+    async def _run_job(self, job: Job, lease: JobLease) -> None:
+        name = vllm_name(job.tenant, job.adapter, job.version)
+        started = time.monotonic()
+        await self.store.update_job(job.id, status=JobStatus.RUNNING, attempts=lease.delivery_count,
+                                    started_at=now(), step=0, error=None)
+        abort: list[str] = []  # set by the heartbeat or a stop request; read by the training thread
+        heartbeat = asyncio.create_task(self._heartbeat(lease, abort))
+        watch_stop = asyncio.create_task(self._on_stop(abort))
+        try:
+            if self._written_by(name, job.id):
+                # A previous attempt wrote the folder and died before marking it ready.
+                metrics = json.loads((self.artifacts.path(name) / "metalora_adapt.json").read_text())["metrics"]
+                log.info("job %s start %s: adapter already written by attempt before, finishing", job.id, name)
+            else:
+                metrics = await self._train_and_write(job, lease, name, abort, started)
+        except JobAborted as exc:
+            reason = str(exc)
+            if reason.startswith("timed out"):
+                await self._fail(job, lease, reason)
+            elif reason == "shutdown":
+                await self.store.update_job(job.id, status=JobStatus.QUEUED, step=0)
+                log.info("job %s released on shutdown; it is redelivered when its lease expires", job.id)
+            else:
+                log.warning("job %s abandoned: %s", job.id, reason)
+            return
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # bad data, bad options, errors inside training: not worth retrying
+            if not isinstance(exc, ValueError):
+                log.exception("job %s: training error", job.id)
+            await self._fail(job, lease, f"{exc}" if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            heartbeat.cancel()
+            watch_stop.cancel()
+        if await self.store.finish_job(job.id, metrics):
+            await self.queue.ack(lease)
+            log.info("job %s succeeded: %s in %.1fs, loss %.3f -> %.3f (%s init)", job.id, name,
+                     time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
+        else:
+            # The adapter was deleted while training; its folder must not outlive it.
+            await asyncio.to_thread(self.artifacts.delete, name)
+            await self.queue.ack(lease)
+            log.info("job %s discarded: adapter deleted while it trained", job.id)
+
+    async def _train_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str], started: float) -> dict:
+        config = self.engine.default_config.merged(job.options or {})
+        examples = await self.store.get_job_examples(job.id)
+        await self.store.update_job(job.id, total_steps=config.steps)
+        log.info("job %s start %s: attempt %d/%d, %d examples, %d steps", job.id, name, lease.delivery_count,
+                 self.settings.max_job_attempts, len(examples), config.steps)
+        on_step, pending = self._progress_reporter(job.id, config.steps, abort, started)
+        outcome = await asyncio.to_thread(self.engine.train, examples, config, on_step)
+        if pending:  # let the last throttled report land before the final one
+            await asyncio.wrap_future(pending[-1])
+        await self.store.update_job(job.id, step=config.steps, loss=outcome.metrics["train_losses"][-1])
+        await asyncio.to_thread(self._write, job, name)
+        return outcome.metrics
+
+    def _progress_reporter(self, job_id: str, total: int, abort: list[str], started: float):
+        loop = asyncio.get_running_loop()
+        deadline = started + self.settings.job_timeout_s
+        pending: list[Future] = []
+        last = [0.0]
+
+        def on_step(step: int, loss: float) -> None:  # runs in the training thread
+            if abort:
+                raise JobAborted(abort[0])
+            if time.monotonic() > deadline:
+                raise JobAborted(f"timed out after {self.settings.job_timeout_s:g}s (METALORA_JOB_TIMEOUT_S)"
+                                 f" at step {step}/{total}")
+            t = time.monotonic()
+            # At most one write in flight, so reports cannot overtake each other.
+            if (step == 1 or t - last[0] >= PROGRESS_INTERVAL_S) and (not pending or pending[-1].done()):
+                last[0] = t
+                pending[:] = [asyncio.run_coroutine_threadsafe(
+                    self.store.update_job(job_id, step=step, total_steps=total, loss=loss), loop)]
+
+        return on_step, pending
+
+    def _write(self, job: Job, name: str) -> None:
+        try:
+            with self.artifacts.staging(name) as tmp:
+                self.engine.save(tmp, self.base_model_name)
+                (tmp / JOB_RECORD).write_text(json.dumps({"job_id": job.id, "tenant": job.tenant,
+                                                          "adapter": job.adapter, "version": job.version}))
+        except ArtifactExists:
+            if not self._written_by(name, job.id):
+                raise
+            # Another attempt of this job (a worker whose lease we took over) wrote the same adapter first.
+
+    def _written_by(self, name: str, job_id: str) -> bool:
+        record = self.artifacts.path(name) / JOB_RECORD
+        try:
+            return json.loads(record.read_text()).get("job_id") == job_id
+        except (FileNotFoundError, ValueError):
+            return False
+
+    async def _fail(self, job: Job, lease: JobLease, message: str) -> None:
+        await self.store.fail_job(job.id, message)
+        await self.queue.ack(lease)
+        log.info("job %s failed: %s", job.id, message)
+
+    async def _heartbeat(self, lease: JobLease, abort: list[str]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 3)
+            try:
+                await self.queue.heartbeat(lease)
+            except LeaseLost:
+                abort.append("lease lost to another worker")
+                return
+            except StoreUnavailable as exc:
+                log.warning("heartbeat for %s failed (%s); retrying", lease.job_id, exc)
+
+    async def _on_stop(self, abort: list[str]) -> None:
+        await self.stop.wait()
+        abort.append("shutdown")
+
+
+async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None, engine=None) -> None:
+    stop = stop or asyncio.Event()
+    if engine is None:
+        engine = await asyncio.to_thread(build_engine, settings)
+    artifacts = LocalArtifactStore(settings.adapter_root)
+    removed = await asyncio.to_thread(artifacts.sweep_orphans, ORPHAN_MAX_AGE_S)
+    if removed:
+        log.info("removed %d orphaned staging folder(s)", len(removed))
+    backend = open_backend(settings)
+    try:
+        await Worker(settings, backend, artifacts, engine, stop).run()
+    finally:
+        await backend.close()
+
+
+def main(settings: Settings) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.worker_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker_threads)
+    engine = build_engine(settings)  # before the loop: a SIGTERM during the slow load just kills us
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(settings, stop=stop, engine=engine)
+
+    asyncio.run(serve())
+    log.info("worker stopped")
+
+
+if __name__ == "__main__":
+    main(Settings())
