@@ -226,3 +226,20 @@ def save_checkpoint(path, learner: MetaLearner, extra: dict[str, Any] | None = N
 def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     # weights_only=False: the checkpoint holds python RNG state; only load checkpoints you wrote.
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+_BENCH_LEARNERS: dict[int, MetaLearner] = {}
+
+
+def benchmark_outer_step(model, examples: list[EncodedExample], config: AdaptConfig) -> dict[str, float]:
+    """One real FOMAML outer step with one task (support = first half of `examples`, query = the rest), for
+    benchmarks/meta_cost.py. The learner (θ copy + outer AdamW) is built once per model, as in training."""
+    if len(examples) < 2:
+        raise ValueError("need at least 2 examples (support and query)")
+    half = len(examples) // 2
+    learner = _BENCH_LEARNERS.get(id(model))
+    if learner is None:
+        cfg = MetaConfig(method="fomaml", meta_batch_tasks=1, support_size=half, query_size=len(examples) - half,
+                         inner=config)
+        learner = _BENCH_LEARNERS[id(model)] = MetaLearner(model, cfg)
+    return learner.meta_step([Episode("benchmark", list(examples[:half]), list(examples[half:]))])
