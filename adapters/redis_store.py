@@ -58,8 +58,10 @@ def connect(settings: Settings) -> aioredis.Redis:
         decode_responses=True,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
-        # One quick retry rides out a dropped idle connection without turning "down" into a long hang.
-        retry=Retry(NoBackoff(), 1),
+        # One quick retry rides out a dropped idle connection (e.g. after a Redis restart) without turning
+        # "down" into a long hang. Timeouts are not retried: an unresponsive Redis (frozen, partitioned) would
+        # otherwise hold every request for twice SOCKET_TIMEOUT_S before its 503 (tests/test_drills.py).
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
 
 
