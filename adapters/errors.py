@@ -45,7 +45,34 @@ class JobNotFound(MetaloraError):
 
 
 class QuotaExceeded(MetaloraError):
+    """A per-tenant limit (adapt jobs in flight, stored adapters, example bytes) would be exceeded;
+    nothing was written. `quota` names the limit, for clients and logs."""
+
     code = "quota_exceeded"
+
+    def __init__(self, message: str, quota: str):
+        super().__init__(message)
+        self.quota = quota
+
+
+class AuthenticationFailed(MetaloraError):
+    """No usable API key: missing, malformed, unknown or revoked. One class for all of them so a caller
+    learns nothing about which keys exist; `code` says what to fix on the caller's side."""
+
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ApiKeyNotFound(MetaloraError):
+    code = "api_key_not_found"
+
+    def __init__(self, key_id: str):
+        super().__init__(f"API key {key_id!r} not found")
+        self.key_id = key_id
 
 
 class StoreUnavailable(MetaloraError):

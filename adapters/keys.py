@@ -33,6 +33,22 @@ class Keys:
         """Set of the tenant's adapter names that have at least one version."""
         return f"{self.prefix}:adapters:{tenant}"
 
+    def active_jobs(self, tenant: str) -> str:
+        """Set of the tenant's job ids that may still be queued or running (the in-flight quota). Members are
+        removed when a job finishes; submit_job also prunes finished/expired ones it finds, so a member left
+        behind by a crash cannot hold a quota slot forever."""
+        return f"{self.prefix}:tenant:{tenant}:active_jobs"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash: sha256 hex of an API key -> ApiKey JSON. Only the hash is stored, never the key."""
+        return f"{self.prefix}:apikeys:by_hash"
+
+    @property
+    def api_key_ids(self) -> str:
+        """Hash: key id -> sha256 hex (for `keys revoke <id>` and listing)."""
+        return f"{self.prefix}:apikeys:by_id"
+
     def job(self, job_id: str) -> str:
         """String: Job JSON."""
         return f"{self.prefix}:job:{job_id}"

@@ -21,12 +21,13 @@ from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters import keys as K
-from adapters.errors import AdapterNotFound, JobNotFound, StoreUnavailable
+from adapters.api_keys import ApiKey
+from adapters.errors import AdapterNotFound, ApiKeyNotFound, JobNotFound, StoreUnavailable
 from adapters.names import validate_name, validate_tenant
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, apply_job_changes, owns, pick_version,
+    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -101,14 +102,19 @@ class RedisMetadataStore:
         await self.r.ping()
 
     @unavailable_on_connection_errors
-    async def submit_job(self, tenant, adapter, num_examples, examples, options) -> Job:
+    async def submit_job(self, tenant, adapter, num_examples, examples, options,
+                         quota: TenantQuota | None = None) -> Job:
         validate_tenant(tenant)
         validate_name(adapter)
         k = self.keys
         counter = k.next_version(tenant, adapter)
+        names_key, active_key = k.adapter_names(tenant), k.active_jobs(tenant)
         examples_json = json.dumps(examples)
 
         async def body(pipe) -> Job:
+            # Quota counts are read under the same WATCH as the writes: two concurrent submits cannot both
+            # take the last slot (the loser's EXEC fails and it re-reads).
+            stale = await self._check_quota(pipe, tenant, adapter, quota)
             version = int(await pipe.get(counter) or 0) + 1
             job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
                       num_examples=num_examples, options=dict(options))
@@ -117,13 +123,29 @@ class RedisMetadataStore:
             pipe.multi()
             pipe.incr(counter)
             pipe.hset(k.versions(tenant, adapter), str(version), json.dumps(record.to_dict()))
-            pipe.sadd(k.adapter_names(tenant), adapter)
+            pipe.sadd(names_key, adapter)
+            if stale:
+                pipe.srem(active_key, *stale)
+            pipe.sadd(active_key, job.id)
             pipe.set(k.job(job.id), json.dumps(job.to_dict()))
             pipe.set(k.job_examples(job.id), examples_json, ex=K.EXAMPLES_TTL_S)
             pipe.xadd(k.jobs_stream, {K.STREAM_FIELD_JOB_ID: job.id})
             return job
 
-        return await _transaction(self.r, [counter], body)
+        return await _transaction(self.r, [counter, names_key, active_key], body)
+
+    async def _check_quota(self, pipe, tenant: str, adapter: str, quota: TenantQuota | None) -> list[str]:
+        """Raise QuotaExceeded; return the active-set members that are in fact finished or gone (to prune)."""
+        k = self.keys
+        ids = sorted(await pipe.smembers(k.active_jobs(tenant)))
+        raws = await pipe.mget([k.job(i) for i in ids]) if ids else []
+        stale = [i for i, raw in zip(ids, raws) if raw is None or Job.from_dict(json.loads(raw)).status.finished]
+        if quota is not None:
+            names_key = k.adapter_names(tenant)
+            check_quota(quota, tenant, adapter, active_jobs=len(ids) - len(stale),
+                        adapter_exists=bool(await pipe.sismember(names_key, adapter)),
+                        adapter_count=int(await pipe.scard(names_key)))
+        return stale
 
     async def _read_job(self, reader, job_id: str) -> Job:
         raw = await reader.get(self.keys.job(job_id))
@@ -169,6 +191,7 @@ class RedisMetadataStore:
                 pipe.hset(vkey, str(job.version), json.dumps(owned.to_dict()))
             if job.status.finished:
                 pipe.delete(k.job_examples(job_id))
+                pipe.srem(k.active_jobs(job.tenant), job_id)
             return job, True
 
         return await _transaction(self.r, [k.job(job_id), vkey], body)
@@ -256,9 +279,50 @@ class RedisMetadataStore:
             for job in jobs:
                 pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
                 pipe.delete(k.job_examples(job.id))
+                pipe.srem(k.active_jobs(tenant), job.id)
             return versions
 
         return await _transaction(self.r, [vkey], body)
+
+    # ------------------------------------------------------------ API keys
+    @unavailable_on_connection_errors
+    async def create_api_key(self, key: ApiKey) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self.keys.api_keys, key.key_hash, json.dumps(key.to_dict()))
+            pipe.hsetnx(self.keys.api_key_ids, key.id, key.key_hash)
+            created, _ = await pipe.execute()
+        if not created:  # 256 random bits collided: never silently rebind an existing key
+            raise ValueError("API key hash already exists")
+
+    @unavailable_on_connection_errors
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        raw = await self.r.hget(self.keys.api_keys, key_hash)
+        return ApiKey.from_dict(json.loads(raw)) if raw else None
+
+    @unavailable_on_connection_errors
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        keys = [ApiKey.from_dict(json.loads(v)) for v in (await self.r.hgetall(self.keys.api_keys)).values()]
+        return sorted((k for k in keys if tenant is None or k.tenant == tenant), key=lambda k: k.created_at)
+
+    @unavailable_on_connection_errors
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        k = self.keys
+        key_hash = await self.r.hget(k.api_key_ids, key_id)
+        if key_hash is None:
+            raise ApiKeyNotFound(key_id)
+
+        async def body(pipe) -> ApiKey:
+            raw = await pipe.hget(k.api_keys, key_hash)
+            if raw is None:
+                raise ApiKeyNotFound(key_id)
+            record = ApiKey.from_dict(json.loads(raw))
+            if record.revoked_at is None:
+                record.revoked_at = now()
+                pipe.multi()
+                pipe.hset(k.api_keys, key_hash, json.dumps(record.to_dict()))
+            return record
+
+        return await _transaction(self.r, [k.api_keys], body)
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -4,10 +4,11 @@ Validated at start: a bad value stops the process with a message naming the vari
 """
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from typing import Annotated
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -53,6 +54,20 @@ class Settings(BaseSettings):
     min_examples: int = 1
     max_body_bytes: int = 8 * 1024 * 1024
 
+    # --- access control ---
+    # "required": every API call but /health needs `Authorization: Bearer <key>` (`metalora keys create`);
+    # "disabled": keys are ignored and every caller is the default tenant. "auto" = required with Redis
+    # (a deployment) or when listening beyond loopback; only the embedded localhost default runs open.
+    auth: Literal["auto", "required", "disabled"] = "auto"
+
+    # --- per-tenant quotas (429 quota_exceeded; checked in the same transaction that writes the job) ---
+    # Adapt jobs queued or running at once: a tenant cannot monopolise the workers' queue.
+    quota_max_active_jobs: int = Field(default=8, ge=1)
+    # Adapter names stored (each name may have any number of versions).
+    quota_max_adapters: int = Field(default=500, ge=1)
+    # UTF-8 bytes of prompts + completions in one job: what the store keeps until the job finishes.
+    quota_max_example_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+
     # --- worker / queue ---
     job_timeout_s: float = 1800.0
     max_job_attempts: int = 3
@@ -77,9 +92,24 @@ class Settings(BaseSettings):
         return [u.rstrip("/") for u in value]
 
     @property
+    def auth_required(self) -> bool:
+        if self.auth != "auto":
+            return self.auth == "required"
+        return bool(self.redis_url) or not _is_loopback(self.host)
+
+    @property
     def adapter_root(self) -> Path:
         return self.data_dir / "adapters"
 
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "metalora.db"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name other than localhost may resolve to anything: treat it as exposed

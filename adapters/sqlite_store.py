@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from adapters import keys as K
-from adapters.errors import AdapterNotFound, JobNotFound, StoreUnavailable
+from adapters.api_keys import ApiKey
+from adapters.errors import AdapterNotFound, ApiKeyNotFound, JobNotFound, StoreUnavailable
 from adapters.names import validate_name, validate_tenant
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
 from adapters.settings import Settings
-from adapters.store import ADAPTER_DELETED_ERROR, LeaseLost, apply_job_changes, owns, pick_version
+from adapters.store import (
+    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, owns, pick_version,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +46,11 @@ CREATE TABLE IF NOT EXISTS examples (job_id TEXT PRIMARY KEY, data TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT UNIQUE NOT NULL,
                                   owner TEXT, token TEXT, lease_expires_at REAL,
                                   delivery_count INTEGER NOT NULL DEFAULT 0);
+-- Unfinished jobs are exactly those without an expiry (see _write_job): the in-flight quota counts them.
+CREATE INDEX IF NOT EXISTS jobs_active_by_tenant ON jobs (json_extract(record, '$.tenant'))
+    WHERE expires_at IS NULL;
+CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL,
+                                     record TEXT NOT NULL);
 """
 
 
@@ -128,13 +136,16 @@ class SqliteMetadataStore:
     async def ping(self) -> None:
         await self.db.call(lambda c: c.execute("SELECT 1").fetchone())
 
-    async def submit_job(self, tenant, adapter, num_examples, examples, options) -> Job:
+    async def submit_job(self, tenant, adapter, num_examples, examples, options,
+                         quota: TenantQuota | None = None) -> Job:
         validate_tenant(tenant)
         validate_name(adapter)
         examples_json = json.dumps(examples)
 
         def tx(c: sqlite3.Connection) -> Job:
             c.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now(),))
+            if quota is not None:  # inside BEGIN IMMEDIATE: no other writer between this count and the insert
+                check_quota(quota, tenant, adapter, **_quota_counts(c, tenant, adapter))
             row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
                             (tenant, adapter)).fetchone()
             version = (row[0] if row else 0) + 1
@@ -249,8 +260,50 @@ class SqliteMetadataStore:
 
         return await self.db.call(tx, write=True)
 
+    # ------------------------------------------------------------ API keys
+    async def create_api_key(self, key: ApiKey) -> None:
+        await self.db.call(lambda c: c.execute(
+            "INSERT INTO api_keys (id, key_hash, tenant, record) VALUES (?, ?, ?, ?)",
+            (key.id, key.key_hash, key.tenant, json.dumps(key.to_dict()))), write=True)
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        row = await self.db.call(
+            lambda c: c.execute("SELECT record FROM api_keys WHERE key_hash = ?", (key_hash,)).fetchone())
+        return ApiKey.from_dict(json.loads(row[0])) if row else None
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        def read(c: sqlite3.Connection):
+            if tenant is None:
+                return c.execute("SELECT record FROM api_keys").fetchall()
+            return c.execute("SELECT record FROM api_keys WHERE tenant = ?", (tenant,)).fetchall()
+
+        keys = [ApiKey.from_dict(json.loads(r[0])) for r in await self.db.call(read)]
+        return sorted(keys, key=lambda k: k.created_at)
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        def tx(c: sqlite3.Connection) -> ApiKey:
+            row = c.execute("SELECT record FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                raise ApiKeyNotFound(key_id)
+            record = ApiKey.from_dict(json.loads(row[0]))
+            if record.revoked_at is None:
+                record.revoked_at = now()
+                c.execute("UPDATE api_keys SET record = ? WHERE id = ?", (json.dumps(record.to_dict()), key_id))
+            return record
+
+        return await self.db.call(tx, write=True)
+
     async def close(self) -> None:
         self.db.close()
+
+
+def _quota_counts(c: sqlite3.Connection, tenant: str, adapter: str) -> dict[str, int | bool]:
+    active = c.execute("SELECT count(*) FROM jobs WHERE expires_at IS NULL AND json_extract(record, '$.tenant') = ?",
+                       (tenant,)).fetchone()[0]
+    count = c.execute("SELECT count(DISTINCT adapter) FROM versions WHERE tenant = ?", (tenant,)).fetchone()[0]
+    exists = c.execute("SELECT 1 FROM versions WHERE tenant = ? AND adapter = ? LIMIT 1",
+                       (tenant, adapter)).fetchone() is not None
+    return {"active_jobs": active, "adapter_exists": exists, "adapter_count": count}
 
 
 @dataclass

@@ -7,10 +7,20 @@ failed validation never leaves half a job registered.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapters.errors import AdapterNotFound, AdapterNotReady, MetaloraError
+from adapters.api_keys import ApiKey
+from adapters.errors import AdapterNotFound, AdapterNotReady, MetaloraError, QuotaExceeded
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, VersionStatus, now
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """Limits submit_job enforces in the same transaction as its writes (None = unlimited)."""
+
+    max_active_jobs: int | None = None  # jobs queued or running
+    max_adapters: int | None = None  # adapter names with at least one version
 
 
 class MetadataStore(Protocol):
@@ -19,10 +29,11 @@ class MetadataStore(Protocol):
 
     async def submit_job(
         self, tenant: str, adapter: str, num_examples: int, examples: list[dict[str, str]],
-        options: dict[str, Any],
+        options: dict[str, Any], quota: TenantQuota | None = None,
     ) -> Job:
-        """Atomically: allocate the next version number of (tenant, adapter), create the version
-        record (queued), the job record (queued), store the examples, and enqueue the job id."""
+        """Atomically: check `quota` (QuotaExceeded, nothing written), allocate the next version number of
+        (tenant, adapter), create the version record (queued), the job record (queued), store the
+        examples, and enqueue the job id."""
 
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         """Raise JobNotFound, also for another tenant's job. tenant=None is internal (worker) access."""
@@ -49,6 +60,18 @@ class MetadataStore(Protocol):
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
         """Remove the name and all its versions; return what was removed. Raise AdapterNotFound."""
+
+    # --- API keys (records only; plaintext keys never reach a store) ---
+    async def create_api_key(self, key: ApiKey) -> None: ...
+
+    async def api_key_by_hash(self, key_hash: str) -> ApiKey | None:
+        """The record for a presented key's hash, revoked or not; None when unknown."""
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """Oldest first; every tenant's when tenant is None."""
+
+    async def revoke_api_key(self, key_id: str) -> ApiKey:
+        """Mark revoked (idempotent; the record stays for listing). Raise ApiKeyNotFound."""
 
     async def close(self) -> None: ...
 
@@ -151,3 +174,18 @@ def pick_version(name: str, versions: list[AdapterVersion], version: int | None)
     if ready is None:
         raise AdapterNotReady(name, versions[-1].status.value)
     return ready
+
+
+def check_quota(quota: TenantQuota | None, tenant: str, adapter: str, active_jobs: int, adapter_exists: bool,
+                adapter_count: int) -> None:
+    """submit_job's quota rule, given counts read inside its transaction. Raise QuotaExceeded."""
+    if quota is None:
+        return
+    if quota.max_active_jobs is not None and active_jobs >= quota.max_active_jobs:
+        raise QuotaExceeded(
+            f"quota exceeded: tenant {tenant!r} already has {active_jobs} adapt jobs queued or running (limit"
+            f" {quota.max_active_jobs}); wait for one to finish", quota="max_active_jobs")
+    if quota.max_adapters is not None and not adapter_exists and adapter_count >= quota.max_adapters:
+        raise QuotaExceeded(
+            f"quota exceeded: tenant {tenant!r} already stores {adapter_count} adapters (limit"
+            f" {quota.max_adapters}); delete one or add a version to an existing adapter", quota="max_adapters")

@@ -5,6 +5,9 @@
     metalora worker         # one adaptation worker (compose service `worker`, scale with --scale)
     metalora engine         # the vLLM OpenAI server with metalora's LoRA flags
     metalora prepare-model  # convert/cache the default base model and print its folder
+    metalora keys create --tenant acme [--name ci]   # prints a new API key once
+    metalora keys list [--tenant acme]               # ids, tenants, names, state; never secrets
+    metalora keys revoke <key-id>
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from pydantic import ValidationError
 
@@ -65,6 +69,48 @@ def cmd_prepare_model(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    import asyncio
+
+    from adapters.api_keys import new_api_key
+    from adapters.backend import open_backend
+    from adapters.errors import MetaloraError
+
+    settings = _settings()
+
+    async def run() -> int:
+        backend = open_backend(settings)
+        try:
+            store = backend.store
+            if args.keys_command == "create":
+                try:
+                    record, key = new_api_key(args.tenant, args.name)
+                except ValueError as exc:
+                    sys.exit(str(exc))
+                await store.create_api_key(record)
+                # The key alone on stdout (scriptable); the rest on stderr. It is not stored: show it once.
+                print(key)
+                print(f"created {record.id} for tenant {record.tenant!r}; store the key now, it cannot be shown"
+                      " again", file=sys.stderr)
+            elif args.keys_command == "list":
+                print(f"{'id':<22} {'tenant':<33} {'state':<8} {'created':<20} name")
+                for k in await store.list_api_keys(args.tenant):
+                    created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.created_at))
+                    print(f"{k.id:<22} {k.tenant:<33} {'active' if k.active else 'revoked':<8} {created:<20}"
+                          f" {k.name}")
+            else:
+                record = await store.revoke_api_key(args.key_id)
+                print(f"revoked {record.id} (tenant {record.tenant!r})")
+            return 0
+        except MetaloraError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await backend.close()
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("prepare-model", help="convert and cache the base model, print its folder") \
         .set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("keys", help="manage API keys (in the configured metadata store)")
+    p.set_defaults(func=cmd_keys)
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = keys.add_parser("create", help="create a key bound to a tenant; prints it once")
+    k.add_argument("--tenant", required=True, help="tenant id: [a-z0-9][a-z0-9_-]{0,31}")
+    k.add_argument("--name", default="", help="a label for listings (who or what uses the key)")
+    k = keys.add_parser("list", help="list keys without secrets")
+    k.add_argument("--tenant", default=None)
+    k = keys.add_parser("revoke", help="revoke a key by id (from `keys list`); takes effect at once")
+    k.add_argument("key_id")
     return parser
 
 

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from adapters.base_model import base_model_path, served_model_name
 from adapters.settings import Settings
+from server.auth import Authenticator
 from server.errors import BodyLimitMiddleware, register_handlers
 from server.routes import router
 from server.services import ExampleTokenCounter, Gateway
@@ -36,7 +37,9 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
         try:
             await pool.start()
             app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings))
+            app.state.auth = Authenticator(opened.store, settings.auth_required)
             app.state.backend = opened
+            await _announce_auth(settings, opened.store)
             yield
         finally:
             await pool.close()
@@ -49,6 +52,20 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+async def _announce_auth(settings: Settings, store) -> None:
+    if not settings.auth_required:
+        log.warning("authentication is DISABLED (METALORA_AUTH=%s): every caller on %s:%s is tenant 'default'."
+                    " Set METALORA_AUTH=required and create keys with `metalora keys create` before exposing"
+                    " this gateway.", settings.auth, settings.host, settings.port)
+        return
+    try:
+        if not await store.list_api_keys():
+            log.warning("authentication is required but no API key exists yet: every request will be 401."
+                        " Create one with `metalora keys create --tenant <id>`.")
+    except Exception as exc:  # the store may be down at start; requests will say so (503)
+        log.warning("could not list API keys at start: %s", exc)
 
 
 def run(settings: Settings) -> None:

@@ -60,9 +60,11 @@ class UpstreamError(domain.MetaloraError):
 # class -> (HTTP status, OpenAI error type). The first matching class in MRO order wins.
 STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     InvalidRequest: (400, "invalid_request_error"),
+    domain.AuthenticationFailed: (401, "authentication_error"),
     domain.InvalidAdapterName: (400, "invalid_request_error"),
     domain.AdapterNotFound: (404, "not_found_error"),
     domain.JobNotFound: (404, "not_found_error"),
+    domain.ApiKeyNotFound: (404, "not_found_error"),
     ModelNotFound: (404, "not_found_error"),
     domain.AdapterNotReady: (409, "conflict_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
@@ -101,9 +103,12 @@ def response_for(exc: domain.MetaloraError) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     elif isinstance(exc, domain.StoreUnavailable):
         headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+    elif isinstance(exc, domain.AuthenticationFailed):
+        headers = {"WWW-Authenticate": 'Bearer realm="metalora"'}
     if status >= 500:
         log.warning("%s: %s", type(exc).__name__, exc)
-    return error_response(status, str(exc), err_type, exc.code, getattr(exc, "param", None), headers)
+    param = getattr(exc, "param", None) or getattr(exc, "quota", None)
+    return error_response(status, str(exc), err_type, exc.code, param, headers)
 
 
 def _field_path(loc: tuple | list) -> str:

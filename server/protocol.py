@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from adapters.names import version_label
+from adapters.names import NAME_PATTERN, version_label
 from adapters.records import Adapter, AdapterVersion, Job
 
 # Training options the client may set; field names match trainer/config.py's AdaptConfig.
@@ -38,8 +38,9 @@ class Example(BaseModel):
 class AdaptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Validated by adapters.names.validate_name in the service (one rule for the whole system).
-    adapter: StrictStr = Field(max_length=256)
+    # Validated by adapters.names.validate_name in the service (one rule for the whole system); the pattern
+    # here only documents that rule in the OpenAPI schema.
+    adapter: StrictStr = Field(max_length=256, json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
     examples: list[Example]
 
     # Bounded training options; unset ones take the trainer's defaults.
@@ -57,6 +58,27 @@ class AdaptRequest(BaseModel):
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+
+
+# Documents (and lets schema-driven tools generate) /v1/completions bodies without validating them: the route
+# forwards the body untouched, so any other OpenAI/vLLM field is allowed too.
+COMPLETION_REQUEST_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "additionalProperties": True,
+            "properties": {
+                "model": {"type": "string", "description": "the base model, or an adapter: 'name' or 'name@v2'"},
+                "adapter": {"type": "string", "description": "an adapter, with model = the base model"},
+                "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                "max_tokens": {"type": "integer"},
+                "temperature": {"type": "number"},
+                "stream": {"type": "boolean"},
+            },
+        }}},
+    },
+}
 
 
 class JobResponse(BaseModel):

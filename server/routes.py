@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.protocol import (
-    AdapterList, AdapterResponse, AdaptRequest, DeleteAdapterResponse, HealthResponse, JobResponse, ModelList,
+    COMPLETION_REQUEST_OPENAPI, AdapterList, AdapterResponse, AdaptRequest, DeleteAdapterResponse, HealthResponse,
+    JobResponse, ModelList,
 )
 from server.services import Gateway, ProxiedStream
 from server.tenancy import current_tenant
@@ -52,7 +53,7 @@ async def get_adapt_job(
     return JobResponse.from_job(job)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=COMPLETION_REQUEST_OPENAPI)
 async def completions(request: Request, tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
     # The body is forwarded, not modelled: every OpenAI/vLLM field reaches vLLM untouched.
     result = await gw.proxy(tenant, await request.body(), "/v1/completions")

@@ -19,7 +19,8 @@ from adapters.errors import StoreUnavailable
 from adapters.names import parse_ref, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
-from adapters.store import MetadataStore
+from adapters.errors import QuotaExceeded
+from adapters.store import MetadataStore, TenantQuota
 from server.errors import InvalidRequest, ModelNotFound, UpstreamError, error_body
 from server.protocol import DEFAULT_MAX_SEQ_LEN, AdaptRequest, ModelList
 from server.upstream import UpstreamPool
@@ -111,6 +112,8 @@ class Gateway:
         self.counter = counter
         self.base_model_name = base_model_name
         self.started_at = int(time.time())
+        self.quota = TenantQuota(max_active_jobs=settings.quota_max_active_jobs,
+                                 max_adapters=settings.quota_max_adapters)
 
     # ------------------------------------------------------------ adapt jobs
     async def submit_adapt(self, tenant: str, request: AdaptRequest) -> Job:
@@ -122,6 +125,11 @@ class Gateway:
             raise InvalidRequest(
                 f"examples: got {n} examples; between {s.min_examples} and {s.max_examples} are required",
                 param="examples")
+        size = sum(len(e.prompt.encode()) + len(e.completion.encode()) for e in request.examples)
+        if size > s.quota_max_example_bytes:
+            raise QuotaExceeded(
+                f"quota exceeded: the examples hold {size} bytes of text; the limit per job is"
+                f" {s.quota_max_example_bytes} bytes", quota="max_example_bytes")
         options = request.options()
         if "rank" in options and options["rank"] > s.vllm_max_lora_rank:
             raise InvalidRequest(
@@ -141,7 +149,7 @@ class Gateway:
                     f" max_seq_len={max_seq_len} (model context {s.vllm_max_model_len})",
                     param=f"examples.{index}", code="example_too_long")
         examples = [{"prompt": p, "completion": c} for p, c in pairs]
-        return await self.store.submit_job(tenant, name, n, examples, options)
+        return await self.store.submit_job(tenant, name, n, examples, options, quota=self.quota)
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return await self.store.get_job(job_id, tenant)
@@ -232,6 +240,8 @@ class Gateway:
             body = json.loads(raw_body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"malformed JSON body: {exc}", code="invalid_json") from None
+        except RecursionError:  # e.g. 100k nested lists: json's C parser gives up on the Python stack
+            raise InvalidRequest("malformed JSON body: nested too deeply", code="invalid_json") from None
         if not isinstance(body, dict):
             raise InvalidRequest("the request body must be a JSON object")
         target = await self.resolve_target(tenant, body)

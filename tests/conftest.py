@@ -97,12 +97,21 @@ def delete_redis_prefix(prefix: str) -> None:
         client.delete(*keys)
 
 
+@pytest.fixture(autouse=True)
+def _gateway_open_unless_asked(monkeypatch):
+    """With Redis the gateway requires API keys by default. Tests that predate keys call it anonymously (as
+    the default tenant); auth tests pass Settings(auth="required"), which wins over the environment."""
+    monkeypatch.setenv("METALORA_AUTH", "disabled")
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """The real system on Redis: vLLM-CPU + worker + gateway, started once per test session."""
+    """The real system on Redis: vLLM-CPU + worker + gateway, started once per test session. Auth is off
+    (the OpenAI-client test sends a dummy key); tests/test_auth.py covers keys against the same gateway code."""
     prefix = f"stack-{uuid.uuid4().hex[:8]}"
     running = start_stack(tmp_path_factory.mktemp("stack"),
-                          {"METALORA_REDIS_URL": REDIS_URL, "METALORA_REDIS_PREFIX": prefix})
+                          {"METALORA_REDIS_URL": REDIS_URL, "METALORA_REDIS_PREFIX": prefix,
+                           "METALORA_AUTH": "disabled"})
     try:
         yield running
     finally:
