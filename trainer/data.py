@@ -7,6 +7,7 @@ trained so the served adapter stops where the examples stop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -94,9 +95,23 @@ def iterate_batches(
         yield collate([encoded[i] for i in chosen])
 
 
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+# bf16 autocast on CPU only where the CPU computes bf16 natively: on the AVX512-BF16 dev box a SmolLM2
+# LoRA step at 33 tokens x 8 took 0.77 s vs 1.40 s in fp32; emulated bf16 would be slower than fp32.
+CPU_BF16 = _cpu_has_bf16()
+
+
 def autocast_for(device: torch.device):
-    # bf16 autocast on CUDA; on CPU fp32 (bf16 autocast measured slower on the 2-core dev box).
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
 
 
 def model_device(model) -> torch.device:
