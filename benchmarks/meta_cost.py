@@ -1,0 +1,195 @@
+"""Parts 4 and 5: steps to quality (read from the evaluation's results, if any) and meta-training cost.
+
+Part 5 times one first-order outer step against one plain LoRA fine-tuning step on the same batch, and
+measures the peak memory of each. Each variant runs in a fresh subprocess (`python -m benchmarks.meta_cost
+--variant plain|outer`) so peaks do not mix; the peak is the kernel's VmHWM (peak RSS), reset after the
+model is loaded and warmed up (write 5 to /proc/self/clear_refs), so it covers the step only. tracemalloc's
+peak is reported too but it only sees Python-heap allocations, not torch tensors.
+
+Which outer step: if `trainer.meta` defines `benchmark_outer_step(model, examples, config)` (one first-order
+outer step of the real meta-trainer on `examples`, a list of EncodedExample), that is what is measured.
+Otherwise a reference first-order (FOMAML) outer step built from `trainer.inner_loop.adapt` is measured and
+the result says so: K inner steps from the init on the support set, the query-loss gradient at the adapted
+weights applied to the init, one outer AdamW step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+from benchmarks.common import REPO, log, median
+
+EVAL_CANDIDATES = ("results/eval/steps_to_quality.json", "results/eval/summary.json", "results/eval.json")
+
+
+# ---------------------------------------------------------------- part 4
+def steps_to_quality(eval_json: str | None) -> dict:
+    paths = [Path(eval_json)] if eval_json else [REPO / p for p in EVAL_CANDIDATES]
+    for path in paths:
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as exc:
+                return {"status": "error", "path": str(path), "error": f"unreadable JSON: {exc}"}
+            return {"status": "read", "path": str(path), "results": data}
+    return {"status": "not run", "looked_for": [str(p) for p in paths],
+            "note": "steps-to-quality comes from the evaluation (metalora evaluate, trainer/ in progress); "
+                    "pass --eval-json PATH or write one of the paths above and rerun"}
+
+
+# ---------------------------------------------------------------- part 5, inside the subprocess
+def _vm_hwm_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _vm_rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _reference_outer_step(model, support, query_batch, config, outer_opt):
+    import torch
+
+    from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+
+    init = get_lora_state(model)
+    adapt(model, support, config)  # K inner steps from the init
+    params = lora_parameters(model)
+    model.train()
+    loss = model(**query_batch).loss
+    grads = torch.autograd.grad(loss, list(params.values()))
+    set_lora_state(model, init)  # back to the init, apply the first-order meta-gradient there
+    for p, g in zip(params.values(), grads):
+        p.grad = g
+    outer_opt.step()
+    outer_opt.zero_grad(set_to_none=True)
+
+
+def _run_variant(variant: str, repeats: int) -> dict:
+    import torch
+
+    from trainer.config import AdaptConfig
+    from trainer.data import collate, encode_examples
+    from trainer.engine import AdaptEngine, split_holdout
+    from trainer.inner_loop import lora_parameters
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from stack_data import examples
+
+    from adapters.base_model import base_model_path
+    from adapters.settings import Settings
+
+    engine = AdaptEngine(base_model_path(Settings()), None, device="cpu")
+    model, config = engine.model, AdaptConfig()
+    encoded = encode_examples(engine.tokenizer, examples("square"), config.max_seq_len)
+    train, _ = split_holdout(encoded, config)
+    # "On the same batch": the outer step's inner steps and its query loss all use the plain step's batch, so
+    # the two variants see tensors of exactly the same shapes and only the outer-step machinery differs.
+    batch_examples = train[:config.batch_size]
+    support = batch_examples
+    batch = collate(batch_examples)
+    params = list(lora_parameters(model).values())
+    source = "plain"
+    if variant == "plain":
+        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+
+        def step():
+            model.train()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        try:
+            from trainer import meta  # noqa: F401
+            real = getattr(meta, "benchmark_outer_step", None)
+        except ImportError:
+            real = None
+        if real is not None:
+            source = "trainer.meta.benchmark_outer_step"
+
+            def step():
+                real(model, support, config)
+        else:
+            source = "reference FOMAML step (trainer.meta.benchmark_outer_step not available)"
+            outer_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+            def step():
+                _reference_outer_step(model, support, batch, config, outer_opt)
+    step()  # warm-up (allocator pools, lazy init)
+    rss_before = _vm_rss_kb()
+    reset_ok = _reset_peak()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _vm_hwm_kb()
+    tracemalloc.start()  # one more step, untimed: tracing slows every Python allocation
+    step()
+    _, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"variant": variant, "source": source, "inner_steps": config.steps if variant != "plain" else 0,
+            "step_s": median(times), "times_s": times, "rss_before_mib": rss_before / 1024,
+            "peak_rss_mib": peak / 1024, "peak_over_before_mib": (peak - rss_before) / 1024,
+            "peak_reset": reset_ok, "tracemalloc_peak_mib": py_peak / 2**20, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- part 5, orchestration
+def meta_training_cost(repeats_outer: int = 2, rounds: int = 2) -> dict:
+    runs: dict[str, list[dict]] = {"plain": [], "outer": []}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for r in range(rounds):
+        for variant in (("plain", "outer") if r % 2 == 0 else ("outer", "plain")):
+            repeats = 10 if variant == "plain" else repeats_outer
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.meta_cost", "--variant", variant,
+                                   "--repeats", str(repeats)], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=1200)
+            if proc.returncode != 0:
+                return {"status": "error", "variant": variant, "stderr": proc.stderr[-2000:]}
+            runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            log(f"part 5 {variant}: {runs[variant][-1]['step_s']:.3f} s/step,"
+                f" peak +{runs[variant][-1]['peak_over_before_mib']:.0f} MiB over {runs[variant][-1]['rss_before_mib']:.0f}")
+    p, o = runs["plain"], runs["outer"]
+    mem_ratio_total = median([x["peak_rss_mib"] for x in o]) / median([x["peak_rss_mib"] for x in p])
+    mem_ratio_step = (median([x["peak_over_before_mib"] for x in o]) /
+                      max(median([x["peak_over_before_mib"] for x in p]), 1e-9))
+    return {
+        "status": "run", "source": o[0]["source"],
+        "time_ratio_outer_over_plain": median([x["step_s"] for x in o]) / median([x["step_s"] for x in p]),
+        "time_ratio_per_inner_step": (median([x["step_s"] for x in o]) / (o[0]["inner_steps"] + 1))
+        / median([x["step_s"] for x in p]),
+        "peak_rss_ratio": mem_ratio_total, "peak_step_memory_ratio": mem_ratio_step,
+        "targets": {"peak_rss_ratio_max": 1.3},
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variant", choices=("plain", "outer"), required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(_run_variant(args.variant, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

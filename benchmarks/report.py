@@ -1,0 +1,218 @@
+"""results.json -> summary.md + PNG plots. Also runnable alone: `python -m benchmarks.report results/bench`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _f(value, fmt="{:.2f}", missing="n/a"):
+    return missing if value is None else fmt.format(value)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "MISSED")
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    gw = results.get("gateway_overhead", {}).get("variants")
+    if gw:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        keys = list(gw)
+        a1.bar(keys, [gw[k]["throughput_ratio_median"] for k in keys], color="tab:blue")
+        a1.axhline(0.97, color="red", ls="--", label="target 0.97")
+        a1.set_ylim(0.8, 1.1)
+        a1.set_title("gateway / direct throughput (median of rounds)")
+        a1.legend()
+        x = range(len(keys))
+        a2.bar([i - 0.2 for i in x], [gw[k]["added_p50_ms"] for k in keys], 0.4, label="added p50")
+        a2.bar([i + 0.2 for i in x], [gw[k]["added_p99_ms"] for k in keys], 0.4, label="added p99")
+        a2.axhline(2.0, color="red", ls="--", label="target p50 2 ms")
+        a2.set_xticks(list(x), keys)
+        a2.set_ylabel("ms")
+        a2.set_title("latency added by the gateway")
+        a2.legend()
+        fig.tight_layout()
+        fig.savefig(out / "gateway_overhead.png", dpi=110)
+        plt.close(fig)
+        written.append("gateway_overhead.png")
+    many = results.get("many_adapters", {}).get("by_count")
+    if many:
+        counts = list(many)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        a1.plot(counts, [many[c]["throughput_ratio_to_base_median"] for c in counts], "o-")
+        a1.axhline(0.70, color="red", ls="--", label="target at 16: 0.70")
+        a1.set_xlabel("distinct adapters (0 = base)")
+        a1.set_title("throughput / base (same round)")
+        a1.set_ylim(0, 1.15)
+        a1.legend()
+        a2.plot(counts, [many[c]["latency_p50_ms"] for c in counts], "o-", label="p50")
+        a2.plot(counts, [many[c]["latency_p99_ms"] for c in counts], "o-", label="p99")
+        a2.set_xlabel("distinct adapters (0 = base)")
+        a2.set_ylabel("ms")
+        a2.set_title("request latency")
+        a2.legend()
+        fig.tight_layout()
+        fig.savefig(out / "many_adapters.png", dpi=110)
+        plt.close(fig)
+        written.append("many_adapters.png")
+    ad = results.get("adaptation", {}).get("summary")
+    if ad:
+        ours, base = ad["breakdown_ours_median_s"], ad["breakdown_baseline_median_s"]
+        fig, ax = plt.subplots(figsize=(10, 3.2))
+        for row, (label, parts) in enumerate((("metalora", ours), ("Trainer+peft", base))):
+            left = 0.0
+            for name, value in parts.items():
+                if not value or name == "warm_completion_s":
+                    continue
+                value = max(value, 0.0)
+                ax.barh(row, value, left=left, label=f"{label}: {name[:-2]}")
+                if value > 0.6:
+                    ax.text(left + value / 2, row, name[:-2].replace("_", " "), ha="center", va="center", fontsize=7)
+                left += value
+        ax.set_yticks([0, 1], ["metalora", "Trainer+peft"])
+        ax.set_xlabel("seconds (median), model load excluded")
+        ax.set_title("POST /adapt -> first completion with the new adapter")
+        fig.tight_layout()
+        fig.savefig(out / "adaptation_latency.png", dpi=110)
+        plt.close(fig)
+        written.append("adaptation_latency.png")
+    return written
+
+
+def write_summary(results: dict, out: Path, plots: list[str]) -> None:
+    L = []
+    git = results.get("git", {})
+    L.append("# metalora benchmarks\n")
+    L.append(f"- command: `{results.get('command')}`")
+    L.append(f"- git commit: `{git.get('commit')}`" + (" (working tree had uncommitted changes)" if git.get("dirty") else ""))
+    m = results.get("machine", {})
+    L.append(f"- machine: {m.get('cpus')} CPUs, {m.get('platform')}, python {m.get('python')}, torch {m.get('torch')},"
+             f" vllm {m.get('vllm')}, transformers {m.get('transformers')}, peft {m.get('peft')}")
+    for prev in results.get("merged_from", []):
+        L.append(f"- parts not rerun come from an earlier run: `{prev.get('command')}` at commit"
+                 f" `{(prev.get('git') or {}).get('commit')}`, started {prev.get('started_at')}")
+    L.append(f"- started {results.get('started_at')}, wall {results.get('wall_s', 0) / 60:.1f} min"
+             + (" (--quick: smoke run, not for reporting)" if results.get("quick") else ""))
+    L.append("- every figure is a ratio/difference against a baseline measured in the same run, in interleaved rounds;"
+             " absolute times on this shared CPU box are noise.\n")
+
+    L.append("## 1. Gateway overhead (direct vLLM vs through the gateway)\n")
+    gw = results.get("gateway_overhead", {})
+    if gw.get("variants"):
+        c = gw["config"]
+        L.append(f"{c['concurrency']} concurrent clients, {c['requests_per_round']} requests per round,"
+                 f" max_tokens {c['max_tokens']} (ignore_eos), temperature 0, {c['rounds']} interleaved rounds.\n")
+        L.append("| route | throughput ratio (median of rounds) | pooled ratio | added p50 ms | added p99 ms |"
+                 " direct p50 ms | targets (>=0.97, <=2 ms) |")
+        L.append("|---|---|---|---|---|---|---|")
+        for k, v in gw["variants"].items():
+            ok = v["throughput_ratio_median"] >= 0.97 and (v["added_p50_ms"] or 0) <= 2.0
+            L.append(f"| {k} | {_f(v['throughput_ratio_median'], '{:.3f}')} | {_f(v['throughput_ratio_pooled'], '{:.3f}')}"
+                     f" | {_f(v['added_p50_ms'], '{:.1f}')} | {_f(v['added_p99_ms'], '{:.1f}')}"
+                     f" | {_f(v['direct_latency_ms']['p50'], '{:.0f}')} | {_verdict(ok)} |")
+        L.append("")
+    else:
+        L.append(f"not run: {gw.get('error', 'skipped')}\n")
+
+    L.append("## 2. Many adapters (through the gateway)\n")
+    ma = results.get("many_adapters", {})
+    if ma.get("by_count"):
+        c = ma["config"]
+        L.append(f"{c['concurrency']} concurrent clients, requests round-robin over N adapters, --max-loras"
+                 f" {c['max_loras']}, --max-cpu-loras {c['max_cpu_loras']}, rank {c['adapter_rank']}; adapters: {c['adapters']}."
+                 f" Cold first request per adapter (resolve from disk + load): p50"
+                 f" {_f(ma['cold_first_request_ms']['p50'], '{:.0f}')} ms vs a base request"
+                 f" {_f(ma['base_single_request_ms']['p50'], '{:.0f}')} ms.\n")
+        L.append("| adapters | throughput / base (median of rounds) | req/s pooled | p50 ms | p99 ms |")
+        L.append("|---|---|---|---|---|")
+        for n, v in ma["by_count"].items():
+            L.append(f"| {n} | {_f(v['throughput_ratio_to_base_median'], '{:.3f}')} | {_f(v['req_per_s_pooled'])}"
+                     f" | {_f(v['latency_p50_ms'], '{:.0f}')} | {_f(v['latency_p99_ms'], '{:.0f}')} |")
+        r16 = ma["by_count"].get("16", {}).get("throughput_ratio_to_base_median")
+        L.append(f"\nTarget 16 adapters >= 0.70 of base: {_verdict(None if r16 is None else r16 >= 0.70)}"
+                 f" ({_f(r16, '{:.3f}')}).\n")
+    else:
+        L.append(f"not run: {ma.get('error', 'skipped')}\n")
+
+    L.append("## 3. Adaptation latency (POST /adapt with 100 examples -> first completion)\n")
+    ad = results.get("adaptation", {})
+    if ad.get("summary"):
+        s = ad["summary"]
+        L.append(f"Config: {json.dumps(ad['config']['adapt_config'])}; {ad['config']['held_out']};"
+                 f" init: {ad['config']['init']}. Baseline: transformers Trainer + peft, same examples, steps, rank, batch"
+                 " size, lr (constant), defaults otherwise (incl. max_grad_norm=1.0), save_pretrained, then"
+                 " /v1/load_lora_adapter on the same vLLM. Model load excluded on both sides (the worker keeps it"
+                 " resident; the baseline's load is in results.json).\n")
+        L.append("| metalora step (median s) | value | Trainer baseline step (median s) | value |")
+        L.append("|---|---|---|---|")
+        o, b = list(s["breakdown_ours_median_s"].items()), list(s["breakdown_baseline_median_s"].items())
+        for i in range(max(len(o), len(b))):
+            lo = f"{o[i][0][:-2]} | {_f(o[i][1])}" if i < len(o) else " | "
+            lb = f"{b[i][0][:-2]} | {_f(b[i][1])}" if i < len(b) else " | "
+            L.append(f"| {lo} | {lb} |")
+        L.append(f"| **total** | **{_f(s['ours_total_s'])}** | **total** | **{_f(s['baseline_total_s'])}** |\n")
+        ov = s["ours_overhead_over_k_steps"]
+        sp = s["k_steps_speedup_in_process"]
+        L.append(f"- everything but the K steps, as a fraction of the K steps: ours {_f(ov, '{:.2f}')}"
+                 f" (target <= 0.10: {_verdict(None if ov is None else ov <= 0.10)}; K steps from the progress-write slope,"
+                 f" so step 1's warm-up counts as overhead); with the in-process split of engine.train:"
+                 f" {_f(s.get('ours_overhead_over_k_steps_engine_split'), '{:.2f}')}; Trainer baseline"
+                 f" {_f(s['baseline_overhead_over_k_steps'], '{:.2f}')}")
+        best = s.get("k_steps_speedup_best_of_n")
+        L.append(f"- K steps speed-up over Trainer, same process, interleaved: ratio of medians {_f(sp)}x, median of"
+                 f" back-to-back pairs {_f(s.get('k_steps_speedup_paired_median'))}x, best-of-N {_f(best)}x (target >= 1.5x:"
+                 f" {_verdict(None if best is None else best >= 1.5)}); worker in the stack vs Trainer (medians):"
+                 f" {_f(s['k_steps_speedup_stack_worker'])}x")
+        L.append(f"- end to end (submit -> first completion) speed-up over the baseline script: {_f(s['end_to_end_speedup'])}x\n")
+    else:
+        L.append(f"not run: {ad.get('error', 'skipped')}\n")
+
+    L.append("## 4. Steps to quality\n")
+    sq = results.get("steps_to_quality", {})
+    if sq.get("status") == "read":
+        L.append(f"read from `{sq['path']}`:\n\n```json\n{json.dumps(sq['results'], indent=2)[:3000]}\n```\n")
+    else:
+        L.append(f"{sq.get('status', 'not run')}: {sq.get('note', sq.get('error', ''))}\n")
+
+    L.append("## 5. Meta-training cost (one first-order outer step vs one plain LoRA step, same batch)\n")
+    mc = results.get("meta_training_cost", {})
+    if mc.get("status") == "run":
+        L.append(f"Outer step measured: {mc['source']}. Each variant in a fresh process; peak = VmHWM reset after"
+                 " warm-up.\n")
+        L.append(f"- time: outer step = {_f(mc['time_ratio_outer_over_plain'], '{:.1f}')}x a plain step"
+                 f" ({_f(mc['time_ratio_per_inner_step'], '{:.2f}')}x per forward/backward it contains)")
+        L.append(f"- peak RSS ratio: {_f(mc['peak_rss_ratio'], '{:.3f}')} (target <= 1.3:"
+                 f" {_verdict(mc['peak_rss_ratio'] <= 1.3)}); step-only peak ratio (above the loaded model):"
+                 f" {_f(mc['peak_step_memory_ratio'])}\n")
+    else:
+        L.append(f"not run: {mc.get('error') or mc.get('stderr', 'skipped')}\n")
+
+    L.append("## 6. GPU inner loop (benchmarks/gpu_inner_loop.py)\n")
+    g = results.get("gpu_inner_loop", {})
+    if g.get("results"):
+        r = g["results"]
+        L.append(f"{g['status']}: {r['device_name']} ({r['device']}), model {r['model']}, batch {r['batch']}, seq {r['seq']}\n")
+        for k, v in r["variants"].items():
+            L.append(f"- {k}: {v['steps_per_s']:.2f} steps/s, {v['tokens_per_s']:.0f} tokens/s")
+        L.append("")
+    else:
+        L.append(f"{g.get('status', 'not run')}; on a GPU: `{g.get('command', '')}`\n")
+    L.append(f"CPU smoke check of the script (`--tiny`): {g.get('tiny_cpu_smoke', 'not run')}\n")
+
+    if plots:
+        L.append("## Plots\n")
+        L.extend(f"![{p}]({p})" for p in plots)
+    (out / "summary.md").write_text("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/bench")
+    data = json.loads((folder / "results.json").read_text())
+    write_summary(data, folder, write_plots(data, folder))

@@ -1,0 +1,203 @@
+"""All benchmarks, one command, CPU only (target: under 45 minutes on the 2-core dev box):
+
+    python -m benchmarks.run_all --out results/bench          # to become `make bench`
+
+Starts the real stack once (`metalora serve` via tests/conftest.py:start_stack, embedded SQLite store) on free
+ports with 64 registered random-weight adapters, then runs, each against a baseline measured in the same run
+in interleaved rounds:
+  1. gateway overhead: the same load straight to vLLM and through the gateway;
+  2. many adapters: requests spread over 0 (base), 1, 4, 16, 64 adapters;
+  3. adaptation latency: POST /adapt -> first completion, broken down, vs Trainer + peft + runtime LoRA load;
+then stops the stack and runs
+  5. meta-training cost: one first-order outer step vs one plain LoRA step (time, peak memory);
+  4. steps to quality: read from the evaluation's JSON if present, else "not run";
+  6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py).
+Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.common import REPO, git_info, log, machine_info, write_json
+
+N_ADAPTERS = 64
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--parts", default="1,2,3,4,5,6", help="comma-separated subset of 1..6")
+    p.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not for reporting")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for parts 1 and 2")
+    p.add_argument("--adapt-repeats", type=int, default=2, help="part 3 repetitions of each side")
+    p.add_argument("--eval-json", default=None, help="part 4: the evaluation's results JSON")
+    p.add_argument("--merge", action="store_true",
+                   help="update <out>/results.json in place: replace only the parts run now (both commands are recorded)")
+    p.add_argument("--gpu-json", default=None, help="part 6: gpu_inner_loop.py's JSON from a GPU run")
+    return p.parse_args(argv)
+
+
+def run_stack_parts(args, parts: set[int], results: dict) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import start_stack, stop_stack
+
+    from adapters.names import DEFAULT_TENANT, vllm_name
+    from adapters.settings import Settings
+    from benchmarks import adaptation, serving
+
+    rounds = args.rounds or (2 if args.quick else 6)
+    tmp = Path(tempfile.mkdtemp(prefix="metalora-bench-"))
+    data_dir = tmp / "bench-data"
+    names = [f"bench-a{i:02d}" for i in range(N_ADAPTERS)]
+    t0 = time.perf_counter()
+    serving.register_random_adapters(data_dir, names)
+    log(f"registered {len(names)} random adapters in {time.perf_counter() - t0:.1f}s ({data_dir})")
+    settings = Settings(data_dir=data_dir)
+    t0 = time.perf_counter()
+    stack = start_stack(tmp, {"METALORA_DATA_DIR": str(data_dir)})
+    results["stack"] = {"start_s": time.perf_counter() - t0, "store": "sqlite (embedded default)",
+                        "max_loras": settings.vllm_max_loras, "max_cpu_loras": settings.vllm_max_cpu_loras}
+    vllm_url = stack.env["METALORA_VLLM_URLS"].split(",")[0]
+    log(f"stack up in {results['stack']['start_s']:.0f}s: gateway {stack.url}, vLLM {vllm_url}")
+    try:
+        if 1 in parts:
+            results["gateway_overhead"] = _guard(lambda: serving.gateway_overhead(
+                stack.url, vllm_url, stack.base_model, names[0], vllm_name(DEFAULT_TENANT, names[0], 1),
+                rounds=rounds, concurrency=args.concurrency, requests_per_round=args.concurrency * (4 if args.quick else 8),
+                max_tokens=args.max_tokens))
+        if 2 in parts:
+            counts = [0, 1, 4, 16, 64]
+            results["many_adapters"] = _guard(lambda: serving.many_adapters(
+                stack.url, stack.base_model, names, counts, rounds=max(2, rounds - 2),
+                concurrency=args.concurrency * 2, requests_per_round=args.concurrency * 2 * 4,
+                max_tokens=args.max_tokens, max_loras=settings.vllm_max_loras,
+                max_cpu_loras=settings.vllm_max_cpu_loras))
+        if 3 in parts:
+            results["adaptation"] = _guard(lambda: run_adaptation(args, stack, vllm_url, data_dir, tmp))
+    finally:
+        stop_stack(stack)
+        results["stack"]["logs_tail"] = stack.logs()[-3000:] if any("error" in str(v) for v in results.values()) else ""
+
+
+def run_adaptation(args, stack, vllm_url: str, data_dir: Path, tmp: Path) -> dict:
+    from adapters.base_model import base_model_path
+    from adapters.settings import Settings
+    from benchmarks import adaptation
+    from trainer.engine import AdaptEngine
+
+    model_dir = base_model_path(Settings(data_dir=data_dir))
+    repeats = 1 if args.quick else args.adapt_repeats
+    ours_stack, ours_proc, baseline = [], [], []
+    engine = AdaptEngine(model_dir, None, device="cpu")  # the worker's engine class, standard init
+    for r in range(repeats):
+        order = ["stack", "trainer", "proc"] if r % 2 == 0 else ["proc", "trainer", "stack"]
+        for side in order:
+            if side == "stack":
+                ours_stack.append(adaptation.ours_via_stack(stack.url, data_dir, stack.base_model, f"adapt-{r}"))
+                row = ours_stack[-1]
+                log(f"part 3 ours (stack) {r + 1}: total {row['total_s']:.1f}s, K steps {row['k_steps_s'] or 0:.1f}s,"
+                    f" overhead {row.get('overhead_over_k_steps', float('nan')):.2f}x of K steps")
+            elif side == "trainer":
+                baseline.append(adaptation.trainer_baseline(model_dir, vllm_url, f"trainer-{r}", tmp))
+                row = baseline[-1]
+                log(f"part 3 Trainer baseline {r + 1}: total {row['total_s']:.1f}s, K steps {row['k_steps_s']:.1f}s")
+            else:
+                ours_proc.append(adaptation.ours_in_process(engine, f"proc-{r}"))
+                log(f"part 3 ours (in process) {r + 1}: K steps {ours_proc[-1]['k_steps_s']:.1f}s")
+    return {"ours_stack": ours_stack, "ours_in_process": ours_proc, "trainer_baseline": baseline,
+            "summary": adaptation.summarize(ours_stack, ours_proc, baseline),
+            "config": {"examples": 100, "held_out": "10% (the worker's default), so 90 train",
+                       "adapt_config": engine.default_config.to_dict(),
+                       "init": "standard (no shared init is shipped for this base model yet)"
+                       if engine.shared is None else "shared"}}
+
+
+def _guard(fn):
+    try:
+        return fn()
+    except Exception as exc:
+        traceback.print_exc()
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def gpu_part(path: str | None, out: Path) -> dict:
+    """The GPU result if one was produced on a GPU box; here, only the script's --tiny CPU smoke check."""
+    import subprocess
+
+    smoke = out / "gpu_inner_loop_tiny.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_inner_loop.py"), "--tiny", "--out", str(smoke)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    smoke_status = "ok" if proc.returncode == 0 else f"failed: {proc.stderr[-500:]}"
+    result = _gpu_json(path)
+    result["tiny_cpu_smoke"] = smoke_status
+    return result
+
+
+def _gpu_json(path: str | None) -> dict:
+    candidates = [Path(path)] if path else [REPO / "results/bench/gpu_inner_loop.json"]
+    for c in candidates:
+        if c.is_file():
+            data = json.loads(c.read_text())
+            if data.get("tiny"):
+                return {"status": "smoke only (--tiny on CPU)", "path": str(c), "results": data}
+            return {"status": "read", "path": str(c), "results": data}
+    return {"status": "not run here (no GPU)",
+            "command": "python benchmarks/gpu_inner_loop.py --out results/bench/gpu_inner_loop.json"}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parts = {int(p) for p in args.parts.split(",") if p.strip()}
+    out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    command = "python -m benchmarks.run_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    previous = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").is_file() else {}
+    results: dict = {**previous,
+        "command": command, "git": git_info(), "machine": machine_info(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+    }
+    if previous:
+        results["merged_from"] = previous.get("merged_from", []) + [
+            {k: previous.get(k) for k in ("command", "git", "started_at", "wall_s")}]
+        results.pop("wall_s", None)
+        results.pop("partial", None)
+    def checkpoint() -> None:  # a run cut short still leaves what it measured
+        write_json(out / "results.json", {**results, "partial": True})
+
+    if parts & {1, 2, 3}:
+        run_stack_parts(args, parts, results)
+        checkpoint()
+    if 5 in parts:
+        from benchmarks.meta_cost import meta_training_cost
+
+        results["meta_training_cost"] = _guard(lambda: meta_training_cost(rounds=1 if args.quick else 2))
+        checkpoint()
+    if 4 in parts:
+        from benchmarks.meta_cost import steps_to_quality
+
+        results["steps_to_quality"] = steps_to_quality(args.eval_json)
+    if 6 in parts:
+        results["gpu_inner_loop"] = _guard(lambda: gpu_part(args.gpu_json, out))
+    results["wall_s"] = time.time() - started
+    write_json(out / "results.json", results)
+    from benchmarks.report import write_plots, write_summary
+
+    plots = _guard(lambda: write_plots(results, out))
+    write_summary(results, out, plots if isinstance(plots, list) else [])
+    log(f"done in {results['wall_s'] / 60:.1f} min: {out / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
