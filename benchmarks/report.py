@@ -192,7 +192,11 @@ def write_summary(results: dict, out: Path, plots: list[str]) -> None:
                  f" {_verdict(mc['peak_rss_ratio'] <= 1.3)}); step-only peak ratio (above the loaded model):"
                  f" {_f(mc['peak_step_memory_ratio'])}\n")
     else:
-        L.append(f"not run: {mc.get('error') or mc.get('stderr', 'skipped')}\n")
+        if mc.get("status") == "error":
+            L.append(f"failed: {mc.get('error') or 'the ' + str(mc.get('variant')) + ' subprocess exited with an error'}"
+                     " (stderr tail in results.json)\n")
+        else:
+            L.append("not run\n")
 
     L.append("## 6. GPU inner loop (benchmarks/gpu_inner_loop.py)\n")
     g = results.get("gpu_inner_loop", {})
