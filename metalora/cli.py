@@ -8,6 +8,9 @@
     metalora keys create --tenant acme [--name ci]   # prints a new API key once
     metalora keys list [--tenant acme]               # ids, tenants, names, state; never secrets
     metalora keys revoke <key-id>
+    metalora prepare-tasks  # fetch BIG-bench + OLMo eval data from PyPI, convert into task folders
+    metalora train-meta     # meta-train the shared LoRA init (trainer/train_meta.py; --help for options)
+    metalora evaluate DIR…  # few-shot evaluation of LoRA inits on task folders (trainer/evaluate.py)
 """
 from __future__ import annotations
 
@@ -111,6 +114,25 @@ def cmd_keys(args) -> int:
     return asyncio.run(run())
 
 
+def _delegate(module: str):
+    """Offline trainer commands keep their own argument parsers; the CLI hands them the rest of argv."""
+
+    def run(args) -> int:
+        import importlib
+
+        importlib.import_module(module).main(args.args)
+        return 0
+
+    return run
+
+
+OFFLINE_COMMANDS = {
+    "prepare-tasks": ("trainer.tasks.fetch", "fetch and convert the meta-training and evaluation tasks"),
+    "train-meta": ("trainer.train_meta", "meta-train the shared LoRA init (MeTA-LoRA)"),
+    "evaluate": ("trainer.evaluate", "evaluate LoRA inits few-shot on task folders"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("prepare-model", help="convert and cache the base model, print its folder") \
         .set_defaults(func=cmd_prepare_model)
+
+    for name, (module, help_text) in OFFLINE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
 
     p = sub.add_parser("keys", help="manage API keys (in the configured metadata store)")
     p.set_defaults(func=cmd_keys)
