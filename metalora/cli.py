@@ -114,18 +114,6 @@ def cmd_keys(args) -> int:
     return asyncio.run(run())
 
 
-def _delegate(module: str):
-    """Offline trainer commands keep their own argument parsers; the CLI hands them the rest of argv."""
-
-    def run(args) -> int:
-        import importlib
-
-        importlib.import_module(module).main(args.args)
-        return 0
-
-    return run
-
-
 OFFLINE_COMMANDS = {
     "prepare-tasks": ("trainer.tasks.fetch", "fetch and convert the meta-training and evaluation tasks"),
     "train-meta": ("trainer.train_meta", "meta-train the shared LoRA init (MeTA-LoRA)"),
@@ -155,10 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare-model", help="convert and cache the base model, print its folder") \
         .set_defaults(func=cmd_prepare_model)
 
-    for name, (module, help_text) in OFFLINE_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("args", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    # Listed for --help; main() hands their arguments (including --help) to the trainer's own parsers.
+    for name, (_module, help_text) in OFFLINE_COMMANDS.items():
+        sub.add_parser(name, help=help_text)
 
     p = sub.add_parser("keys", help="manage API keys (in the configured metadata store)")
     p.set_defaults(func=cmd_keys)
@@ -174,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OFFLINE_COMMANDS:
+        import importlib
+
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        importlib.import_module(OFFLINE_COMMANDS[argv[0]][0]).main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
