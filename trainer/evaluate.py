@@ -126,7 +126,8 @@ def load_init_state(path: Path | str, model) -> dict[str, torch.Tensor]:
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
              model_dir: Path | str | None = None, meta_init: Path | str | None = None,
              multitask_init: Path | str | None = None, adapt_config: AdaptConfig | None = None,
-             max_test: int = DEFAULT_MAX_TEST, command: str | None = None, device: str = "auto") -> dict:
+             max_test: int = DEFAULT_MAX_TEST, command: str | None = None, device: str = "auto",
+             full_data_steps: int = FULL_DATA_STEPS, icl_max_tokens: int = ICL_MAX_TOKENS) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,8 +177,8 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 record("zero_shot", 0, accuracy(model, tokenizer, task, test, 10**6))
             if "in_context" in methods:
                 set_lora_state(model, zero)
-                prefix, n_demos = icl_prefix(tokenizer, sample, test, ICL_MAX_TOKENS)
-                record("in_context", 0, accuracy(model, tokenizer, task, test, ICL_MAX_TOKENS, prefix),
+                prefix, n_demos = icl_prefix(tokenizer, sample, test, icl_max_tokens)
+                record("in_context", 0, accuracy(model, tokenizer, task, test, icl_max_tokens, prefix),
                        n_demos=n_demos)
             for method in K_METHODS:
                 if method not in methods:
@@ -191,19 +192,41 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 full = encode_safe(tokenizer, random.Random(seed).sample(task.train, min(FULL_DATA_CAP, len(task.train))),
                                    cfg.max_seq_len)
                 set_lora_state(model, standard)
-                adapt(model, full, replace(cfg, steps=FULL_DATA_STEPS, seed=seed))
-                record("full_data", FULL_DATA_STEPS, accuracy(model, tokenizer, task, test, 10**6),
+                adapt(model, full, replace(cfg, steps=full_data_steps, seed=seed))
+                record("full_data", full_data_steps, accuracy(model, tokenizer, task, test, 10**6),
                        n_full=len(full))
     report = {"command": command or " ".join(sys.argv), "git_commit": git_commit(), "model_dir": str(model_dir),
               "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
               "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
               "multitask_init": str(multitask_init) if multitask_init else None,
-              "full_data": {"cap": FULL_DATA_CAP, "steps": FULL_DATA_STEPS}, "icl_max_tokens": ICL_MAX_TOKENS,
+              "full_data": {"cap": FULL_DATA_CAP, "steps": full_data_steps}, "icl_max_tokens": icl_max_tokens,
               "seconds": round(time.time() - t_start, 1), "rows": rows}
+    return write_report(report, out)
+
+
+def write_report(report: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     (out / "results.md").write_text(markdown(report))
     plot(report, out)
     return report
+
+
+def merge_reports(paths: list[Path], out: Path) -> dict:
+    """One table from runs split by method or task (so they can run in parallel); each part keeps its
+    own command, commit and settings under `parts`."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {key: parts[0][key] for key in ("n_train", "max_test", "adapt_config", "model_dir")}
+    merged.update({
+        "command": " && ".join(p["command"] for p in parts), "git_commit": parts[0]["git_commit"],
+        "seeds": sorted({s for p in parts for s in p["seeds"]}),
+        "k_values": sorted({k for p in parts for k in p["k_values"]}),
+        "methods": [m for m in METHODS if any(m in p["methods"] for p in parts)],
+        "full_data": next((p["full_data"] for p in parts if "full_data" in p["methods"]), parts[0]["full_data"]),
+        "parts": [{k: v for k, v in p.items() if k != "rows"} for p in parts],
+        "rows": [r for p in parts for r in p["rows"]],
+    })
+    return write_report(merged, out)
 
 
 def _mean_table(rows) -> dict[tuple, float]:
@@ -276,10 +299,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--multitask-init", type=Path)
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--out-dir", type=Path, default=Path("results/eval"))
+    p.add_argument("--full-data-steps", type=int, default=FULL_DATA_STEPS)
+    p.add_argument("--icl-max-tokens", type=int, default=ICL_MAX_TOKENS)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--merge", action="store_true", help="task_dirs are results.json files to merge into --out-dir")
     a = p.parse_args(argv)
+    if a.merge:
+        merge_reports(a.task_dirs, a.out_dir)
+        return
+    if a.threads:
+        torch.set_num_threads(a.threads)
     evaluate(a.task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], [int(s) for s in a.seeds.split(",")],
              a.n_train, a.out_dir, model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
-             max_test=a.max_test, command=" ".join(["python -m trainer.evaluate", *(argv or sys.argv[1:])]))
+             max_test=a.max_test, full_data_steps=a.full_data_steps, icl_max_tokens=a.icl_max_tokens,
+             command=" ".join(["metalora evaluate", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":
