@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test test-fast clean
+.PHONY: install serve test test-fast bench drills clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,16 @@ test: install
 # Everything but the end-to-end stack tests (no vLLM server).
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not stack"
+
+# Benchmarks against their baselines, interleaved in one run (~35 min on 2 CPU cores): results/bench/.
+bench: install
+	$(BIN)/python -m benchmarks.run_all --out results/bench
+
+# Failure drills on the real stack (worker SIGKILL, Redis outage, vLLM restart, concurrency), plus the
+# fuzz and abuse suites: figures in results/drills/.
+drills: install
+	PYTHON=$(BIN)/python scripts/drills.sh
+	$(BIN)/python -m pytest -q -s tests/test_fuzz.py tests/test_abuse.py
 
 clean:
 	rm -rf $(VENV)
