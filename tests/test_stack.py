@@ -20,7 +20,7 @@ def complete(client, **body) -> dict:
     return response.json()
 
 
-def wait_job(client, job_id: str, timeout_s: float = 300) -> dict:
+def wait_job(client, job_id: str, timeout_s: float = 900) -> dict:
     seen = set()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
