@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> Path:
     best_val = math.inf
     if args["resume"] and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
-        if MetaConfig.from_dict(ckpt["meta_config"]) != config:
+        # outer_steps only sets where the loop stops (no schedule depends on it), so a run can be extended, or
+        # cut short and exported with --resume --outer_steps=<steps done>.
+        if replace(MetaConfig.from_dict(ckpt["meta_config"]), outer_steps=config.outer_steps) != config:
             raise SystemExit(f"{ckpt_path} was written with a different MetaConfig:\n{ckpt['meta_config']}")
         learner.load_state_dict(ckpt)
         rng.setstate(ckpt["rng"]["python"])
