@@ -99,6 +99,40 @@ async def test_failover_skips_a_dead_replica_and_marks_it_unhealthy():
             await pool.close()
 
 
+async def test_replica_dying_with_the_request_in_flight_is_retried_on_the_next():
+    """A SIGKILLed replica resets connections it had already accepted: the request it was reading fails over too
+    (tests/test_scaleout.py does the same against real vLLM processes)."""
+    received = []
+
+    async def accept_then_die(reader, writer):
+        received.append(await reader.read(65536))  # the request arrived...
+        writer.transport.abort()  # ...and the process died: RST, no answer
+
+    dying_server = await asyncio.start_server(accept_then_die, "127.0.0.1", 0)
+    dying_url = f"http://127.0.0.1:{dying_server.sockets[0].getsockname()[1]}"
+    with ServerThread(fake_replica("live")) as live:
+        pool = pool_of([dying_url, live.url])
+        try:
+            for u in pool.upstreams:
+                u.healthy = True
+            dying = pool.upstreams[0]
+            key = next(n for n in NAMES if pool.pick(n) is dying)
+            for stream in (False, True):
+                dying.healthy = True
+                response = await pool.post("/v1/completions", json.dumps(
+                    {"model": key, "prompt": "hi", "stream": stream}).encode(), key, stream=stream)
+                try:
+                    body = (await response.aread()).decode()
+                finally:
+                    await response.aclose()
+                assert response.status_code == 200 and ("live:0" in body if stream else '"served_by":"live"' in body)
+                assert dying.healthy is False and "RemoteProtocolError" in dying.last_error
+            assert len(received) == 2
+        finally:
+            await pool.close()
+            dying_server.close()
+
+
 async def test_all_replicas_dead_is_upstream_unavailable_fast():
     pool = pool_of([f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"])
     try:
