@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import time
@@ -31,6 +32,9 @@ class ArtifactStore(Protocol):
     def staging(self, vllm_name: str) -> contextlib.AbstractContextManager[Path]: ...
 
     def exists(self, vllm_name: str) -> bool: ...
+
+    def read_json(self, vllm_name: str, filename: str) -> dict | None:
+        """A small JSON file of a stored version (its job record, its metrics); None when absent."""
 
     def delete(self, vllm_name: str) -> bool: ...
 
@@ -58,6 +62,12 @@ class LocalArtifactStore:
 
     def exists(self, vllm_name: str) -> bool:
         return self.path(vllm_name).is_dir()
+
+    def read_json(self, vllm_name: str, filename: str) -> dict | None:
+        try:
+            return json.loads((self.path(vllm_name) / _check_name(filename)).read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
 
     @contextlib.contextmanager
     def staging(self, vllm_name: str) -> Iterator[Path]:
@@ -111,3 +121,11 @@ class LocalArtifactStore:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         return removed
+
+
+# Chosen by configuration like the metadata backends; an object-store implementation registers here.
+ARTIFACT_STORES = {"local": LocalArtifactStore}
+
+
+def open_artifacts(settings) -> ArtifactStore:
+    return ARTIFACT_STORES["local"](settings.adapter_root)

@@ -190,9 +190,9 @@ class Gateway:
 
     async def _delete_artifacts(self, names: list[str]) -> None:
         try:
-            from adapters.artifacts import LocalArtifactStore
+            from adapters.artifacts import open_artifacts
 
-            artifacts = LocalArtifactStore(self.settings.adapter_root)
+            artifacts = open_artifacts(self.settings)
             for n in names:
                 await asyncio.to_thread(artifacts.delete, n)
         except Exception:

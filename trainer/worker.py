@@ -23,7 +23,7 @@ import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
-from adapters.artifacts import ArtifactExists, LocalArtifactStore
+from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
 from adapters.errors import JobNotFound, StoreUnavailable
@@ -69,7 +69,7 @@ def build_engine(settings: Settings):
 
 
 class Worker:
-    def __init__(self, settings: Settings, backend: Backend, artifacts: LocalArtifactStore, engine, stop: asyncio.Event):
+    def __init__(self, settings: Settings, backend: Backend, artifacts: ArtifactStore, engine, stop: asyncio.Event):
         self.settings = settings
         self.store, self.queue = backend.store, backend.queue
         self.artifacts = artifacts
@@ -126,7 +126,7 @@ class Worker:
         try:
             if self._written_by(name, job.id):
                 # A previous attempt wrote the folder and died before marking it ready.
-                metrics = json.loads((self.artifacts.path(name) / "metalora_adapt.json").read_text())["metrics"]
+                metrics = self.artifacts.read_json(name, "metalora_adapt.json")["metrics"]
                 log.info("job %s start %s: adapter already written by attempt before, finishing", job.id, name)
             else:
                 metrics = await self._train_and_write(job, lease, name, abort, started)
@@ -207,11 +207,8 @@ class Worker:
             # Another attempt of this job (a worker whose lease we took over) wrote the same adapter first.
 
     def _written_by(self, name: str, job_id: str) -> bool:
-        record = self.artifacts.path(name) / JOB_RECORD
-        try:
-            return json.loads(record.read_text()).get("job_id") == job_id
-        except (FileNotFoundError, ValueError):
-            return False
+        record = self.artifacts.read_json(name, JOB_RECORD)
+        return record is not None and record.get("job_id") == job_id
 
     async def _fail(self, job: Job, lease: JobLease, message: str) -> None:
         await self.store.fail_job(job.id, message)
@@ -238,7 +235,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None, e
     stop = stop or asyncio.Event()
     if engine is None:
         engine = await asyncio.to_thread(build_engine, settings)
-    artifacts = LocalArtifactStore(settings.adapter_root)
+    artifacts = open_artifacts(settings)
     removed = await asyncio.to_thread(artifacts.sweep_orphans, ORPHAN_MAX_AGE_S)
     if removed:
         log.info("removed %d orphaned staging folder(s)", len(removed))
