@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device
+from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device, only_labelled_logits
 
 
 def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -49,16 +49,18 @@ def adapt(
     torch.manual_seed(config.seed)
     device = model_device(model)
     # No weight decay: it would pull every adapter towards zero instead of towards the learned init.
+    # fused on CUDA; elsewhere foreach, since hundreds of small LoRA tensors make the per-tensor loop slow.
     optimizer = torch.optim.AdamW(
         params.values(), lr=config.learning_rate, weight_decay=0.0,
-        fused=device.type == "cuda",
+        fused=device.type == "cuda", foreach=device.type != "cuda",
     )
     was_training = model.training
     model.train()
     losses: list[torch.Tensor] = []
     try:
         for step, batch in enumerate(iterate_batches(encoded, config.batch_size, config.steps, config.seed), 1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in only_labelled_logits(batch).items()}
             with autocast_for(device):
                 loss = model(**batch).loss
             loss.backward()
