@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-REDIS_URL = os.environ.get("METALORA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from helpers import REDIS_URL
 STACK_START_TIMEOUT_S = 420
 
 

@@ -21,21 +21,11 @@ from adapters.records import JobStatus
 from adapters.settings import Settings
 from adapters.store import TenantQuota
 from server.testing import ServerThread, fake_replica, gateway_client, tokenizer_dir
+from helpers import REDIS_URL, drop_redis_keys
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}]
 
 
-async def drop_redis_keys(settings: Settings) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(scope="module")

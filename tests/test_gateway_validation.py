@@ -16,8 +16,8 @@ from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT
 from adapters.settings import Settings
 from server.testing import free_port, gateway_client, tokenizer_dir
+from helpers import REDIS_URL, drop_redis_keys
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 MAX_EXAMPLES = 5
 MAX_BODY = 64 * 1024
 GOOD = [{"prompt": "hello world", "completion": "positive"}]
@@ -32,16 +32,6 @@ def make_settings(kind: str, tmp_path: Path, **extra) -> Settings:
     return Settings(redis_url=REDIS_URL, redis_prefix=f"test-gw-{uuid4().hex}", **common)
 
 
-async def drop_redis_keys(settings: Settings) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["sqlite", "redis"])

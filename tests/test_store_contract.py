@@ -16,8 +16,8 @@ from adapters.errors import (
 )
 from adapters.records import JobStatus, VersionStatus
 from adapters.settings import Settings
+from helpers import REDIS_URL, drop_redis_keys
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 EXAMPLES = [{"prompt": "2+2?", "completion": "4"}, {"prompt": "3+3?", "completion": "6"}]
 
 
@@ -27,16 +27,6 @@ def backend_settings(kind: str, tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path, redis_url=REDIS_URL, redis_prefix=f"test-{uuid4().hex}", lease_s=0.5)
 
 
-async def drop_redis_keys(settings: Settings) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
