@@ -133,7 +133,7 @@ class Worker:
         except JobAborted as exc:
             reason = str(exc)
             if reason.startswith("timed out"):
-                await self._fail(job, lease, reason)
+                await self._fail(job, lease, reason, abort)
             elif reason == "shutdown":
                 await self.store.update_job(job.id, status=JobStatus.QUEUED, step=0)
                 log.info("job %s released on shutdown; it is redelivered when its lease expires", job.id)
@@ -145,7 +145,8 @@ class Worker:
         except Exception as exc:  # bad data, bad options, errors inside training: not worth retrying
             if not isinstance(exc, ValueError):
                 log.exception("job %s: training error", job.id)
-            await self._fail(job, lease, f"{exc}" if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
+            await self._fail(job, lease, f"{exc}" if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}",
+                             abort)
             return
         finally:
             heartbeat.cancel()
@@ -210,7 +211,11 @@ class Worker:
         record = self.artifacts.read_json(name, JOB_RECORD)
         return record is not None and record.get("job_id") == job_id
 
-    async def _fail(self, job: Job, lease: JobLease, message: str) -> None:
+    async def _fail(self, job: Job, lease: JobLease, message: str, abort: list[str] | None = None) -> None:
+        if abort and abort[0].startswith("lease lost"):
+            # Another worker holds the job now; failing it here would void that worker's result.
+            log.warning("job %s: %s after losing its lease; left to the new holder", job.id, message)
+            return
         await self.store.fail_job(job.id, message)
         await self.queue.ack(lease)
         log.info("job %s failed: %s", job.id, message)
