@@ -158,8 +158,18 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         inits["multitask_init"] = load_init_state(multitask_init, model)
     zero = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}
 
-    rows = []
+    rows: list[dict] = []
     t_start = time.time()
+    commit = git_commit()
+
+    def report() -> dict:
+        return {"command": command or " ".join(sys.argv), "git_commit": commit, "model_dir": str(model_dir),
+                "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
+                "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
+                "multitask_init": str(multitask_init) if multitask_init else None,
+                "full_data": {"cap": FULL_DATA_CAP, "steps": full_data_steps}, "icl_max_tokens": icl_max_tokens,
+                "seconds": round(time.time() - t_start, 1), "rows": rows}
+
     for task_dir in task_dirs:
         task = load_task(task_dir)
         test = task.test[:max_test]
@@ -195,13 +205,8 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 adapt(model, full, replace(cfg, steps=full_data_steps, seed=seed))
                 record("full_data", full_data_steps, accuracy(model, tokenizer, task, test, 10**6),
                        n_full=len(full))
-    report = {"command": command or " ".join(sys.argv), "git_commit": git_commit(), "model_dir": str(model_dir),
-              "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
-              "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
-              "multitask_init": str(multitask_init) if multitask_init else None,
-              "full_data": {"cap": FULL_DATA_CAP, "steps": full_data_steps}, "icl_max_tokens": icl_max_tokens,
-              "seconds": round(time.time() - t_start, 1), "rows": rows}
-    return write_report(report, out)
+        write_report(report(), out)  # after every task, so a run cut short keeps what it measured
+    return report()
 
 
 def write_report(report: dict, out: Path) -> dict:
