@@ -43,7 +43,9 @@ NAMES = ("m0", "m1", "m2", "m3")  # the same names in both tenants: a cross-tena
 MARKERS = {("acme", "m0"): "kiwi", ("acme", "m1"): "plum", ("acme", "m2"): "lime", ("acme", "m3"): "pear",
            ("globex", "m0"): "mango", ("globex", "m1"): "grape", ("globex", "m2"): "melon",
            ("globex", "m3"): "peach"}
-TRAIN = {"steps": 25, "learning_rate": 0.01}  # 15 steps left one of 8 markers unlearnt (acme/m2 "lime")
+# The serving defaults' learning rate with more steps: lr 0.01 left acme/m2 answering "@@@@@@@@" (overshoot),
+# and 15 steps at 0.01 left it unlearnt too; a constant marker at 2e-3 is learnt well within 40 steps.
+TRAIN = {"steps": 40, "learning_rate": 0.002}
 FAST_S = 3.0  # an outage must be answered within this, not hang
 OUTAGE_S = 8.0
 CONCURRENT_REQUESTS = 320

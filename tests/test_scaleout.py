@@ -307,9 +307,9 @@ def test_b_sigkill_of_the_affine_replica_fails_over(cluster, two_adapters):
     assert len(failed) <= CONCURRENCY, failed
     assert all(r["start"] <= kill for r in failed), "a request sent after the kill failed"
     assert len(after) > 0 and all(r["status"] == 200 for r in after)
-    # The survivor served at least every request that completed after the kill (and at most all of them).
-    completed_after = [r for r in results if r["end"] > kill and r["status"] == 200]
-    assert len(completed_after) <= survivor_delta <= len(results), (survivor_delta, len(completed_after))
+    # The survivor served every request started after the kill, plus the in-flight ones it took over (a request
+    # in flight at the kill may also have been answered by the victim just before it died).
+    assert len(after) <= survivor_delta <= len(after) + len(in_flight), (survivor_delta, len(after), len(in_flight))
 
     # From now on the adapter lives on the survivor: exactly these requests reach it.
     before = served_count(survivor_url)
