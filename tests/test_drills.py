@@ -264,7 +264,7 @@ def test_redis_down_or_frozen_fails_fast_and_recovers(tmp_path):
 @pytest.mark.stack
 def test_drill_worker_killed_mid_job(drill_stack):
     drill = drill_stack
-    job = submit(drill, "acme", "m0", steps=25)
+    job = submit(drill, "acme", "m0")
     running = wait_job(drill, "acme", job["id"], until=lambda j: j["status"] == "running" and (j["step"] or 0) >= 2)
     worker = drill.child(" worker")
     killed_at = time.monotonic()
@@ -326,7 +326,7 @@ def test_drill_redis_outage_and_restart(drill_stack, own_redis):
             before[tenant] = {a["name"]: [(v["version"], v["status"]) for v in a["versions"]]
                               for a in client.get("/v1/adapters").json()["data"]}
     # A job training while Redis goes away.
-    job = submit(drill, "globex", "m3", steps=25)
+    job = submit(drill, "globex", "m3")
     wait_job(drill, "globex", job["id"], until=lambda j: j["status"] == "running" and (j["step"] or 0) >= 1)
     queued = [submit(drill, "globex", name) for name in ("m0", "m1")]  # acknowledged, still queued
     expected = {jid: rec for jid, rec in ACKED_JOBS.items()}
