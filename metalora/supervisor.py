@@ -43,22 +43,37 @@ class Child:
         if self.log_path:
             self._log_file = open(self.log_path, "ab")
             out = self._log_file
-        self.process = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group: vLLM forks engine processes, and a dead server's children must go with it.
+        self.process = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 20.0) -> None:
-        if not self.alive():
-            return
-        self.process.terminate()
+    def _signal_group(self, sig: int) -> None:
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def reap_group(self) -> None:
+        """Kill what the dead child left behind (e.g. vLLM's engine core) before starting it again."""
+        if self.process is not None:
+            self._signal_group(signal.SIGKILL)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None:
+            return
+        if self.alive():
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.reap_group()
+        self.process.wait()
 
 
 def wait_healthy(child: Child, timeout_s: float) -> None:
@@ -130,6 +145,7 @@ def serve(settings: Settings, log_dir: str | None = None) -> int:
                     child.restarts = 0
                 delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
                 log.warning("%s exited with code %s; restarting in %.0fs", child.name, code, delay)
+                child.reap_group()
                 time.sleep(delay)
                 child.restarts += 1
                 child.start()
