@@ -234,26 +234,40 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
     return write_report(merged, out)
 
 
-def _mean_table(rows) -> dict[tuple, float]:
+def _by_cell(rows) -> dict[tuple, list[float]]:
     acc: dict[tuple, list[float]] = {}
     for r in rows:
         acc.setdefault((r["task"], r["method"], r["k"]), []).append(r["accuracy"])
-    return {k: sum(v) / len(v) for k, v in acc.items()}
+    return acc
+
+
+def _mean_table(rows) -> dict[tuple, float]:
+    return {k: sum(v) / len(v) for k, v in _by_cell(rows).items()}
+
+
+def _spread_table(rows) -> dict[tuple, float]:
+    """Standard deviation over seeds (0 with one seed)."""
+    out = {}
+    for k, v in _by_cell(rows).items():
+        mean = sum(v) / len(v)
+        out[k] = (sum((x - mean) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5
+    return out
 
 
 def markdown(report: dict) -> str:
-    means = _mean_table(report["rows"])
+    means, spreads = _mean_table(report["rows"]), _spread_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
     cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
     head = [f"{m}" + (f"+{k}" if m in K_METHODS else "") for m, k in cols]
     lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`", f"Commit: `{report['git_commit']}`",
-             f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};"
-             f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
-             f" accuracy averaged over seeds.", "",
+             f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};" +
+             (f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
+              if "full_data" in report["methods"] else "") +
+             " cells: mean ± standard deviation over seeds; the last row averages the task means.", "",
              "| task | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
     for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f}" if (t, m, k) in means else "-"
-                                             for m, k in cols) + " |")
+        lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f} ± {spreads[(t, m, k)]:.3f}"
+                                             if (t, m, k) in means else "-" for m, k in cols) + " |")
     lines.append(f"| **mean** | " + " | ".join(
         f"{sum(means[(t, m, k)] for t in tasks if (t, m, k) in means) / max(1, sum((t, m, k) in means for t in tasks)):.3f}"
         for m, k in cols) + " |")
