@@ -27,7 +27,7 @@ from adapters.names import validate_name, validate_tenant
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, owns, pick_version,
+    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -224,13 +224,7 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def fail_job(self, job_id: str, error: str) -> None:
-        def change(job: Job, version):
-            if job.status.finished:
-                return False
-            apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
-            return True
-
-        await self._change_job(job_id, change)
+        await self._change_job(job_id, fail_change(error))
 
     @unavailable_on_connection_errors
     async def list_adapters(self, tenant: str) -> list[Adapter]:

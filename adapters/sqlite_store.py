@@ -8,7 +8,6 @@ stdlib sqlite3 runs in a thread (asyncio.to_thread) so the event loop never wait
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import sqlite3
 import threading
@@ -25,7 +24,7 @@ from adapters.names import validate_name, validate_tenant
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, owns, pick_version,
+    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -211,13 +210,7 @@ class SqliteMetadataStore:
         return written or (job.status is JobStatus.SUCCEEDED and owned is not None)
 
     async def fail_job(self, job_id: str, error: str) -> None:
-        def change(job: Job, version):
-            if job.status.finished:
-                return False
-            apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
-            return True
-
-        await self._change_job(job_id, change)
+        await self._change_job(job_id, fail_change(error))
 
     async def list_adapters(self, tenant: str) -> list[Adapter]:
         def read(c: sqlite3.Connection) -> list[Adapter]:

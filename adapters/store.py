@@ -128,6 +128,18 @@ _VERSION_STATUS_OF = {
 ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
 
 
+def fail_change(error: str):
+    """The change both stores apply in fail_job: a finished job stays as it is (failing is idempotent)."""
+
+    def change(job, version) -> bool:
+        if job.status.finished:
+            return False
+        apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
+        return True
+
+    return change
+
+
 def apply_job_changes(job: Job, version: AdapterVersion | None, changes: dict[str, Any]) -> None:
     """Apply update_job's changes in place. Finished jobs are terminal, so a late progress report from a
     worker cannot revive a job that failed or whose adapter was deleted; callers check that first."""

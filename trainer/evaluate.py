@@ -27,7 +27,7 @@ import torch
 
 from trainer.config import AdaptConfig
 from trainer.data import IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device
-from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.tasks.format import Task, load_task
 
 METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
@@ -268,7 +268,7 @@ def markdown(report: dict) -> str:
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f} ± {spreads[(t, m, k)]:.3f}"
                                              if (t, m, k) in means else "-" for m, k in cols) + " |")
-    lines.append(f"| **mean** | " + " | ".join(
+    lines.append("| **mean** | " + " | ".join(
         f"{sum(means[(t, m, k)] for t in tasks if (t, m, k) in means) / max(1, sum((t, m, k) in means for t in tasks)):.3f}"
         for m, k in cols) + " |")
     return "\n".join(lines) + "\n"
