@@ -27,7 +27,8 @@ from adapters.names import validate_name, validate_tenant
 from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, owns, pick_version,
+    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, finish_change,
+    owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -209,14 +210,7 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
-        def change(job: Job, version):
-            if version is None or job.status.finished:
-                return False
-            apply_job_changes(job, version, {"status": JobStatus.SUCCEEDED, "metrics": metrics})
-            version.metrics = dict(metrics)
-            return True
-
-        job, written = await self._change_job(job_id, change)
+        job, written = await self._change_job(job_id, finish_change(metrics))
         return written or (job.status is JobStatus.SUCCEEDED and await self._owned(job))
 
     async def _owned(self, job: Job) -> bool:

@@ -128,6 +128,20 @@ _VERSION_STATUS_OF = {
 ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
 
 
+def finish_change(metrics: dict[str, Any]):
+    """The change both stores apply in finish_job: only a live job whose version still exists succeeds, so a
+    deleted adapter is never resurrected."""
+
+    def change(job, version) -> bool:
+        if version is None or job.status.finished:
+            return False
+        apply_job_changes(job, version, {"status": JobStatus.SUCCEEDED, "metrics": metrics})
+        version.metrics = dict(metrics)
+        return True
+
+    return change
+
+
 def fail_change(error: str):
     """The change both stores apply in fail_job: a finished job stays as it is (failing is idempotent)."""
 
