@@ -164,7 +164,8 @@ def meta_training_cost(repeats_outer: int = 2, rounds: int = 2) -> dict:
                                    "--repeats", str(repeats)], cwd=REPO, env=env, capture_output=True,
                                   text=True, timeout=1200)
             if proc.returncode != 0:
-                return {"status": "error", "variant": variant, "stderr": proc.stderr[-2000:]}
+                return {"status": "error", "variant": variant, "returncode": proc.returncode,
+                        "stderr": proc.stderr[-2000:]}
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             log(f"part 5 {variant}: {runs[variant][-1]['step_s']:.3f} s/step,"
                 f" peak +{runs[variant][-1]['peak_over_before_mib']:.0f} MiB over {runs[variant][-1]['rss_before_mib']:.0f}")

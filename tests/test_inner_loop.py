@@ -201,7 +201,10 @@ def test_shared_init_is_the_start_of_every_job_and_mismatch_falls_back(tiny_dir,
     assert load_shared_init(tmp_path / "init").adapt_config == init_cfg
 
     engine = AdaptEngine(tiny_dir, shared_init=tmp_path / "init", device="cpu")
-    assert engine.default_config == init_cfg
+    # The init's procedure (K, lr, LoRA shape) is the jobs' default; the service keeps its data limits.
+    assert engine.default_config.lora_structure() == init_cfg.lora_structure()
+    assert (engine.default_config.steps, engine.default_config.learning_rate) == (init_cfg.steps, init_cfg.learning_rate)
+    assert engine.default_config.max_seq_len == AdaptConfig().max_seq_len
     init_state = load_file(str(tmp_path / "init" / "adapter_model.safetensors"))
     first = engine.train(EXAMPLES, None)
     assert first.metrics["init"] == "shared"
@@ -210,7 +213,7 @@ def test_shared_init_is_the_start_of_every_job_and_mismatch_falls_back(tiny_dir,
     # The reset really loaded the init: its saved weights equal what the trainer engine had.
     from peft import get_peft_model_state_dict
 
-    engine._reset_lora(init_cfg)
+    engine._reset_lora(engine.default_config)
     now = get_peft_model_state_dict(engine.model)
     assert all(torch.equal(now[k], init_state[k]) for k in init_state)
 

@@ -3,7 +3,9 @@ the shared init, run `adapt`, write a PEFT adapter folder vLLM can serve.
 
 A shared init is a folder in PEFT format (`adapter_config.json`, `adapter_model.safetensors`) plus
 `metalora_meta.json` = {"adapt_config": AdaptConfig.to_dict(), ...anything meta-training records}; the
-AdaptConfig in it is the procedure the init was meta-learned for, so it is also the default for jobs.
+AdaptConfig in it is the procedure the init was meta-learned for, so that procedure (K, learning rate, batch,
+LoRA shape) is also the default for jobs; limits that only bound the data (max_seq_len, holdout) stay the
+service's own.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 SHARED_INIT_META = "metalora_meta.json"
 ADAPT_RECORD = "metalora_adapt.json"
 _ADAPTER = "default"  # peft's adapter name inside the wrapper; one adapter is ever active
+# What a shared init dictates to the jobs that start from it: the procedure it was meta-learned for.
+PROCEDURE_FIELDS = ("steps", "learning_rate", "batch_size", "rank", "alpha", "dropout", "target_modules")
 
 
 @dataclass
@@ -53,6 +57,14 @@ def load_shared_init(path: Path | str) -> SharedInit:
     if peft_config.get("r") != config.rank or sorted(peft_config.get("target_modules") or []) != sorted(config.target_modules):
         raise ValueError(f"shared init {path}: adapter_config.json disagrees with the adapt_config in {SHARED_INIT_META}")
     return SharedInit(path=path, state=load_file(str(path / ADAPTER_WEIGHTS)), adapt_config=config, meta=meta)
+
+
+def job_defaults(shared: SharedInit | None) -> AdaptConfig:
+    """A job's config before its own options: the service defaults, with a shared init's procedure on top
+    (meta-training may use short sequences and no holdout for speed; serving keeps its own limits)."""
+    if shared is None:
+        return AdaptConfig()
+    return AdaptConfig().merged({f: getattr(shared.adapt_config, f) for f in PROCEDURE_FIELDS})
 
 
 def write_adapter(model, out_dir: Path | str, base_model_name_or_path: str, extra: dict[str, dict]) -> None:
@@ -111,7 +123,7 @@ class AdaptEngine:
         base = AutoModelForCausalLM.from_pretrained(str(self.base_model_dir), dtype=dtype).to(self.device)
         base.requires_grad_(False)
         self.shared = load_shared_init(shared_init) if shared_init is not None else None
-        self.default_config = self.shared.adapt_config if self.shared else AdaptConfig()
+        self.default_config = job_defaults(self.shared)
         # peft keeps LoRA weights fp32 over a bf16 base (autocast_adapter_dtype), which AdamW needs.
         self.model = get_peft_model(base, self.default_config.lora_config())
         self._structure = self._structure_of(self.default_config)
