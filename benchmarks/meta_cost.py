@@ -25,22 +25,46 @@ from pathlib import Path
 
 from benchmarks.common import REPO, log, median
 
-EVAL_CANDIDATES = ("results/eval/steps_to_quality.json", "results/eval/summary.json", "results/eval.json")
+EVAL_RESULTS = "results/eval/results.json"  # what `metalora evaluate` writes (trainer/evaluate.py)
 
 
 # ---------------------------------------------------------------- part 4
 def steps_to_quality(eval_json: str | None) -> dict:
-    paths = [Path(eval_json)] if eval_json else [REPO / p for p in EVAL_CANDIDATES]
-    for path in paths:
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as exc:
-                return {"status": "error", "path": str(path), "error": f"unreadable JSON: {exc}"}
-            return {"status": "read", "path": str(path), "results": data}
-    return {"status": "not run", "looked_for": [str(p) for p in paths],
-            "note": "steps-to-quality comes from the evaluation (metalora evaluate, trainer/ in progress); "
-                    "pass --eval-json PATH or write one of the paths above and rerun"}
+    """From the evaluation's rows: per held-out task, the fewest standard-init steps whose mean accuracy (over
+    seeds) reaches what an init reaches in K steps. Only the K values the evaluation ran are known, so the
+    answer is a grid point or a bound ("> the largest K tried")."""
+    path = Path(eval_json) if eval_json else REPO / EVAL_RESULTS
+    if not path.is_file():
+        return {"status": "not run", "path": str(path),
+                "note": "run `metalora evaluate` with standard_init and meta_init first (see docs/tasks.md)"}
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (ValueError, KeyError) as exc:
+        return {"status": "error", "path": str(path), "error": f"not an evaluation results.json: {exc}"}
+    return {"status": "read", "path": str(path), **steps_to_quality_from_rows(rows)}
+
+
+def steps_to_quality_from_rows(rows: list[dict]) -> dict:
+    cells: dict[tuple, list[float]] = {}
+    for row in rows:
+        method = "standard_init" if row["method"] == "zero_shot" else row["method"]  # zero-shot = standard, K=0
+        cells.setdefault((row["task"], method, row["k"]), []).append(row["accuracy"])
+    mean = {key: sum(v) / len(v) for key, v in cells.items()}
+    out = []
+    for (task, method, k), acc in sorted(mean.items()):
+        if method not in ("meta_init", "multitask_init") or k == 0:
+            continue
+        curve = sorted((sk, a) for (t, m, sk), a in mean.items() if t == task and m == "standard_init")
+        if not curve:
+            continue
+        reached = next((sk for sk, a in curve if a >= acc - 1e-9), None)
+        largest = curve[-1][0]
+        out.append({"task": task, "init": method, "k": k, "accuracy": round(acc, 4),
+                    "standard_steps": reached, "standard_steps_bound": None if reached is not None else f">{largest}",
+                    "speedup": None if reached is None else round(reached / k, 2),
+                    "speedup_at_least": round(largest / k, 2) if reached is None else None,
+                    "standard_curve": {str(sk): round(a, 4) for sk, a in curve}})
+    return {"rows": out}
 
 
 # ---------------------------------------------------------------- part 5, inside the subprocess
