@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device
+from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device,
+                          only_labelled_logits)
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.tasks.format import Task, load_task
 
@@ -56,9 +57,13 @@ def option_logprobs(model, tokenizer, prompt: str, options: list[str], max_seq_l
     enc = [e if len(e.input_ids) <= max_seq_len else type(e)(e.input_ids[-max_seq_len:], e.labels[-max_seq_len:])
            for e in enc]
     device = model_device(model)
-    batch = {k: v.to(device) for k, v in collate(enc).items()}
+    # Logits only from just before the options' first token: with in-context demos the prompt is most of
+    # each row, and the vocabulary projection + log-softmax over it would be wasted work.
+    window = only_labelled_logits(collate(enc))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in window.items()}
     with autocast_for(device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=batch.get("logits_to_keep", 0)).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX

@@ -42,6 +42,7 @@ tasks_dir = str(Path.home() / ".cache" / "metalora" / "tasks" / "bigbench")
 n_val_tasks = 8  # meta-train tasks held out of the pool, used only for the periodic validation
 val_examples = 32  # per validation task, from its validation split
 eval_interval = 25
+eval_at_start = True  # step 0 = the standard init's baseline; the same for every run with this seed and split
 log_interval = 1
 ckpt_interval = 25
 out_dir = "runs/meta"
@@ -59,7 +60,7 @@ def parse_args(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, value in DEFAULTS.items():
         if isinstance(value, bool):
-            parser.add_argument(f"--{key}", action="store_true", default=value)
+            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(f"--{key}", type=type(value), default=value)
     return vars(parser.parse_args(argv))
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
     t0 = time.time()
     while learner.step < config.outer_steps:
         step = learner.step
-        if step % args["eval_interval"] == 0:
+        if step % args["eval_interval"] == 0 and (step > 0 or args["eval_at_start"]):
             v = validate()
             print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
                   f"{v['val_loss_adapted']:.4f}")
