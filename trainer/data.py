@@ -144,10 +144,13 @@ def mean_loss(model, encoded: list[EncodedExample], batch_size: int) -> float:
         total = torch.zeros((), dtype=torch.float64, device=device)
         tokens = 0
         for start in range(0, len(encoded), batch_size):
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(encoded[start:start + batch_size]).items()}
+            chunk = encoded[start:start + batch_size]
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in only_labelled_logits(collate(chunk)).items()}
             # HF averages over the shifted, non-ignored labels; multiply back to a sum to weight by tokens.
-            count = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in encoded[start:start + batch_size])
-            with autocast_for(device):
+            count = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in chunk)
+            # no_grad: the LoRA weights require grad, and an evaluation must not keep a graph alive.
+            with torch.no_grad(), autocast_for(device):
                 loss = model(**batch).loss
             total += loss.double() * count
             tokens += count
