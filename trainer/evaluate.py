@@ -273,10 +273,22 @@ def markdown(report: dict) -> str:
     for t in tasks:
         lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f} ± {spreads[(t, m, k)]:.3f}"
                                              if (t, m, k) in means else "-" for m, k in cols) + " |")
-    lines.append("| **mean** | " + " | ".join(
-        f"{sum(means[(t, m, k)] for t in tasks if (t, m, k) in means) / max(1, sum((t, m, k) in means for t in tasks)):.3f}"
-        for m, k in cols) + " |")
+    # A run cut short covers some tasks with fewer methods: average only over tasks every column has, so the
+    # columns stay comparable, and say which tasks those are.
+    complete = [t for t in tasks if all((t, m, k) in means for m, k in cols)]
+    if complete:
+        lines.append(f"| **mean over {len(complete)} task(s) with every column** | " + " | ".join(
+            f"{sum(means[(t, m, k)] for t in complete) / len(complete):.3f}" for m, k in cols) + " |")
+    if len(complete) < len(tasks):
+        lines.append("")
+        lines.append(f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run.")
     return "\n".join(lines) + "\n"
+
+
+def _cell(means: dict, task: str, method: str, k: int) -> float | None:
+    if method == "standard_init" and k == 0 and (task, method, 0) not in means:
+        return means.get((task, "zero_shot", 0))
+    return means.get((task, method, k))
 
 
 def plot(report: dict, out: Path) -> list[Path]:
@@ -289,14 +301,24 @@ def plot(report: dict, out: Path) -> list[Path]:
         return []
     means = _mean_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
+    # The mean curve uses only tasks where every K method was run, as in the table.
+    complete = [t for t in tasks if all(any(tt == t and mm == m for tt, mm, _ in means)
+                                        for m in K_METHODS if any(mm == m for _, mm, _ in means))]
     paths = []
-    for t in tasks + ["mean"]:
+    for t in tasks + (["mean"] if complete else []):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for m in K_METHODS:
             ks = sorted({k for tt, mm, k in means if mm == m and (tt == t or t == "mean")})
             if not ks:
                 continue
-            ys = [means[(t, m, k)] if t != "mean" else sum(means[(tt, m, k)] for tt in tasks) / len(tasks) for k in ks]
+            # K = 0 from the standard init is the base model, i.e. zero-shot.
+            if m == "standard_init" and 0 not in ks and any(mm == "zero_shot" for _, mm, _ in means):
+                ks = [0] + ks
+            ks = [k for k in ks if all(_cell(means, tt, m, k) is not None for tt in (complete if t == "mean" else [t]))]
+            if not ks:
+                continue
+            ys = [_cell(means, t, m, k) if t != "mean" else sum(_cell(means, tt, m, k) for tt in complete) / len(complete)
+                  for k in ks]
             ax.plot(ks, ys, marker="o", label=m)
         ax.set_xlabel("K inner steps")
         ax.set_ylabel("accuracy")
