@@ -47,7 +47,9 @@ def trained(stack):
     with stack.client() as client:
         base_before = [complete(client, model=stack.base_model, prompt=prompt_for(w))["choices"][0]["text"]
                        for w in HELD_OUT]
-        response = client.post("/adapt", json={"adapter": "brackets", "examples": examples("square")})
+        # steps=30 explicitly: with a shared init shipped, jobs default to its K (5), and a bracket format SmolLM2
+        # never produces needs more (7/10 held-out hits after 5 steps from the standard or a Reptile init).
+        response = client.post("/adapt", json={"adapter": "brackets", "examples": examples("square"), "steps": 30})
         assert response.status_code == 202, response.text
         job = response.json()
         assert job["status"] == "queued" and job["version"] == 1 and job["adapter"] == "brackets"
@@ -74,7 +76,9 @@ def test_adapter_shows_taught_behaviour_and_base_is_unchanged(stack, trained):
 
 def test_job_reports_progress_and_metrics(stack, trained):
     job = trained["job"]
-    assert job["step"] == job["total_steps"] > 0
+    assert job["step"] == job["total_steps"] == 30
+    # No shared init ships for the default model yet (see README), so jobs start from peft's standard init.
+    assert job["metrics"]["init"] == "standard"
     assert job["metrics"]["loss_after"] < job["metrics"]["loss_before"]
     assert job["num_examples"] == 100
     with stack.client() as client:
