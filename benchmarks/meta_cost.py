@@ -41,7 +41,8 @@ def steps_to_quality(eval_json: str | None) -> dict:
         rows = json.loads(path.read_text())["rows"]
     except (ValueError, KeyError) as exc:
         return {"status": "error", "path": str(path), "error": f"not an evaluation results.json: {exc}"}
-    return {"status": "read", "path": str(path), **steps_to_quality_from_rows(rows)}
+    shown = path.resolve().relative_to(REPO) if path.resolve().is_relative_to(REPO) else path
+    return {"status": "read", "path": str(shown), **steps_to_quality_from_rows(rows)}
 
 
 def steps_to_quality_from_rows(rows: list[dict]) -> dict:
