@@ -46,11 +46,10 @@ def steps_to_quality(eval_json: str | None) -> dict:
 
 
 def steps_to_quality_from_rows(rows: list[dict]) -> dict:
-    cells: dict[tuple, list[float]] = {}
-    for row in rows:
-        method = "standard_init" if row["method"] == "zero_shot" else row["method"]  # zero-shot = standard, K=0
-        cells.setdefault((row["task"], method, row["k"]), []).append(row["accuracy"])
-    mean = {key: sum(v) / len(v) for key, v in cells.items()}
+    from trainer.evaluate import mean_accuracy_table
+
+    # Zero-shot is the standard init at K = 0 (LoRA B = 0).
+    mean = mean_accuracy_table([{**r, "method": "standard_init"} if r["method"] == "zero_shot" else r for r in rows])
     out = []
     for (task, method, k), acc in sorted(mean.items()):
         if method not in ("meta_init", "multitask_init") or k == 0:

@@ -78,6 +78,11 @@ def collate(batch: list[EncodedExample]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch on `device`; non-tensor entries (e.g. `logits_to_keep`) pass through."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def only_labelled_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ask the model for logits only from the position before the first trained token on: prompts are
     most of each sequence and the vocabulary projection (49k x 576 for SmolLM2) is a fifth of the
@@ -145,8 +150,7 @@ def mean_loss(model, encoded: list[EncodedExample], batch_size: int) -> float:
         tokens = 0
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in only_labelled_logits(collate(chunk)).items()}
+            batch = to_device(only_labelled_logits(collate(chunk)), device)
             # HF averages over the shifted, non-ignored labels; multiply back to a sum to weight by tokens.
             count = sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in chunk)
             # no_grad: the LoRA weights require grad, and an evaluation must not keep a graph alive.

@@ -27,7 +27,7 @@ import torch
 
 from trainer.config import AdaptConfig
 from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device,
-                          only_labelled_logits)
+                          only_labelled_logits, to_device)
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.tasks.format import Task, load_task
 
@@ -59,8 +59,7 @@ def option_logprobs(model, tokenizer, prompt: str, options: list[str], max_seq_l
     device = model_device(model)
     # Logits only from just before the options' first token: with in-context demos the prompt is most of
     # each row, and the vocabulary projection + log-softmax over it would be wasted work.
-    window = only_labelled_logits(collate(enc))
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in window.items()}
+    batch = to_device(only_labelled_logits(collate(enc)), device)
     with autocast_for(device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=batch.get("logits_to_keep", 0)).logits.float()
@@ -246,7 +245,8 @@ def _by_cell(rows) -> dict[tuple, list[float]]:
     return acc
 
 
-def _mean_table(rows) -> dict[tuple, float]:
+def mean_accuracy_table(rows) -> dict[tuple, float]:
+    """(task, method, K) -> accuracy averaged over seeds."""
     return {k: sum(v) / len(v) for k, v in _by_cell(rows).items()}
 
 
@@ -260,7 +260,7 @@ def _spread_table(rows) -> dict[tuple, float]:
 
 
 def markdown(report: dict) -> str:
-    means, spreads = _mean_table(report["rows"]), _spread_table(report["rows"])
+    means, spreads = mean_accuracy_table(report["rows"]), _spread_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
     cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
     head = [f"{m}" + (f"+{k}" if m in K_METHODS else "") for m, k in cols]
@@ -299,7 +299,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     except ImportError:
         print("matplotlib not installed (pip install 'metalora[eval]'): no plots", file=sys.stderr)
         return []
-    means = _mean_table(report["rows"])
+    means = mean_accuracy_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
     # The mean curve uses only tasks where every K method was run, as in the table.
     complete = [t for t in tasks if all(any(tt == t and mm == m for tt, mm, _ in means)

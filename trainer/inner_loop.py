@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device, only_labelled_logits
+from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device, only_labelled_logits, to_device
 
 
 def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -59,8 +59,7 @@ def adapt(
     losses: list[torch.Tensor] = []
     try:
         for step, batch in enumerate(iterate_batches(encoded, config.batch_size, config.steps, config.seed), 1):
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in only_labelled_logits(batch).items()}
+            batch = to_device(only_labelled_logits(batch), device)
             with autocast_for(device):
                 loss = model(**batch).loss
             loss.backward()

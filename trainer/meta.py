@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import EncodedExample, autocast_for, collate, model_device
+from trainer.data import EncodedExample, autocast_for, collate, model_device, to_device
 from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
 
 METHODS = ("fomaml", "reptile", "multitask")
@@ -98,7 +98,7 @@ def sample_episode(task: str, encoded: list[EncodedExample], config: MetaConfig,
 def batch_loss(model, examples: list[EncodedExample]) -> torch.Tensor:
     """Differentiable token-mean loss over `examples` in one batch (query sets are small)."""
     device = model_device(model)
-    batch = {k: v.to(device, non_blocking=True) for k, v in collate(examples).items()}
+    batch = to_device(collate(examples), device)
     with autocast_for(device):
         return model(**batch).loss
 
