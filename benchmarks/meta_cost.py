@@ -112,7 +112,7 @@ def _run_variant(variant: str, repeats: int) -> dict:
     import torch
 
     from trainer.config import AdaptConfig
-    from trainer.data import collate, encode_examples
+    from trainer.data import autocast_for, collate, encode_examples, only_labelled_logits
     from trainer.engine import AdaptEngine, split_holdout
     from trainer.inner_loop import lora_parameters
 
@@ -130,7 +130,9 @@ def _run_variant(variant: str, repeats: int) -> dict:
     # the two variants see tensors of exactly the same shapes and only the outer-step machinery differs.
     batch_examples = train[:config.batch_size]
     support = batch_examples
-    batch = collate(batch_examples)
+    # The plain step is the worker's own (bf16 autocast where the CPU has it, logits only where labelled), so
+    # the ratio isolates what the outer step adds rather than a precision difference.
+    batch = only_labelled_logits(collate(batch_examples))
     params = list(lora_parameters(model).values())
     source = "plain"
     if variant == "plain":
@@ -138,7 +140,9 @@ def _run_variant(variant: str, repeats: int) -> dict:
 
         def step():
             model.train()
-            model(**batch).loss.backward()
+            with autocast_for(torch.device("cpu")):
+                loss = model(**batch).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:

@@ -39,6 +39,11 @@ alpha = 16
 max_seq_len = 192  # BIG-bench items are <= 600 + 100 chars by the importer's rule
 seed = 0
 tasks_dir = str(Path.home() / ".cache" / "metalora" / "tasks" / "bigbench")
+# multiple_choice: only tasks scored by option likelihood, the kind every held-out task is; all: generative too.
+pool = "multiple_choice"
+# family: pick a BIG-bench parent task uniformly, then one of its subtasks, so that 20 arithmetic subtasks
+# weigh as much as one task and not 20 times more; task: every subtask equally.
+sample_by = "family"
 n_val_tasks = 8  # meta-train tasks held out of the pool, used only for the periodic validation
 val_examples = 32  # per validation task, from its validation split
 eval_interval = 25
@@ -107,11 +112,18 @@ def main(argv: list[str] | None = None) -> Path:
     tasks_root = Path(args["tasks_dir"]).expanduser()
     if "olmo" in tasks_root.parts:
         raise SystemExit(f"{tasks_root}: the OLMo tasks are held-out evaluation tasks, never meta-train on them")
-    names = [p.name for p in find_tasks(tasks_root)]
+    if args["pool"] not in ("all", "multiple_choice") or args["sample_by"] not in ("family", "task"):
+        raise SystemExit("--pool must be all or multiple_choice; --sample_by family or task")
+    names = [p.name for p in find_tasks(tasks_root)
+             if args["pool"] == "all" or load_task(p).has_options]
     if len(names) < args["n_val_tasks"] + config.meta_batch_tasks:
         raise SystemExit(f"{tasks_root} has {len(names)} tasks; run `python -m trainer.tasks.fetch` first")
     random.Random(1234).shuffle(names)  # a fixed split, independent of the run's seed
     val_names, train_names = sorted(names[:args["n_val_tasks"]]), sorted(names[args["n_val_tasks"]:])
+    families: dict[str, list[str]] = {}
+    for name in train_names:
+        families.setdefault(name.split("__")[0] if args["sample_by"] == "family" else name, []).append(name)
+    family_names = sorted(families)
 
     # --- model ---
     if args["model_dir"]:
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> Path:
         # cut short and exported with --resume --outer_steps=<steps done>.
         if replace(MetaConfig.from_dict(ckpt["meta_config"]), outer_steps=config.outer_steps) != config:
             raise SystemExit(f"{ckpt_path} was written with a different MetaConfig:\n{ckpt['meta_config']}")
+        saved_data = {k: ckpt.get("run_args", {}).get(k, args[k]) for k in ("pool", "sample_by", "n_val_tasks")}
+        if saved_data != {k: args[k] for k in saved_data}:
+            raise SystemExit(f"{ckpt_path} was written with a different task pool: {saved_data}")
         learner.load_state_dict(ckpt)
         rng.setstate(ckpt["rng"]["python"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -174,7 +189,8 @@ def main(argv: list[str] | None = None) -> Path:
         learner.load_theta_into_model()
         return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
 
-    print(f"{config.method}: {len(train_names)} train tasks, {len(val_names)} val tasks, device {dev}, "
+    print(f"{config.method}: {len(train_names)} train tasks in {len(family_names)} groups, {len(val_names)} val tasks, "
+          f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
     t0 = time.time()
     while learner.step < config.outer_steps:
@@ -187,7 +203,7 @@ def main(argv: list[str] | None = None) -> Path:
             best_val = min(best_val, v["val_loss_adapted"])
         episodes = []
         while len(episodes) < config.meta_batch_tasks:
-            name = rng.choice(train_names)
+            name = rng.choice(families[rng.choice(family_names)])
             if len(encoded(name)) >= config.examples_per_task and name not in {e.task for e in episodes}:
                 episodes.append(sample_episode(name, encoded(name), config, rng))
         t_step = time.time()
@@ -209,7 +225,8 @@ def main(argv: list[str] | None = None) -> Path:
     learner.load_theta_into_model()
     save_shared_init(model, export, config.inner, model_path.name, meta={
         "method": config.method, "meta_config": config.to_dict(), "steps_done": learner.step,
-        "data": {"tasks_dir": str(tasks_root), "train_tasks": train_names, "val_tasks": val_names,
+        "data": {"tasks_dir": str(tasks_root), "pool": args["pool"], "sample_by": args["sample_by"],
+                 "train_tasks": train_names, "val_tasks": val_names,
                  "source": "bigbench==1.0.0 JSON tasks via trainer.tasks.fetch"},
         "final_validation": v, "command": " ".join([sys.executable, "-m", "trainer.train_meta", *(
             sys.argv[1:] if argv is None else argv)]), "git_commit": git_commit(),
