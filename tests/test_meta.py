@@ -193,6 +193,14 @@ def test_train_meta_script_runs_resumes_and_exports(tmp_path):
     assert steps == [1, 2, 3]  # the resumed run continued at step 3, it did not start over
     assert all(len(set(r["tasks"])) == 2 for r in log if "tasks" in r)
     assert log[-1]["final"] and log[-1]["val_loss_adapted"] > 0
+    # The export is the θ with the lowest validation loss of the run (step 0 is the standard init).
+    validations = [r for r in log if "val_loss_adapted" in r]
+    # eval_interval 2; step 2 twice (the stopped run's final validation, then the resumed run's periodic one)
+    assert [r["step"] for r in validations] == [0, 2, 2, 3]
+    assert validations[1]["val_loss_adapted"] == validations[2]["val_loss_adapted"]  # resumed exactly
+    best = min(validations, key=lambda r: r["val_loss_adapted"])
+    assert shared.meta["exported"]["step"] == best["step"]
+    assert shared.meta["exported"]["val_loss_adapted"] == best["val_loss_adapted"]
 
 
 def test_evaluate_scores_each_k_as_a_fresh_k_step_run(setup, tmp_path):

@@ -151,7 +151,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(dev)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     torch.manual_seed(0)
     model = get_peft_model(base, cfg.lora_config())
     standard = get_lora_state(model)

@@ -48,6 +48,9 @@ n_val_tasks = 8  # meta-train tasks held out of the pool, used only for the peri
 val_examples = 32  # per validation task, from its validation split
 eval_interval = 25
 eval_at_start = True  # step 0 = the standard init's baseline; the same for every run with this seed and split
+# best: export the θ with the lowest validation loss after K steps (the outer update is noisy and can get worse
+# between evaluations); last: the θ the run ended with.
+export_theta = "best"
 log_interval = 1
 ckpt_interval = 25
 out_dir = "runs/meta"
@@ -112,8 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
     tasks_root = Path(args["tasks_dir"]).expanduser()
     if "olmo" in tasks_root.parts:
         raise SystemExit(f"{tasks_root}: the OLMo tasks are held-out evaluation tasks, never meta-train on them")
-    if args["pool"] not in ("all", "multiple_choice") or args["sample_by"] not in ("family", "task"):
-        raise SystemExit("--pool must be all or multiple_choice; --sample_by family or task")
+    if args["pool"] not in ("all", "multiple_choice") or args["sample_by"] not in ("family", "task") \
+            or args["export_theta"] not in ("best", "last"):
+        raise SystemExit("--pool must be all or multiple_choice; --sample_by family or task; --export_theta best or last")
     names = [p.name for p in find_tasks(tasks_root)
              if args["pool"] == "all" or load_task(p).has_options]
     if len(names) < args["n_val_tasks"] + config.meta_batch_tasks:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> Path:
         model_path = ensure_base_model(Settings())
     dev = resolve_device(args["device"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).to(dev)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev)
     for p in base.parameters():
         p.requires_grad_(False)
     torch.manual_seed(config.seed)  # the standard LoRA init θ_0 (A random, B = 0) is part of the run
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
         return encoded_cache[key]
 
     rng = random.Random(config.seed)
-    best_val = math.inf
+    best = {"val_loss_adapted": math.inf, "step": None, "theta": None}  # lowest validation loss after K steps
     if args["resume"] and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
         # outer_steps only sets where the loop stops (no schedule depends on it), so a run can be extended, or
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> Path:
         learner.load_state_dict(ckpt)
         rng.setstate(ckpt["rng"]["python"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        best_val = ckpt.get("best_val", math.inf)
+        best = ckpt.get("best", best)
         print(f"resumed from {ckpt_path} at step {learner.step}")
 
     def validate() -> dict:
@@ -189,6 +193,10 @@ def main(argv: list[str] | None = None) -> Path:
         learner.load_theta_into_model()
         return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
 
+    def keep_if_best(v: dict, step: int) -> None:
+        if v["val_loss_adapted"] < best["val_loss_adapted"]:
+            best.update(v, step=step, theta={n: t.detach().cpu().clone() for n, t in learner.theta_state().items()})
+
     print(f"{config.method}: {len(train_names)} train tasks in {len(family_names)} groups, {len(val_names)} val tasks, "
           f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
                   f"{v['val_loss_adapted']:.4f}")
             log_file.write(json.dumps({"step": step, **v}) + "\n")
-            best_val = min(best_val, v["val_loss_adapted"])
+            keep_if_best(v, step)
         episodes = []
         while len(episodes) < config.meta_batch_tasks:
             name = rng.choice(families[rng.choice(family_names)])
@@ -215,20 +223,28 @@ def main(argv: list[str] | None = None) -> Path:
         log_file.write(json.dumps({"step": step + 1, "seconds": dt, "tasks": [e.task for e in episodes], **stats}) + "\n")
         log_file.flush()
         if learner.step % args["ckpt_interval"] == 0 or learner.step == config.outer_steps:
-            save_checkpoint(ckpt_path, learner, {"best_val": best_val, "run_args": args})
+            save_checkpoint(ckpt_path, learner, {"best": best, "run_args": args})
     v = validate()
     print(f"final: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} {v['val_loss_adapted']:.4f};"
           f" {time.time() - t0:.0f}s")
     log_file.write(json.dumps({"step": learner.step, "final": True, **v}) + "\n")
+    keep_if_best(v, learner.step)
+    if args["export_theta"] == "best" and best["theta"] is not None:
+        set_lora_state(model, {n: t.to(dev) for n, t in best["theta"].items()})
+        exported = {k: best[k] for k in ("step", "val_loss_theta", "val_loss_adapted")}
+    else:
+        learner.load_theta_into_model()
+        exported = {"step": learner.step, **v}
+    print(f"exporting θ of step {exported['step']} (--export_theta={args['export_theta']}): val loss after "
+          f"K={config.inner.steps} {exported['val_loss_adapted']:.4f}")
 
     export = Path(args["export_dir"] or out / "shared_init")
-    learner.load_theta_into_model()
     save_shared_init(model, export, config.inner, model_path.name, meta={
         "method": config.method, "meta_config": config.to_dict(), "steps_done": learner.step,
         "data": {"tasks_dir": str(tasks_root), "pool": args["pool"], "sample_by": args["sample_by"],
                  "train_tasks": train_names, "val_tasks": val_names,
                  "source": "bigbench==1.0.0 JSON tasks via trainer.tasks.fetch"},
-        "final_validation": v, "command": " ".join([sys.executable, "-m", "trainer.train_meta", *(
+        "final_validation": v, "exported": {"theta": args["export_theta"], **exported}, "command": " ".join([sys.executable, "-m", "trainer.train_meta", *(
             sys.argv[1:] if argv is None else argv)]), "git_commit": git_commit(),
     })
     print(f"shared init written to {export}")
