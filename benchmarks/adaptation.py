@@ -255,6 +255,8 @@ def summarize(ours_stack: list[dict], ours_proc: list[dict], baseline: list[dict
         "k_steps_speedup_best_of_n": best_base / best_ours if best_ours else None,
         "k_steps_speedup_stack_worker": base_k / ours_k_stack if ours_k_stack else None,
         "ours_overhead_over_k_steps": med(ours_stack, "overhead_over_k_steps"),
+        # Per round too: one contended round moves a median of few rounds, and the reader should see it.
+        "ours_overhead_per_round": [r.get("overhead_over_k_steps") for r in ours_stack],
         "baseline_overhead_over_k_steps": med(baseline, "overhead_over_k_steps"),
         "ours_total_s": med(ours_stack, "total_s"), "baseline_total_s": med(baseline, "total_s"),
         "end_to_end_speedup": (med(baseline, "total_s") / med(ours_stack, "total_s")) if ours_stack else None,

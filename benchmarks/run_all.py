@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for parts 1 and 2")
-    p.add_argument("--adapt-repeats", type=int, default=2, help="part 3 repetitions of each side")
+    p.add_argument("--adapt-repeats", type=int, default=3, help="part 3 repetitions of each side (a median needs 3)")
     p.add_argument("--eval-json", default=None, help="part 4: the evaluation's results JSON")
     p.add_argument("--merge", action="store_true",
                    help="update <out>/results.json in place: replace only the parts run now (both commands are recorded)")
