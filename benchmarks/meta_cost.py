@@ -123,7 +123,10 @@ def _run_variant(variant: str, repeats: int) -> dict:
     from adapters.settings import Settings
 
     engine = AdaptEngine(base_model_path(Settings()), None, device="cpu")
-    model, config = engine.model, AdaptConfig()
+    # K as meta-training runs it (train_meta's default inner_steps), not the worker's 30: part 5 is the cost
+    # of an outer step of the trainer that ships.
+    from trainer import train_meta
+    model, config = engine.model, AdaptConfig(steps=train_meta.inner_steps)
     encoded = encode_examples(engine.tokenizer, examples("square"), config.max_seq_len)
     train, _ = split_holdout(encoded, config)
     # "On the same batch": the outer step's inner steps and its query loss all use the plain step's batch, so
