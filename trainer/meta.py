@@ -214,9 +214,10 @@ class MetaLearner:
         self.load_theta_into_model()
 
 
-def save_checkpoint(path, learner: MetaLearner, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(path, learner: MetaLearner, rng: random.Random, extra: dict[str, Any] | None = None) -> None:
+    """`rng` is the run's task sampler: its state, not the global `random` module's, decides the next episodes."""
     import os
-    state = {**learner.state_dict(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+    state = {**learner.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()},
              **(extra or {})}
     tmp = f"{path}.tmp"
     torch.save(state, tmp)

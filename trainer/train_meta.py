@@ -62,6 +62,9 @@ resume = False
 # ----------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
             and k not in ("annotations",)}
+# method is checked by MetaConfig, the one place that knows the methods.
+CHOICES = {"pool": ("all", "multiple_choice"),
+           "sample_by": ("family", "task"), "export_theta": ("best", "last")}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -70,7 +73,7 @@ def parse_args(argv: list[str]) -> dict:
         if isinstance(value, bool):
             parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value)
         else:
-            parser.add_argument(f"--{key}", type=type(value), default=value)
+            parser.add_argument(f"--{key}", type=type(value), default=value, choices=CHOICES.get(key))
     return vars(parser.parse_args(argv))
 
 
@@ -115,11 +118,9 @@ def main(argv: list[str] | None = None) -> Path:
     tasks_root = Path(args["tasks_dir"]).expanduser()
     if "olmo" in tasks_root.parts:
         raise SystemExit(f"{tasks_root}: the OLMo tasks are held-out evaluation tasks, never meta-train on them")
-    if args["pool"] not in ("all", "multiple_choice") or args["sample_by"] not in ("family", "task") \
-            or args["export_theta"] not in ("best", "last"):
-        raise SystemExit("--pool must be all or multiple_choice; --sample_by family or task; --export_theta best or last")
-    names = [p.name for p in find_tasks(tasks_root)
-             if args["pool"] == "all" or load_task(p).has_options]
+    # Read once: the pool filter needs every task's kind, and the episodes and validation reuse the same objects.
+    tasks = {t.name: t for t in map(load_task, find_tasks(tasks_root)) if args["pool"] == "all" or t.has_options}
+    names = list(tasks)
     if len(names) < args["n_val_tasks"] + config.meta_batch_tasks:
         raise SystemExit(f"{tasks_root} has {len(names)} tasks; run `python -m trainer.tasks.fetch` first")
     random.Random(1234).shuffle(names)  # a fixed split, independent of the run's seed
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
         key = f"{name}/{split}"
         if key not in encoded_cache:
             items = []
-            for example in load_task(tasks_root / name).split(split):
+            for example in tasks[name].split(split):
                 try:
                     items += encode_examples(tokenizer, [example], config.inner.max_seq_len)
                 except ExampleTooLong:
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     rng = random.Random(config.seed)
     best = {"val_loss_adapted": math.inf, "step": None, "theta": None}  # lowest validation loss after K steps
+    last_validation: dict = {"step": None}
     if args["resume"] and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
         # outer_steps only sets where the loop stops (no schedule depends on it), so a run can be extended, or
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> Path:
         rng.setstate(ckpt["rng"]["python"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         best = ckpt.get("best", best)
+        last_validation = ckpt.get("last_validation", last_validation)
         print(f"resumed from {ckpt_path} at step {learner.step}")
 
     def validate() -> dict:
@@ -193,22 +196,26 @@ def main(argv: list[str] | None = None) -> Path:
         learner.load_theta_into_model()
         return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
 
-    def keep_if_best(v: dict, step: int) -> None:
+    def validate_and_log(step: int) -> dict:
+        v = validate()
+        print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
+              f"{v['val_loss_adapted']:.4f}")
+        log_file.write(json.dumps({"step": step, **v}) + "\n")
+        log_file.flush()
         if v["val_loss_adapted"] < best["val_loss_adapted"]:
             best.update(v, step=step, theta={n: t.detach().cpu().clone() for n, t in learner.theta_state().items()})
+        last_validation.clear()
+        last_validation.update(v, step=step)
+        return v
 
     print(f"{config.method}: {len(train_names)} train tasks in {len(family_names)} groups, {len(val_names)} val tasks, "
           f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
     t0 = time.time()
+    if learner.step == 0 and args["eval_at_start"]:
+        validate_and_log(0)
     while learner.step < config.outer_steps:
         step = learner.step
-        if step % args["eval_interval"] == 0 and (step > 0 or args["eval_at_start"]):
-            v = validate()
-            print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
-                  f"{v['val_loss_adapted']:.4f}")
-            log_file.write(json.dumps({"step": step, **v}) + "\n")
-            keep_if_best(v, step)
         episodes = []
         while len(episodes) < config.meta_batch_tasks:
             name = rng.choice(families[rng.choice(family_names)])
@@ -222,13 +229,16 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"step {step + 1}/{config.outer_steps} {dt:.1f}s/step {shown}", flush=True)
         log_file.write(json.dumps({"step": step + 1, "seconds": dt, "tasks": [e.task for e in episodes], **stats}) + "\n")
         log_file.flush()
+        # Validate before checkpointing, so a resumed run neither repeats a validation nor loses it from `best`.
+        if learner.step % args["eval_interval"] == 0 or learner.step == config.outer_steps:
+            validate_and_log(learner.step)
         if learner.step % args["ckpt_interval"] == 0 or learner.step == config.outer_steps:
-            save_checkpoint(ckpt_path, learner, {"best": best, "run_args": args})
-    v = validate()
-    print(f"final: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} {v['val_loss_adapted']:.4f};"
+            save_checkpoint(ckpt_path, learner, rng, {"best": best, "last_validation": last_validation, "run_args": args})
+    if last_validation["step"] != learner.step:  # e.g. --resume --outer_steps=<steps done> of a cut-short run
+        validate_and_log(learner.step)
+    v = {k: last_validation[k] for k in ("val_loss_theta", "val_loss_adapted")}
+    print(f"final (step {learner.step}): val loss after K={config.inner.steps} {v['val_loss_adapted']:.4f};"
           f" {time.time() - t0:.0f}s")
-    log_file.write(json.dumps({"step": learner.step, "final": True, **v}) + "\n")
-    keep_if_best(v, learner.step)
     if args["export_theta"] == "best" and best["theta"] is not None:
         set_lora_state(model, {n: t.to(dev) for n, t in best["theta"].items()})
         exported = {k: best[k] for k in ("step", "val_loss_theta", "val_loss_adapted")}
