@@ -137,16 +137,14 @@ def _train_set(tokenizer, config):
     return train
 
 
-def trainer_baseline(model_dir: Path, vllm_url: str, name: str, workdir: Path) -> dict:
-    """What a user would write with transformers + peft: defaults wherever AdaptConfig does not say."""
+def trainer_baseline(model_dir: Path, vllm_url: str, name: str, workdir: Path, config) -> dict:
+    """What a user would write with transformers + peft: defaults wherever `config` (the AdaptConfig a job
+    gets) does not say."""
     import torch
     from peft import get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainerCallback, TrainingArguments)
 
-    from trainer.config import AdaptConfig
-
-    config = AdaptConfig()
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:

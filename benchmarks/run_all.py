@@ -98,7 +98,11 @@ def run_adaptation(args, stack, vllm_url: str, data_dir: Path, tmp: Path) -> dic
     model_dir = base_model_path(Settings(data_dir=data_dir))
     repeats = 1 if args.quick else args.adapt_repeats
     ours_stack, ours_proc, baseline = [], [], []
-    engine = AdaptEngine(model_dir, None, device="cpu")  # the worker's engine class, standard init
+    from trainer.worker import shared_init_path
+
+    # The worker's engine class with the worker's init, so all three sides run the procedure a job gets
+    # (a shipped init sets K and the learning rate).
+    engine = AdaptEngine(model_dir, shared_init_path(Settings(data_dir=data_dir), model_dir), device="cpu")
     for r in range(repeats):
         order = ["stack", "trainer", "proc"] if r % 2 == 0 else ["proc", "trainer", "stack"]
         for side in order:
@@ -108,7 +112,7 @@ def run_adaptation(args, stack, vllm_url: str, data_dir: Path, tmp: Path) -> dic
                 log(f"part 3 ours (stack) {r + 1}: total {row['total_s']:.1f}s, K steps {row['k_steps_s'] or 0:.1f}s,"
                     f" overhead {row.get('overhead_over_k_steps', float('nan')):.2f}x of K steps")
             elif side == "trainer":
-                baseline.append(adaptation.trainer_baseline(model_dir, vllm_url, f"trainer-{r}", tmp))
+                baseline.append(adaptation.trainer_baseline(model_dir, vllm_url, f"trainer-{r}", tmp, engine.default_config))
                 row = baseline[-1]
                 log(f"part 3 Trainer baseline {r + 1}: total {row['total_s']:.1f}s, K steps {row['k_steps_s']:.1f}s")
             else:

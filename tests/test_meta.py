@@ -144,7 +144,7 @@ def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
     learner = learner_for(setup, "fomaml")
     learner.meta_step(episodes(setup))
     save_shared_init(setup[0], tmp_path / "init", setup[2], "tiny")
-    inner = AdaptConfig(steps=2, batch_size=4, learning_rate=1e-2, max_seq_len=64, holdout_fraction=0.0)
+    inner = AdaptConfig(steps=2, batch_size=4, learning_rate=2e-2, max_seq_len=64, holdout_fraction=0.0)
     report = evaluate([tmp_path / "tasks" / "mc", tmp_path / "tasks" / "gen"],
                       ["zero_shot", "in_context", "standard_init", "meta_init", "multitask_init"], [0, 2], [0],
                       n_train=8, out_dir=tmp_path / "out", model_dir=model_dir, meta_init=tmp_path / "init",
@@ -157,6 +157,9 @@ def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
     assert by[("mc", "standard_init", 0)] == by[("mc", "zero_shot", 0)]
     saved = _json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["git_commit"] and saved["rows"] == rows
+    # The init is adapted with the learning rate it was meta-learned for, the standard init with the harness's.
+    assert saved["procedures"]["meta_init"]["learning_rate"] == setup[2].learning_rate != inner.learning_rate
+    assert saved["procedures"]["standard_init"]["learning_rate"] == inner.learning_rate
     assert "| mc |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "accuracy_vs_k_mean.png").stat().st_size > 0
 

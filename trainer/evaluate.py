@@ -7,7 +7,9 @@ the (capped) test split:
 - zero_shot: the base model (LoRA B = 0).
 - in_context: as many of the n_train examples as fit in ICL_MAX_TOKENS before the test prompt.
 - standard_init+K / multitask_init+K / meta_init+K: `adapt()` for K steps from PEFT's default init / the
-  multitask init / the meta-learned init, on the n_train examples (each K is a separate run from the init).
+  multitask init / the meta-learned init, on the n_train examples (each K scored as a fresh K-step run would
+  be). A shared init is adapted with the learning rate and batch size in its metalora_meta.json, the
+  procedure it was learned for (what the worker does too); the standard init with the harness's own.
 - full_data: `adapt()` from the standard init on min(len(train), FULL_DATA_CAP) examples for
   FULL_DATA_STEPS steps (the "LoRA on the full data" reference, capped for CPU cost).
 Accuracy: option tasks by the log-likelihood of each option's completion (+ EOS: the trained and served
@@ -127,6 +129,13 @@ def load_init_state(path: Path | str, model) -> dict[str, torch.Tensor]:
     return state
 
 
+def init_procedure(path: Path | str, cfg: AdaptConfig) -> AdaptConfig:
+    """`cfg` with the learning rate and batch size a shared-init folder was meta-learned for, if it records them."""
+    meta_file = Path(path) / "metalora_meta.json"
+    learned = json.loads(meta_file.read_text()).get("adapt_config", {}) if meta_file.is_file() else {}
+    return replace(cfg, **{k: learned[k] for k in ("learning_rate", "batch_size") if k in learned})
+
+
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
              model_dir: Path | str | None = None, meta_init: Path | str | None = None,
              multitask_init: Path | str | None = None, adapt_config: AdaptConfig | None = None,
@@ -156,10 +165,12 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     model = get_peft_model(base, cfg.lora_config())
     standard = get_lora_state(model)
     inits = {"standard_init": standard}
-    if "meta_init" in methods:
-        inits["meta_init"] = load_init_state(meta_init, model)
-    if "multitask_init" in methods:
-        inits["multitask_init"] = load_init_state(multitask_init, model)
+    # Each init is adapted with the procedure it was learned for (its learning rate and batch size); K is swept.
+    procedures = {"standard_init": cfg}
+    for method, path in (("meta_init", meta_init), ("multitask_init", multitask_init)):
+        if method in methods:
+            inits[method] = load_init_state(path, model)
+            procedures[method] = init_procedure(path, cfg)
     zero = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}
 
     rows: list[dict] = []
@@ -171,6 +182,8 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
                 "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
                 "multitask_init": str(multitask_init) if multitask_init else None,
+                "procedures": {m: {"learning_rate": c.learning_rate, "batch_size": c.batch_size}
+                               for m, c in procedures.items()},
                 "full_data": {"cap": FULL_DATA_CAP, "steps": full_data_steps}, "icl_max_tokens": icl_max_tokens,
                 "seconds": round(time.time() - t_start, 1), "rows": rows}
 
@@ -209,7 +222,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                         model.train()  # accuracy() switched to eval mode; the run continues training
 
                 if max(k_values) > 0:
-                    adapt(model, enc, replace(cfg, steps=max(k_values), seed=seed), on_step=score_at)
+                    adapt(model, enc, replace(procedures[method], steps=max(k_values), seed=seed), on_step=score_at)
             if "full_data" in methods:
                 full = encode_safe(tokenizer, random.Random(seed).sample(task.train, min(FULL_DATA_CAP, len(task.train))),
                                    cfg.max_seq_len)
