@@ -55,7 +55,9 @@ def run_stack_parts(args, parts: set[int], results: dict) -> None:
     from adapters.settings import Settings
     from benchmarks import adaptation, serving
 
-    rounds = args.rounds or (2 if args.quick else 6)
+    # 4 rounds of 4 x concurrency requests per side and condition: about 1 min per condition on a 2-core AVX2
+    # EPYC, where vLLM-CPU serves ~1 req/s; 6 rounds of 8 x concurrency took 2 min each and ~75 min in all.
+    rounds = args.rounds or (2 if args.quick else 4)
     tmp = Path(tempfile.mkdtemp(prefix="metalora-bench-"))
     data_dir = tmp / "bench-data"
     names = [f"bench-a{i:02d}" for i in range(N_ADAPTERS)]
@@ -73,7 +75,7 @@ def run_stack_parts(args, parts: set[int], results: dict) -> None:
         if 1 in parts:
             results["gateway_overhead"] = _guard(lambda: serving.gateway_overhead(
                 stack.url, vllm_url, stack.base_model, names[0], vllm_name(DEFAULT_TENANT, names[0], 1),
-                rounds=rounds, concurrency=args.concurrency, requests_per_round=args.concurrency * (4 if args.quick else 8),
+                rounds=rounds, concurrency=args.concurrency, requests_per_round=args.concurrency * 4,
                 max_tokens=args.max_tokens))
         if 2 in parts:
             counts = [0, 1, 4, 16, 64]

@@ -75,6 +75,28 @@ def test_config_validates_and_round_trips():
     assert lora.r == 8 and set(lora.target_modules) == {"q_proj", "v_proj"}
 
 
+def test_cpu_bf16_autocast_only_where_native_and_measured_faster(monkeypatch):
+    from trainer import data
+
+    # The measurement itself: a real forward/backward in both precisions, a finite ratio.
+    assert 0.0 < data.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
+
+    def decide(native: bool, speedup: float) -> bool:
+        monkeypatch.setattr(data, "_cpu_bf16", None)  # decided once per process: start over
+        monkeypatch.setattr(data, "_cpu_has_bf16", lambda: native)
+        monkeypatch.setattr(data, "bf16_speedup", lambda: speedup)
+        return data.cpu_bf16()
+
+    assert decide(True, 1.8) is True
+    assert decide(True, 0.9) is False  # native bf16 that measures slower than fp32 (small shapes on AMX)
+    assert decide(False, 1.8) is False  # emulated bf16: never, whatever a short timing says
+    with data.autocast_for(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(data, "_cpu_bf16", True)
+    with data.autocast_for(torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_encode_masks_prompt_and_trains_completion_and_eos(engine):
     tok = engine.tokenizer
     [encoded] = encode_examples(tok, [{"prompt": "ab", "completion": "cd"}], max_seq_len=16)
