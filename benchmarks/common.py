@@ -35,18 +35,15 @@ def git_info() -> dict:
 def machine_info() -> dict:
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
-        flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split())
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    except (OSError, StopIteration):
-        pass
-    try:
         import torch
 
+        from trainer.data import cpu_bf16, cpu_features
+
+        cpu = cpu_features()
+        info["cpu_model"] = cpu["model"]
+        info["cpu_flags"] = sorted(cpu["flags"] & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
-        from trainer.data import cpu_bf16
 
         # Part 3's K steps depend on it: bf16 autocast is on only where native and measured faster.
         info["cpu_bf16_autocast"] = cpu_bf16()

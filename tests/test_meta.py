@@ -52,7 +52,7 @@ def test_meta_config_validates_and_round_trips():
     cfg = MetaConfig(method="reptile", outer_steps=7)
     assert MetaConfig.from_dict(cfg.to_dict()) == cfg
     for bad in ({"method": "maml2"}, {"outer_steps": 0}, {"outer_lr": 0.0}, {"support_size": -1},
-                {"outer_grad_clip": -1.0}, {"inner": "x"}):
+                {"outer_grad_clip": -1.0}, {"inner": "x"}, {"outer_optimizer": "lion"}, {"outer_lr": 1.0}):
         with pytest.raises(ValueError):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -93,6 +93,24 @@ def test_meta_step_lowers_the_query_loss_it_was_computed_on(setup, method):
     learner.step = step  # same inner seeds as the step itself used
     after = [learner.adapted_query_loss(ep, i) for i, ep in enumerate(eps)]
     assert sum(after) < sum(before), (before, after)
+
+
+def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup):
+    model, _, _ = setup
+    learner = MetaLearner(model, MetaConfig(method="reptile", outer_optimizer="sgd", outer_lr=1.0,
+                                            outer_grad_clip=0.0, meta_batch_tasks=2, support_size=8, query_size=8,
+                                            inner=setup[2]))
+    eps = episodes(setup, seed=2)
+    theta0 = {n: t.clone() for n, t in learner.theta_state().items()}
+    adapted = []
+    for i, ep in enumerate(eps):  # the same inner seeds the step will use
+        learner.adapted_query_loss(ep, i, theta=theta0)
+        adapted.append({n: t.detach().clone().float() for n, t in get_lora_state(model).items()})
+    learner.meta_step(eps)
+    for n, t in learner.theta_state().items():
+        expected = (adapted[0][n] + adapted[1][n]) / 2
+        assert torch.allclose(t, expected, atol=1e-6), n
+    assert any(not torch.equal(theta0[n], t) for n, t in learner.theta_state().items())
 
 
 def test_checkpoint_round_trips(setup, tmp_path):

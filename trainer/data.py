@@ -115,12 +115,19 @@ def iterate_batches(
         yield collate([encoded[i] for i in chosen])
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_features() -> dict:
+    """The CPU's model name and flags from /proc/cpuinfo (empty where there is none), for the bf16 decision
+    here and the machine description the benchmarks print."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        lines = []
+    first = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), None)  # noqa: E731
+    return {"model": first("model name"), "flags": frozenset((first("flags") or "").split())}
+
+
+def _cpu_has_bf16() -> bool:
+    return bool(cpu_features()["flags"] & {"avx512_bf16", "amx_bf16"})
 
 
 def bf16_speedup(rows: int = 256, d_in: int = 576, d_out: int = 1536, reps: int = 5) -> float:

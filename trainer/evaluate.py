@@ -130,10 +130,12 @@ def load_init_state(path: Path | str, model) -> dict[str, torch.Tensor]:
 
 
 def init_procedure(path: Path | str, cfg: AdaptConfig) -> AdaptConfig:
-    """`cfg` with the learning rate and batch size a shared-init folder was meta-learned for, if it records them."""
-    meta_file = Path(path) / "metalora_meta.json"
-    learned = json.loads(meta_file.read_text()).get("adapt_config", {}) if meta_file.is_file() else {}
-    return replace(cfg, **{k: learned[k] for k in ("learning_rate", "batch_size") if k in learned})
+    """`cfg` with the learning rate and batch size a shared-init folder was meta-learned for (the engine's own
+    reader, so an incomplete or inconsistent folder is refused here as the worker would refuse it)."""
+    from trainer.engine import load_shared_init
+
+    learned = load_shared_init(path).adapt_config
+    return replace(cfg, learning_rate=learned.learning_rate, batch_size=learned.batch_size)
 
 
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,

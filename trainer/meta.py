@@ -24,6 +24,9 @@ from trainer.data import EncodedExample, autocast_for, collate, model_device, to
 from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
 
 METHODS = ("fomaml", "reptile", "multitask")
+# adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;
+# sgd: θ ← θ − lr·g, which for Reptile with lr β is the paper's θ ← θ + β·mean(θ_i − θ).
+OUTER_OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class MetaConfig:
     meta_batch_tasks: int = 4  # T tasks per outer step
     support_size: int = 16  # examples the inner loop adapts on (the serving path sees ~100)
     query_size: int = 16  # disjoint examples the adapted weights are judged on
+    outer_optimizer: str = "adamw"
     outer_lr: float = 1e-3
     outer_weight_decay: float = 0.0  # decay would pull θ to zero, i.e. back to "no init"
     outer_grad_clip: float = 1.0  # 0 = off
@@ -46,14 +50,19 @@ class MetaConfig:
             raise ValueError(f"inner must be an AdaptConfig, got {type(self.inner).__name__}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ValueError(f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
         for name in ("outer_steps", "meta_batch_tasks", "support_size", "query_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.outer_lr, (int, float)) or not 0 < self.outer_lr < 1:
-            raise ValueError(f"outer_lr must be in (0, 1), got {self.outer_lr!r}")
+        # SGD Reptile's β may be 1 (θ jumps to the mean adapted weights); for AdamW 1 is far too large a step.
+        lr_ok = isinstance(self.outer_lr, (int, float)) and (
+            0 < self.outer_lr <= 1 if self.outer_optimizer == "sgd" else 0 < self.outer_lr < 1)
+        if not lr_ok:
+            raise ValueError(f"outer_lr must be in (0, 1) for adamw, (0, 1] for sgd, got {self.outer_lr!r}")
         if not isinstance(self.outer_weight_decay, (int, float)) or self.outer_weight_decay < 0:
             raise ValueError(f"outer_weight_decay must be >= 0, got {self.outer_weight_decay!r}")
         if not isinstance(self.outer_grad_clip, (int, float)) or self.outer_grad_clip < 0:
@@ -112,8 +121,11 @@ class MetaLearner:
         state = get_lora_state(model)
         self.theta = [torch.nn.Parameter(state[n].detach().clone().float()) for n in self.names]
         device = model_device(model)
-        self.optimizer = torch.optim.AdamW(self.theta, lr=config.outer_lr, weight_decay=config.outer_weight_decay,
-                                           fused=device.type == "cuda")
+        if config.outer_optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.theta, lr=config.outer_lr, weight_decay=config.outer_weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(self.theta, lr=config.outer_lr,
+                                               weight_decay=config.outer_weight_decay, fused=device.type == "cuda")
         self.step = 0
 
     def theta_state(self) -> dict[str, torch.Tensor]:
