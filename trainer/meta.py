@@ -1,7 +1,8 @@
 """Meta-learning the shared LoRA init (MeTA-LoRA, arXiv 2510.11598) and a multitask baseline.
 
 θ (the shared init) lives in `MetaLearner.theta`, a list of nn.Parameters aligned with the model's LoRA
-parameters; a stock AdamW updates it. Every method only writes a (pseudo-)gradient into θ.grad:
+parameters; a stock optimizer (`outer_optimizer`: AdamW or SGD) updates it. Every method only writes a
+(pseudo-)gradient into θ.grad:
 - "fomaml" (MeTA-LoRA stage 2, first-order): for each task, set the model's LoRA to θ, run THE inner loop
   `adapt()` on the support set (stage 1), then the gradient of the loss on the task's disjoint query set at
   the adapted weights; θ.grad = mean over tasks.
