@@ -52,7 +52,8 @@ def test_meta_config_validates_and_round_trips():
     cfg = MetaConfig(method="reptile", outer_steps=7)
     assert MetaConfig.from_dict(cfg.to_dict()) == cfg
     for bad in ({"method": "maml2"}, {"outer_steps": 0}, {"outer_lr": 0.0}, {"support_size": -1},
-                {"outer_grad_clip": -1.0}, {"inner": "x"}, {"outer_optimizer": "lion"}, {"outer_lr": 1.0}):
+                {"outer_grad_clip": -1.0}, {"inner": "x"}, {"outer_optimizer": "lion"}, {"outer_lr": 1.0},
+                {"meta_params": "lora_B"}, {"method": "multitask", "meta_params": "lora_A"}):
         with pytest.raises(ValueError):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -111,6 +112,27 @@ def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup
         expected = (adapted[0][n] + adapted[1][n]) / 2
         assert torch.allclose(t, expected, atol=1e-6), n
     assert any(not torch.equal(theta0[n], t) for n, t in learner.theta_state().items())
+
+
+@pytest.mark.parametrize("method", ["fomaml", "reptile"])
+def test_learning_only_lora_a_keeps_b_at_zero_and_the_base_outputs(setup, method):
+    model, tasks, inner = setup
+    torch.manual_seed(1)
+    model.base_model.model.apply(lambda m: m.reset_lora_parameters("default", True)
+                                 if hasattr(m, "reset_lora_parameters") else None)  # peft's standard init again
+    learner = MetaLearner(model, MetaConfig(method=method, meta_params="lora_A", meta_batch_tasks=2, support_size=8,
+                                            query_size=8, outer_lr=1e-2, inner=inner))
+    theta0 = {n: t.clone() for n, t in learner.theta_state().items()}
+    assert all(not t.any() for n, t in theta0.items() if "lora_B" in n)
+    probe = torch.tensor([tasks["t0"][0].input_ids])
+    learner.meta_step(episodes(setup, seed=3))
+    theta1 = learner.theta_state()
+    assert all(torch.equal(theta1[n], theta0[n]) for n in theta0 if "lora_B" in n)
+    assert any(not torch.equal(theta1[n], theta0[n]) for n in theta0 if "lora_A" in n)
+    with torch.no_grad():  # B = 0: the init is still a no-op on the base model
+        with model.disable_adapter():
+            base = model(probe).logits
+        assert torch.allclose(model(probe).logits, base, atol=1e-6)
 
 
 def test_checkpoint_round_trips(setup, tmp_path):

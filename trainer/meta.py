@@ -28,6 +28,10 @@ METHODS = ("fomaml", "reptile", "multitask")
 # adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;
 # sgd: θ ← θ − lr·g, which for Reptile with lr β is the paper's θ ← θ + β·mean(θ_i − θ).
 OUTER_OPTIMIZERS = ("adamw", "sgd")
+# all: θ is every LoRA weight. lora_A: only the A matrices are learned and B stays at peft's zero init, so the init
+# leaves the base model's outputs untouched (an init that moves them learns the meta-train tasks' answer habits,
+# which held-out tasks pay for) and shapes only the subspace the K steps move B in.
+META_PARAMS = ("all", "lora_A")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class MetaConfig:
     outer_lr: float = 1e-3
     outer_weight_decay: float = 0.0  # decay would pull θ to zero, i.e. back to "no init"
     outer_grad_clip: float = 1.0  # 0 = off
+    meta_params: str = "all"
     seed: int = 0
     inner: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=5, batch_size=8, holdout_fraction=0.0))
 
@@ -53,6 +58,11 @@ class MetaConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ValueError(f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
+        if self.meta_params not in META_PARAMS:
+            raise ValueError(f"meta_params must be one of {META_PARAMS}, got {self.meta_params!r}")
+        if self.meta_params != "all" and self.method == "multitask":
+            # With B held at zero, joint training gives A no gradient at all.
+            raise ValueError("meta_params='lora_A' needs an inner loop: use method fomaml or reptile")
         for name in ("outer_steps", "meta_batch_tasks", "support_size", "query_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -121,11 +131,15 @@ class MetaLearner:
             raise ValueError("the model has no trainable LoRA parameters")
         state = get_lora_state(model)
         self.theta = [torch.nn.Parameter(state[n].detach().clone().float()) for n in self.names]
+        # The part of θ the outer step updates; the rest keeps its standard init.
+        self.learned = [p for n, p in zip(self.names, self.theta) if config.meta_params == "all" or "lora_A" in n]
+        if not self.learned:
+            raise ValueError(f"no LoRA parameter matches meta_params={config.meta_params!r}")
         device = model_device(model)
         if config.outer_optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(self.theta, lr=config.outer_lr, weight_decay=config.outer_weight_decay)
+            self.optimizer = torch.optim.SGD(self.learned, lr=config.outer_lr, weight_decay=config.outer_weight_decay)
         else:
-            self.optimizer = torch.optim.AdamW(self.theta, lr=config.outer_lr,
+            self.optimizer = torch.optim.AdamW(self.learned, lr=config.outer_lr,
                                                weight_decay=config.outer_weight_decay, fused=device.type == "cuda")
         self.step = 0
 
@@ -184,9 +198,10 @@ class MetaLearner:
     def _apply(self, grads: list[torch.Tensor]) -> float:
         for p, g in zip(self.theta, grads):
             p.grad = g
-        norm = torch.nn.utils.clip_grad_norm_(self.theta, self.config.outer_grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.learned, self.config.outer_grad_clip or float("inf"))
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.theta:  # the optimizer clears only the learned part
+            p.grad = None
         return float(norm)
 
     def _multitask_step(self, episodes: list[Episode]) -> dict[str, float]:

@@ -32,6 +32,7 @@ query_size = 16
 outer_optimizer = "adamw"  # adamw | sgd (sgd + reptile + outer_lr=1 + outer_grad_clip=0: θ ← mean θ_i)
 outer_lr = 1e-3
 outer_grad_clip = 1.0
+meta_params = "all"  # all | lora_A (learn only A; B stays zero, so the init leaves the base model's outputs as they are)
 inner_steps = 5  # K during meta-training (serving may use more: the init is evaluated at several K)
 inner_lr = 2e-3
 inner_batch_size = 8
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> Path:
         method=args["method"], outer_steps=args["outer_steps"], meta_batch_tasks=args["meta_batch_tasks"],
         support_size=args["support_size"], query_size=args["query_size"],
         outer_optimizer=args["outer_optimizer"], outer_lr=args["outer_lr"],
-        outer_grad_clip=args["outer_grad_clip"], seed=args["seed"],
+        outer_grad_clip=args["outer_grad_clip"], meta_params=args["meta_params"], seed=args["seed"],
         inner=AdaptConfig(steps=args["inner_steps"], learning_rate=args["inner_lr"], batch_size=args["inner_batch_size"],
                           rank=args["rank"], alpha=args["alpha"], max_seq_len=args["max_seq_len"], seed=args["seed"],
                           holdout_fraction=0.0))
