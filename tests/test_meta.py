@@ -51,9 +51,10 @@ def episodes(setup, seed=0):
 def test_meta_config_validates_and_round_trips():
     cfg = MetaConfig(method="reptile", outer_steps=7)
     assert MetaConfig.from_dict(cfg.to_dict()) == cfg
+    assert MetaConfig(method="fomaml", outer_optimizer="sgd", outer_lr=20.0).outer_lr == 20.0  # gradient units
     for bad in ({"method": "maml2"}, {"outer_steps": 0}, {"outer_lr": 0.0}, {"support_size": -1},
                 {"outer_grad_clip": -1.0}, {"inner": "x"}, {"outer_optimizer": "lion"}, {"outer_lr": 1.0},
-                {"meta_params": "lora_B"}, {"method": "multitask", "meta_params": "lora_A"}):
+                {"meta_params": "lora_B"}, {"method": "reptile", "outer_optimizer": "sgd", "outer_lr": 1.5}, {"method": "multitask", "meta_params": "lora_A"}):
         with pytest.raises(ValueError):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -97,10 +98,10 @@ def test_meta_step_lowers_the_query_loss_it_was_computed_on(setup, method):
 
 
 def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup):
-    model, _, _ = setup
+    model, _, inner = setup
     learner = MetaLearner(model, MetaConfig(method="reptile", outer_optimizer="sgd", outer_lr=1.0,
                                             outer_grad_clip=0.0, meta_batch_tasks=2, support_size=8, query_size=8,
-                                            inner=setup[2]))
+                                            inner=inner))
     eps = episodes(setup, seed=2)
     theta0 = {n: t.clone() for n, t in learner.theta_state().items()}
     adapted = []

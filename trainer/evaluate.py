@@ -114,28 +114,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_init_state(path: Path | str, model) -> dict[str, torch.Tensor]:
-    """A shared-init folder's weights keyed like `lora_parameters(model)` (peft saves them without the
-    adapter name)."""
+def load_init(path: Path | str, model, cfg: AdaptConfig) -> tuple[dict[str, torch.Tensor], AdaptConfig]:
+    """A shared-init folder, read once through the engine's own reader (so an incomplete or inconsistent folder
+    is refused here as the worker would refuse it): its weights keyed like `lora_parameters(model)` (peft saves
+    them without the adapter name), and `cfg` with the learning rate and batch size it was meta-learned for."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
+    from trainer.engine import load_shared_init
+
+    shared = load_shared_init(path)
     saved = get_lora_state(model)
-    set_peft_model_state_dict(model, load_file(str(Path(path) / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, shared.state)
     state = get_lora_state(model)
     set_lora_state(model, saved)
     if all(torch.equal(state[n], saved[n]) for n in state):
         raise ValueError(f"{path}: no LoRA weight was loaded (key mismatch?)")
-    return state
-
-
-def init_procedure(path: Path | str, cfg: AdaptConfig) -> AdaptConfig:
-    """`cfg` with the learning rate and batch size a shared-init folder was meta-learned for (the engine's own
-    reader, so an incomplete or inconsistent folder is refused here as the worker would refuse it)."""
-    from trainer.engine import load_shared_init
-
-    learned = load_shared_init(path).adapt_config
-    return replace(cfg, learning_rate=learned.learning_rate, batch_size=learned.batch_size)
+    learned = shared.adapt_config
+    return state, replace(cfg, learning_rate=learned.learning_rate, batch_size=learned.batch_size)
 
 
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
@@ -171,8 +166,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     procedures = {"standard_init": cfg}
     for method, path in (("meta_init", meta_init), ("multitask_init", multitask_init)):
         if method in methods:
-            inits[method] = load_init_state(path, model)
-            procedures[method] = init_procedure(path, cfg)
+            inits[method], procedures[method] = load_init(path, model, cfg)
     zero = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}
 
     rows: list[dict] = []
