@@ -69,17 +69,14 @@ class MetaConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        # AdamW steps ~lr per coordinate, so 1 is far too large; SGD Reptile's β interpolates towards the mean
-        # adapted weights (1 = jump onto it); an SGD gradient step is in the gradient's units, so only its sign
-        # and finiteness can be checked.
-        if self.outer_optimizer == "adamw":
-            low, high, closed = 0, 1, False
-        else:
-            low, high, closed = (0, 1, True) if self.method == "reptile" else (0, 1e3, True)
-        lr_ok = isinstance(self.outer_lr, (int, float)) and not isinstance(self.outer_lr, bool) and (
-            low < self.outer_lr <= high if closed else low < self.outer_lr < high)
+        # AdamW steps ~lr per coordinate, so lr stays below 1; SGD Reptile's β interpolates towards the mean adapted
+        # weights (1 = onto them); an SGD gradient step is in the gradient's units, so it is only bounded loosely.
+        sgd = self.outer_optimizer == "sgd"
+        high = 1e3 if sgd and self.method != "reptile" else 1.0
+        lr_ok = (isinstance(self.outer_lr, (int, float)) and not isinstance(self.outer_lr, bool)
+                 and 0 < self.outer_lr <= high and (sgd or self.outer_lr < high))
         if not lr_ok:
-            raise ValueError(f"outer_lr must be in ({low}, {high}{']' if closed else ')'} for {self.method} with "
+            raise ValueError(f"outer_lr must be in (0, {high:g}{']' if sgd else ')'} for {self.method} with "
                              f"{self.outer_optimizer}, got {self.outer_lr!r}")
         if not isinstance(self.outer_weight_decay, (int, float)) or self.outer_weight_decay < 0:
             raise ValueError(f"outer_weight_decay must be >= 0, got {self.outer_weight_decay!r}")
