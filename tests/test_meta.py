@@ -227,6 +227,12 @@ def test_train_meta_script_runs_resumes_and_exports(tmp_path):
               "--ckpt_interval=1", "--device=cpu"]
     with pytest.raises(SystemExit):  # argparse refuses a value outside the option's choices
         train_meta.main([*common, "--pool=bogus"])
+    # --validate_only judges the standard init and writes nothing but its log line.
+    quick = train_meta.main([*common, "--validate_only", f"--out_dir={tmp_path / 'quick'}"])
+    faster = train_meta.main([*common, "--validate_only", "--inner_lr=0.05", f"--out_dir={tmp_path / 'quick'}"])
+    assert quick["val_loss_theta"] == faster["val_loss_theta"] and quick["val_loss_adapted"] != faster["val_loss_adapted"]
+    assert sorted(p.name for p in (tmp_path / "quick").iterdir()) == ["log.jsonl"]
+    assert len((tmp_path / "quick" / "log.jsonl").read_text().splitlines()) == 2
     train_meta.main([*common, "--outer_steps=2"])
     with pytest.raises(SystemExit, match="different task pool"):
         train_meta.main([*common, "--outer_steps=3", "--resume", "--pool=all"])

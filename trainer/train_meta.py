@@ -4,6 +4,7 @@
     flock /tmp/metalora-heavy.lock python -m trainer.train_meta --out_dir=runs/meta-fomaml --outer_steps=150
     python -m trainer.train_meta --out_dir=runs/meta-fomaml --resume      # continue from ckpt.pt
     python -m trainer.train_meta --method=multitask --out_dir=runs/multitask   # the baseline init
+    python -m trainer.train_meta --validate_only --inner_lr=1e-3 --out_dir=runs/lr1e-3   # the standard init at K steps
 
 Any default below can be overridden as --name=value. The result is a shared-init folder (PEFT adapter +
 metalora_meta.json with data, config, command and git commit) at --export_dir (default out_dir/shared_init);
@@ -61,6 +62,9 @@ model_dir = ""  # "" = the converted default base model (trainer.base_model.ensu
 device = "auto"
 threads = 0  # 0 = torch default; 1 to leave the other core to colleagues
 resume = False
+# Only the validation of the standard init (or, with --resume, of the checkpoint's θ), then stop: nothing is trained,
+# checkpointed or exported. For diagnostics such as comparing inner learning rates on the validation tasks.
+validate_only = False
 # ----------------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))
             and k not in ("annotations",)}
@@ -90,7 +94,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | dict:
+    """Returns the exported shared-init folder, or with --validate_only the validation figures."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -214,6 +219,13 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"{config.method}: {len(train_names)} train tasks in {len(family_names)} groups, {len(val_names)} val tasks, "
           f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
+    if args["validate_only"]:
+        v = validate()
+        print(f"validation of θ at step {learner.step} (inner lr {config.inner.learning_rate:g}, K={config.inner.steps}):"
+              f" loss at θ {v['val_loss_theta']:.4f}, after K {v['val_loss_adapted']:.4f}")
+        log_file.write(json.dumps({"step": learner.step, "validate_only": True, **v}) + "\n")
+        log_file.close()
+        return v
     t0 = time.time()
     if learner.step == 0 and args["eval_at_start"]:
         validate_and_log(0)
