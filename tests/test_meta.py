@@ -54,7 +54,8 @@ def test_meta_config_validates_and_round_trips():
     assert MetaConfig(method="fomaml", outer_optimizer="sgd", outer_lr=20.0).outer_lr == 20.0  # gradient units
     for bad in ({"method": "maml2"}, {"outer_steps": 0}, {"outer_lr": 0.0}, {"support_size": -1},
                 {"outer_grad_clip": -1.0}, {"inner": "x"}, {"outer_optimizer": "lion"}, {"outer_lr": 1.0},
-                {"meta_params": "lora_B"}, {"method": "reptile", "outer_optimizer": "sgd", "outer_lr": 1.5}, {"method": "multitask", "meta_params": "lora_A"}):
+                {"meta_params": "lora_B"}, {"method": "reptile", "outer_optimizer": "sgd", "outer_lr": 1.5},
+                {"method": "multitask", "meta_params": "lora_A"}):
         with pytest.raises(ValueError):
             MetaConfig(**bad)
     with pytest.raises(ValueError, match="unknown"):

@@ -220,10 +220,7 @@ def main(argv: list[str] | None = None) -> Path | dict:
           f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
     if args["validate_only"]:
-        v = validate()
-        print(f"validation of θ at step {learner.step} (inner lr {config.inner.learning_rate:g}, K={config.inner.steps}):"
-              f" loss at θ {v['val_loss_theta']:.4f}, after K {v['val_loss_adapted']:.4f}")
-        log_file.write(json.dumps({"step": learner.step, "validate_only": True, **v}) + "\n")
+        v = validate_and_log(learner.step)
         log_file.close()
         return v
     t0 = time.time()
