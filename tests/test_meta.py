@@ -193,6 +193,8 @@ def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
                       multitask_init=tmp_path / "init", adapt_config=inner, device="cpu")
     rows = report["rows"]
     assert len(rows) == 2 * (2 + 3 * 2) and all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # Per-item results, so methods can be compared item by item on the same test items.
+    assert all(len(r["correct"]) == r["n_test"] and r["accuracy"] == sum(r["correct"]) / r["n_test"] for r in rows)
     # K=0 from the meta init differs from K=0 from the standard init only through the loaded weights: with B=0
     # in the standard init its K=0 accuracy must equal zero-shot.
     by = {(r["task"], r["method"], r["k"]): r["accuracy"] for r in rows}

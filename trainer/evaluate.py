@@ -80,17 +80,19 @@ def generate(model, tokenizer, prompt: str, prefix: str = "") -> str:
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def accuracy(model, tokenizer, task: Task, test: list[dict], max_seq_len: int, prefix: str = "") -> float:
+def correct_items(model, tokenizer, task: Task, test: list[dict], max_seq_len: int, prefix: str = "") -> list[int]:
+    """1/0 per test item. Kept per item (not only the accuracy) because every method scores the same items, so
+    two methods can be compared item by item, which resolves far smaller differences than two accuracies."""
     model.eval()
-    correct = 0
+    correct = []
     for ex in test:
         if task.has_options:
             scores = option_logprobs(model, tokenizer, ex["prompt"], ex["options"], max_seq_len, prefix)
-            correct += int(max(range(len(scores)), key=scores.__getitem__) == ex["answer"])
+            correct.append(int(max(range(len(scores)), key=scores.__getitem__) == ex["answer"]))
         else:
             text = generate(model, tokenizer, ex["prompt"], prefix)
-            correct += int(text.strip().split("\n")[0].strip() == ex["completion"].strip())
-    return correct / len(test)
+            correct.append(int(text.strip().split("\n")[0].strip() == ex["completion"].strip()))
+    return correct
 
 
 def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> tuple[str, int]:
@@ -190,18 +192,19 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
             sample = random.Random(seed).sample(task.train, min(n_train, len(task.train)))
             enc = encode_safe(tokenizer, sample, cfg.max_seq_len)
 
-            def record(method, k, acc, **extra):
+            def record(method, k, correct, **extra):
+                acc = sum(correct) / len(correct)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
-                             "n_train_used": len(enc), "n_test": len(test), **extra})
+                             "n_train_used": len(enc), "n_test": len(test), "correct": correct, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
             if "zero_shot" in methods:
                 set_lora_state(model, zero)
-                record("zero_shot", 0, accuracy(model, tokenizer, task, test, 10**6))
+                record("zero_shot", 0, correct_items(model, tokenizer, task, test, 10**6))
             if "in_context" in methods:
                 set_lora_state(model, zero)
                 prefix, n_demos = icl_prefix(tokenizer, sample, test, icl_max_tokens)
-                record("in_context", 0, accuracy(model, tokenizer, task, test, icl_max_tokens, prefix),
+                record("in_context", 0, correct_items(model, tokenizer, task, test, icl_max_tokens, prefix),
                        n_demos=n_demos)
             for method in K_METHODS:
                 if method not in methods:
@@ -210,12 +213,12 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 # dependence on the total step count, so step k of a long run is exactly a k-step run.
                 set_lora_state(model, inits[method])
                 if 0 in k_values:
-                    record(method, 0, accuracy(model, tokenizer, task, test, 10**6))
+                    record(method, 0, correct_items(model, tokenizer, task, test, 10**6))
 
                 def score_at(step: int, _loss: float, method=method) -> None:
                     if step in k_values:
-                        record(method, step, accuracy(model, tokenizer, task, test, 10**6))
-                        model.train()  # accuracy() switched to eval mode; the run continues training
+                        record(method, step, correct_items(model, tokenizer, task, test, 10**6))
+                        model.train()  # correct_items() switched to eval mode; the run continues training
 
                 if max(k_values) > 0:
                     adapt(model, enc, replace(procedures[method], steps=max(k_values), seed=seed), on_step=score_at)
@@ -224,7 +227,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                                    cfg.max_seq_len)
                 set_lora_state(model, standard)
                 adapt(model, full, replace(cfg, steps=full_data_steps, seed=seed))
-                record("full_data", full_data_steps, accuracy(model, tokenizer, task, test, 10**6),
+                record("full_data", full_data_steps, correct_items(model, tokenizer, task, test, 10**6),
                        n_full=len(full))
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
@@ -276,11 +279,64 @@ def _spread_table(rows) -> dict[tuple, float]:
     return out
 
 
+def _item_accuracy(rows) -> dict[tuple, list[float]]:
+    """(task, method, K) -> each test item's accuracy averaged over seeds (rows without per-item results, from
+    older reports, are left out)."""
+    per_seed: dict[tuple, list[list[int]]] = {}
+    for r in rows:
+        if r.get("correct"):
+            per_seed.setdefault((r["task"], r["method"], r["k"]), []).append(r["correct"])
+    return {cell: [sum(items) / len(items) for items in zip(*runs)] for cell, runs in per_seed.items()
+            if len({len(run) for run in runs}) == 1}
+
+
+def paired_difference(rows, column: tuple[str, int], reference: tuple[str, int]) -> dict | None:
+    """Accuracy of `column` minus `reference` ((method, K) pairs), item by item on the test items both scored.
+    Per task: the mean difference and its standard error over items; overall: the mean over tasks, whose standard
+    error combines the tasks'. The interval counts the test items as the sample (seeds are averaged first), which
+    is the noise that dominates with tens of items per task."""
+    items = _item_accuracy(rows)
+    tasks = sorted(t for t, m, k in items if (m, k) == column and (t, *reference) in items
+                   and len(items[(t, *reference)]) == len(items[(t, *column)]))
+    if not tasks:
+        return None
+    per_task = {}
+    for t in tasks:
+        d = [a - b for a, b in zip(items[(t, *column)], items[(t, *reference)])]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
+        per_task[t] = {"diff": mean, "se": (var / len(d)) ** 0.5, "n_items": len(d)}
+    diff = sum(v["diff"] for v in per_task.values()) / len(tasks)
+    se = sum(v["se"] ** 2 for v in per_task.values()) ** 0.5 / len(tasks)
+    return {"diff": diff, "ci95": 1.96 * se, "tasks": per_task}
+
+
+def comparisons(methods_and_ks: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """The issue's questions, for every K > 0 of an init: does it beat the standard init at the same K, the
+    in-context examples, and how far is it from full-data LoRA? The standard init is held to the last two too."""
+    present = set(methods_and_ks)
+    full = [c for c in methods_and_ks if c[0] == "full_data"]
+    out = []
+    for m, k in methods_and_ks:
+        if m not in K_METHODS or k == 0:
+            continue
+        if m != "standard_init" and ("standard_init", k) in present:
+            out.append(((m, k), ("standard_init", k)))
+        if ("in_context", 0) in present:
+            out.append(((m, k), ("in_context", 0)))
+        out += [((m, k), f) for f in full]
+    return out
+
+
+def _column_name(method: str, k: int) -> str:
+    return method + (f"+{k}" if method in K_METHODS else "")
+
+
 def markdown(report: dict) -> str:
     means, spreads = mean_accuracy_table(report["rows"]), _spread_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
     cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
-    head = [f"{m}" + (f"+{k}" if m in K_METHODS else "") for m, k in cols]
+    head = [_column_name(m, k) for m, k in cols]
     lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`", f"Commit: `{report['git_commit']}`",
              f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};" +
              (f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
@@ -299,6 +355,18 @@ def markdown(report: dict) -> str:
     if len(complete) < len(tasks):
         lines.append("")
         lines.append(f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run.")
+    paired = [(a, b, paired_difference(report["rows"], a, b)) for a, b in comparisons(cols)]
+    paired = [(a, b, p) for a, b, p in paired if p]
+    if paired:
+        lines += ["", "## Paired differences", "",
+                  "Accuracy of one column minus another on the same test items (seeds averaged first); "
+                  "± is a 95 % interval over the items. A difference whose interval contains 0 is not resolved "
+                  "by this many items.", "",
+                  "| comparison | " + " | ".join(tasks) + " | mean over tasks |", "|" + "---|" * (len(tasks) + 2)]
+        for a, b, p in paired:
+            lines.append(f"| {_column_name(*a)} − {_column_name(*b)} | " + " | ".join(
+                f"{p['tasks'][t]['diff']:+.3f}" if t in p["tasks"] else "-" for t in tasks) +
+                f" | **{p['diff']:+.3f} ± {p['ci95']:.3f}** ({len(p['tasks'])} tasks) |")
     return "\n".join(lines) + "\n"
 
 
