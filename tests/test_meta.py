@@ -264,6 +264,14 @@ def test_train_meta_script_runs_resumes_and_exports(tmp_path):
     best = min(validations, key=lambda r: r["val_loss_adapted"])
     assert shared.meta["exported"]["step"] == best["step"]
     assert shared.meta["exported"]["val_loss_adapted"] == best["val_loss_adapted"]
+    # A checkpoint's θ can be validated under another inner lr (nothing is trained), but not with other shapes.
+    other = train_meta.main([*common, "--outer_steps=3", "--resume", "--validate_only", "--inner_lr=0.05"])
+    assert other["val_loss_theta"] == validations[-1]["val_loss_theta"]
+    assert other["val_loss_adapted"] != validations[-1]["val_loss_adapted"]
+    line = _json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert line["validate_only"] == {"inner_lr": 0.05, "inner_steps": 2} and line["step"] == 3
+    with pytest.raises(SystemExit, match="another shape"):
+        train_meta.main([*common, "--resume", "--validate_only", "--rank=4"])
 
 
 def test_evaluate_scores_each_k_as_a_fresh_k_step_run(setup, tmp_path):

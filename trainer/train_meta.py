@@ -5,6 +5,7 @@
     python -m trainer.train_meta --out_dir=runs/meta-fomaml --resume      # continue from ckpt.pt
     python -m trainer.train_meta --method=multitask --out_dir=runs/multitask   # the baseline init
     python -m trainer.train_meta --validate_only --inner_lr=1e-3 --out_dir=runs/lr1e-3   # the standard init at K steps
+    python -m trainer.train_meta --validate_only --resume --inner_lr=1e-3 --out_dir=runs/meta-fomaml  # a checkpoint's θ, another lr
 
 Any default below can be overridden as --name=value. The result is a shared-init folder (PEFT adapter +
 metalora_meta.json with data, config, command and git commit) at --export_dir (default out_dir/shared_init);
@@ -174,9 +175,14 @@ def main(argv: list[str] | None = None) -> Path | dict:
     last_validation: dict = {"step": None}
     if args["resume"] and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
+        saved = MetaConfig.from_dict(ckpt["meta_config"])
         # outer_steps only sets where the loop stops (no schedule depends on it), so a run can be extended, or
-        # cut short and exported with --resume --outer_steps=<steps done>.
-        if replace(MetaConfig.from_dict(ckpt["meta_config"]), outer_steps=config.outer_steps) != config:
+        # cut short and exported with --resume --outer_steps=<steps done>. A validation alone trains nothing, so it
+        # may judge the checkpoint's θ under another inner procedure (e.g. lr); the LoRA shapes must still match.
+        if args["validate_only"]:
+            if saved.inner.lora_structure() != config.inner.lora_structure():
+                raise SystemExit(f"{ckpt_path} holds LoRA weights of another shape: {saved.inner.lora_structure()}")
+        elif replace(saved, outer_steps=config.outer_steps) != config:
             raise SystemExit(f"{ckpt_path} was written with a different MetaConfig:\n{ckpt['meta_config']}")
         saved_data = {k: ckpt.get("run_args", {}).get(k, args[k]) for k in ("pool", "sample_by", "n_val_tasks")}
         if saved_data != {k: args[k] for k in saved_data}:
@@ -204,11 +210,11 @@ def main(argv: list[str] | None = None) -> Path | dict:
         learner.load_theta_into_model()
         return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
 
-    def validate_and_log(step: int) -> dict:
+    def validate_and_log(step: int, **extra) -> dict:
         v = validate()
         print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
               f"{v['val_loss_adapted']:.4f}")
-        log_file.write(json.dumps({"step": step, **v}) + "\n")
+        log_file.write(json.dumps({"step": step, **v, **extra}) + "\n")
         log_file.flush()
         if v["val_loss_adapted"] < best["val_loss_adapted"]:
             best.update(v, step=step, theta={n: t.detach().cpu().clone() for n, t in learner.theta_state().items()})
@@ -220,7 +226,9 @@ def main(argv: list[str] | None = None) -> Path | dict:
           f"device {dev}, "
           f"{sum(p.numel() for p in learner.theta)} LoRA params")
     if args["validate_only"]:
-        v = validate_and_log(learner.step)
+        # The procedure goes into the line: it may differ from the run's whose log this is.
+        v = validate_and_log(learner.step, validate_only={"inner_lr": config.inner.learning_rate,
+                                                          "inner_steps": config.inner.steps})
         log_file.close()
         return v
     t0 = time.time()
