@@ -43,9 +43,12 @@ def test_comparisons_ask_the_issues_questions_for_every_k_of_every_init():
     cols = [("zero_shot", 0), ("in_context", 0), ("standard_init", 0), ("standard_init", 5), ("meta_init", 0),
             ("meta_init", 5), ("full_data", 150)]
     assert comparisons(cols) == [
-        (("standard_init", 5), ("in_context", 0)), (("standard_init", 5), ("full_data", 150)),
-        (("meta_init", 5), ("standard_init", 5)), (("meta_init", 5), ("in_context", 0)),
-        (("meta_init", 5), ("full_data", 150))]
+        (("standard_init", 5), ("standard_init", 0)), (("standard_init", 5), ("in_context", 0)),
+        (("standard_init", 5), ("full_data", 150)),
+        (("meta_init", 5), ("meta_init", 0)), (("meta_init", 5), ("standard_init", 5)),
+        (("meta_init", 5), ("in_context", 0)), (("meta_init", 5), ("full_data", 150))]
+    # More than one K: each K is compared with the init's previous one, not only with K = 0.
+    assert (("standard_init", 30), ("standard_init", 5)) in comparisons(cols + [("standard_init", 30)])
 
 
 def test_markdown_shows_the_paired_table():

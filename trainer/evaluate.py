@@ -312,14 +312,18 @@ def paired_difference(rows, column: tuple[str, int], reference: tuple[str, int])
 
 
 def comparisons(methods_and_ks: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
-    """The issue's questions, for every K > 0 of an init: does it beat the standard init at the same K, the
-    in-context examples, and how far is it from full-data LoRA? The standard init is held to the last two too."""
+    """The issue's questions, for every K > 0 of an init: what did the steps since its previous K add, does it
+    beat the standard init at the same K, the in-context examples, and how far is it from full-data LoRA? The
+    standard init is held to the last two too."""
     present = set(methods_and_ks)
     full = [c for c in methods_and_ks if c[0] == "full_data"]
     out = []
     for m, k in methods_and_ks:
         if m not in K_METHODS or k == 0:
             continue
+        fewer = [kk for mm, kk in methods_and_ks if mm == m and kk < k]
+        if fewer:
+            out.append(((m, k), (m, max(fewer))))
         if m != "standard_init" and ("standard_init", k) in present:
             out.append(((m, k), ("standard_init", k)))
         if ("in_context", 0) in present:
