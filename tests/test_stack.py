@@ -77,8 +77,8 @@ def test_adapter_shows_taught_behaviour_and_base_is_unchanged(stack, trained):
 def test_job_reports_progress_and_metrics(stack, trained):
     job = trained["job"]
     assert job["step"] == job["total_steps"] == 30
-    # No shared init ships for the default model yet (see README), so jobs start from peft's standard init.
-    assert job["metrics"]["init"] == "standard"
+    # The shared init shipped for the default model (trainer/shared_init/) is where every job starts.
+    assert job["metrics"]["init"] == "shared"
     assert job["metrics"]["loss_after"] < job["metrics"]["loss_before"]
     assert job["num_examples"] == 100
     with stack.client() as client:
