@@ -243,8 +243,15 @@ def write_report(report: dict, out: Path) -> dict:
 
 def merge_reports(paths: list[Path], out: Path) -> dict:
     """One table from runs split by method or task (so they can run in parallel); each part keeps its
-    own command, commit and settings under `parts`."""
+    own command, commit and settings under `parts`. A later part's row replaces an earlier part's row for the
+    same (task, method, K, seed), so one column can be re-measured (a new init, new code) without rerunning the
+    rest; each part records how many of its rows were replaced."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
+    cells: dict[tuple, tuple[int, dict]] = {}
+    for i, part in enumerate(parts):
+        for r in part["rows"]:
+            cells[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
+    kept = [sum(1 for i, _ in cells.values() if i == n) for n in range(len(parts))]
     merged = {key: parts[0][key] for key in ("n_train", "max_test", "adapt_config", "model_dir")}
     merged.update({
         "command": " && ".join(p["command"] for p in parts), "git_commit": parts[0]["git_commit"],
@@ -252,8 +259,9 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
         "k_values": sorted({k for p in parts for k in p["k_values"]}),
         "methods": [m for m in METHODS if any(m in p["methods"] for p in parts)],
         "full_data": next((p["full_data"] for p in parts if "full_data" in p["methods"]), parts[0]["full_data"]),
-        "parts": [{k: v for k, v in p.items() if k != "rows"} for p in parts],
-        "rows": [r for p in parts for r in p["rows"]],
+        "parts": [{**{k: v for k, v in p.items() if k != "rows"}, "rows_replaced": len(p["rows"]) - kept[n]}
+                  for n, p in enumerate(parts)],
+        "rows": [r for _, r in cells.values()],
     })
     return write_report(merged, out)
 
@@ -270,16 +278,18 @@ def mean_accuracy_table(rows) -> dict[tuple, float]:
     return {k: sum(v) / len(v) for k, v in _by_cell(rows).items()}
 
 
+def _mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((x - mean) ** 2 for x in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def _spread_table(rows) -> dict[tuple, float]:
     """Standard deviation over seeds (0 with one seed)."""
-    out = {}
-    for k, v in _by_cell(rows).items():
-        mean = sum(v) / len(v)
-        out[k] = (sum((x - mean) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5
-    return out
+    return {k: _mean_and_sd(v)[1] for k, v in _by_cell(rows).items()}
 
 
-def _item_accuracy(rows) -> dict[tuple, list[float]]:
+def item_accuracy(rows) -> dict[tuple, list[float]]:
     """(task, method, K) -> each test item's accuracy averaged over seeds (rows without per-item results, from
     older reports, are left out)."""
     per_seed: dict[tuple, list[list[int]]] = {}
@@ -290,12 +300,13 @@ def _item_accuracy(rows) -> dict[tuple, list[float]]:
             if len({len(run) for run in runs}) == 1}
 
 
-def paired_difference(rows, column: tuple[str, int], reference: tuple[str, int]) -> dict | None:
-    """Accuracy of `column` minus `reference` ((method, K) pairs), item by item on the test items both scored.
+def paired_difference(items: dict[tuple, list[float]], column: tuple[str, int],
+                      reference: tuple[str, int]) -> dict | None:
+    """Accuracy of `column` minus `reference` ((method, K) pairs), item by item on the test items both scored
+    (`items` is `item_accuracy(rows)`, built once for all comparisons of a report).
     Per task: the mean difference and its standard error over items; overall: the mean over tasks, whose standard
     error combines the tasks'. The interval counts the test items as the sample (seeds are averaged first), which
     is the noise that dominates with tens of items per task."""
-    items = _item_accuracy(rows)
     tasks = sorted(t for t, m, k in items if (m, k) == column and (t, *reference) in items
                    and len(items[(t, *reference)]) == len(items[(t, *column)]))
     if not tasks:
@@ -303,9 +314,8 @@ def paired_difference(rows, column: tuple[str, int], reference: tuple[str, int])
     per_task = {}
     for t in tasks:
         d = [a - b for a, b in zip(items[(t, *column)], items[(t, *reference)])]
-        mean = sum(d) / len(d)
-        var = sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1)
-        per_task[t] = {"diff": mean, "se": (var / len(d)) ** 0.5, "n_items": len(d)}
+        mean, sd = _mean_and_sd(d)
+        per_task[t] = {"diff": mean, "se": sd / len(d) ** 0.5, "n_items": len(d)}
     diff = sum(v["diff"] for v in per_task.values()) / len(tasks)
     se = sum(v["se"] ** 2 for v in per_task.values()) ** 0.5 / len(tasks)
     return {"diff": diff, "ci95": 1.96 * se, "tasks": per_task}
@@ -359,7 +369,8 @@ def markdown(report: dict) -> str:
     if len(complete) < len(tasks):
         lines.append("")
         lines.append(f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run.")
-    paired = [(a, b, paired_difference(report["rows"], a, b)) for a, b in comparisons(cols)]
+    items = item_accuracy(report["rows"])
+    paired = [(a, b, paired_difference(items, a, b)) for a, b in comparisons(cols)]
     paired = [(a, b, p) for a, b, p in paired if p]
     if paired:
         lines += ["", "## Paired differences", "",
