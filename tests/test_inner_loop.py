@@ -80,6 +80,9 @@ def test_cpu_bf16_autocast_only_where_native_and_measured_faster(monkeypatch):
 
     # The measurement itself: a real forward/backward in both precisions, a finite ratio.
     assert 0.0 < data.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
+    # The first decision may come from scoring code under no_grad (it crashed there on an AVX512-BF16 box).
+    with torch.no_grad():
+        assert 0.0 < data.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
 
     def decide(native: bool, speedup: float) -> bool:
         monkeypatch.setattr(data, "_cpu_bf16", None)  # decided once per process: start over
@@ -87,6 +90,14 @@ def test_cpu_bf16_autocast_only_where_native_and_measured_faster(monkeypatch):
         monkeypatch.setattr(data, "bf16_speedup", lambda: speedup)
         return data.cpu_bf16()
 
+    monkeypatch.setenv("METALORA_CPU_BF16", "off")
+    assert decide(True, 1.8) is False  # fp32 forced, e.g. to compare with figures from an fp32 box
+    monkeypatch.setenv("METALORA_CPU_BF16", "on")
+    assert decide(True, 0.9) is True and decide(False, 1.8) is False  # forced only where native
+    monkeypatch.setenv("METALORA_CPU_BF16", "fast")
+    with pytest.raises(ValueError, match="METALORA_CPU_BF16"):
+        decide(True, 1.8)
+    monkeypatch.delenv("METALORA_CPU_BF16")
     assert decide(True, 1.8) is True
     assert decide(True, 0.9) is False  # native bf16 that measures slower than fp32 (small shapes on AMX)
     assert decide(False, 1.8) is False  # emulated bf16: never, whatever a short timing says

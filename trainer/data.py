@@ -6,6 +6,7 @@ trained so the served adapter stops where the examples stop.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,17 +137,20 @@ def bf16_speedup(rows: int = 256, d_in: int = 576, d_out: int = 1536, reps: int 
     layer = torch.nn.Linear(d_in, d_out)
     x = torch.randn(rows, d_in, requires_grad=True)
     timings = {}
-    for enabled in (False, True):
-        for i in range(reps + 1):
-            if i == 1:
-                t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                out = layer(x)
-            out.float().sum().backward()
-        timings[enabled] = time.perf_counter() - t0
+    # The first autocast_for() can come from scoring code under no_grad; the timing needs its backward.
+    with torch.enable_grad():
+        for enabled in (False, True):
+            for i in range(reps + 1):
+                if i == 1:
+                    t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                    out = layer(x)
+                out.float().sum().backward()
+            timings[enabled] = time.perf_counter() - t0
     return timings[False] / timings[True]
 
 
+CPU_BF16_MODES = ("auto", "on", "off")
 _cpu_bf16: bool | None = None
 
 
@@ -154,10 +158,15 @@ def cpu_bf16() -> bool:
     """Whether CPU steps run under bf16 autocast: only where the CPU computes bf16 natively AND it measures
     faster here. Emulated bf16 on an AVX2 EPYC took 21 s per SmolLM2 LoRA step against 1.2 s in fp32; native
     bf16 took 0.77 s against 1.40 s on an AVX512-BF16 box, yet on an AMX Xeon our steps ran slower than the fp32
-    Trainer's at these small shapes. So it is measured once per process (~0.1 s where bf16 is native)."""
+    Trainer's at these small shapes. So it is measured once per process (~0.1 s where bf16 is native).
+    METALORA_CPU_BF16=off forces fp32 (to compare with figures measured in fp32 on another box), on forces bf16
+    where native; auto (the default) measures."""
     global _cpu_bf16
     if _cpu_bf16 is None:
-        _cpu_bf16 = _cpu_has_bf16() and bf16_speedup() >= 1.2
+        mode = os.environ.get("METALORA_CPU_BF16", "auto")
+        if mode not in CPU_BF16_MODES:
+            raise ValueError(f"METALORA_CPU_BF16 must be one of {CPU_BF16_MODES}, got {mode!r}")
+        _cpu_bf16 = mode != "off" and _cpu_has_bf16() and (mode == "on" or bf16_speedup() >= 1.2)
     return _cpu_bf16
 
 
