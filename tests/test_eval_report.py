@@ -77,4 +77,6 @@ def test_merge_lets_a_later_part_re_measure_a_column(tmp_path):
     assert meta_a == [0.0, 0.25]  # the old part's two cells were replaced, not averaged in
     assert len(merged["rows"]) == 6
     assert [p["rows_replaced"] for p in merged["parts"]] == [2, 0]
-    assert "| a | 0.625 ± 0.177 | 0.125 ± 0.177 |" in (tmp_path / "merged" / "results.md").read_text()
+    text = (tmp_path / "merged" / "results.md").read_text()
+    assert "| a | 0.625 ± 0.177 | 0.125 ± 0.177 |" in text
+    assert "Commits (by part, see `parts` in results.json): `old`, `new`" in text

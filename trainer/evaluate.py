@@ -351,7 +351,11 @@ def markdown(report: dict) -> str:
     tasks = sorted({t for t, _, _ in means})
     cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
     head = [_column_name(m, k) for m, k in cols]
-    lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`", f"Commit: `{report['git_commit']}`",
+    # A merged report was measured by several commits: name them all, in part order, not only the first's.
+    commits = list(dict.fromkeys(part["git_commit"] for part in report.get("parts", []))) or [report["git_commit"]]
+    lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`",
+             ("Commit: " if len(commits) == 1 else "Commits (by part, see `parts` in results.json): ") +
+             ", ".join(f"`{c}`" for c in commits),
              f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};" +
              (f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
               if "full_data" in report["methods"] else "") +
