@@ -62,16 +62,17 @@ def test_markdown_shows_the_paired_table():
 
 
 def test_merge_lets_a_later_part_re_measure_a_column(tmp_path):
-    def part(name, rows):
+    def part(name, rows, **extra):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps({"command": name, "git_commit": name, "n_train": 100, "max_test": 4,
                                     "adapt_config": {}, "model_dir": "m", "seeds": [0, 1], "k_values": [5],
                                     "methods": sorted({r["method"] for r in rows}),
-                                    "full_data": {"cap": 1000, "steps": 40}, "rows": rows}))
+                                    "full_data": {"cap": 1000, "steps": 40}, "rows": rows, **extra}))
         return path
 
     old = part("old", ROWS[:6])
-    new = part("new", [row("a", "meta_init", 5, 0, [0, 0, 0, 0]), row("a", "meta_init", 5, 1, [0, 0, 0, 1])])
+    new = part("new", [row("a", "meta_init", 5, 0, [0, 0, 0, 0]), row("a", "meta_init", 5, 1, [0, 0, 0, 1])],
+               machine={"device": "cpu", "cpu_model": "X", "precision": "fp32"})
     merged = merge_reports([old, new], tmp_path / "merged")
     meta_a = sorted(r["accuracy"] for r in merged["rows"] if (r["task"], r["method"]) == ("a", "meta_init"))
     assert meta_a == [0.0, 0.25]  # the old part's two cells were replaced, not averaged in
@@ -80,3 +81,4 @@ def test_merge_lets_a_later_part_re_measure_a_column(tmp_path):
     text = (tmp_path / "merged" / "results.md").read_text()
     assert "| a | 0.625 ± 0.177 | 0.125 ± 0.177 |" in text
     assert "Commits (by part, see `parts` in results.json): `old`, `new`" in text
+    assert "Precision (by part): not recorded, fp32 on cpu (X)" in text  # a report from before it was recorded

@@ -176,6 +176,12 @@ def autocast_for(device: torch.device):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16())
 
 
+def precision_for(device: torch.device) -> str:
+    """What `autocast_for(device)` computes in, for reports: cells measured in bf16 and in fp32 can differ by an
+    item, so a table says which it was."""
+    return "bf16 autocast" if device.type == "cuda" or cpu_bf16() else "fp32"
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, encode_examples, model_device,
-                          only_labelled_logits, to_device)
+from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, cpu_features, encode_examples,
+                          model_device, only_labelled_logits, precision_for, to_device)
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.tasks.format import Task, load_task
 
@@ -174,9 +174,11 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     rows: list[dict] = []
     t_start = time.time()
     commit = git_commit()
+    machine = {"device": str(dev), "cpu_model": cpu_features()["model"], "precision": precision_for(dev)}
 
     def report() -> dict:
-        return {"command": command or " ".join(sys.argv), "git_commit": commit, "model_dir": str(model_dir),
+        return {"command": command or " ".join(sys.argv), "git_commit": commit, "machine": machine,
+                "model_dir": str(model_dir),
                 "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
                 "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
                 "multitask_init": str(multitask_init) if multitask_init else None,
@@ -353,9 +355,12 @@ def markdown(report: dict) -> str:
     head = [_column_name(m, k) for m, k in cols]
     # A merged report was measured by several commits: name them all, in part order, not only the first's.
     commits = list(dict.fromkeys(part["git_commit"] for part in report.get("parts", []))) or [report["git_commit"]]
+    machines = [part.get("machine") for part in report.get("parts", [])] or [report.get("machine")]
     lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`",
              ("Commit: " if len(commits) == 1 else "Commits (by part, see `parts` in results.json): ") +
              ", ".join(f"`{c}`" for c in commits),
+             ("Precision: " if len(machines) == 1 else "Precision (by part): ") + ", ".join(
+                 f"{m['precision']} on {m['device']} ({m['cpu_model']})" if m else "not recorded" for m in machines),
              f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};" +
              (f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
               if "full_data" in report["methods"] else "") +
