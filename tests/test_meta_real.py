@@ -27,7 +27,7 @@ TASKS = ("unit_conversion__unit_identification", "strategyqa")
 
 @pytest.fixture(scope="module")
 def real():
-    from trainer.base_model import ensure_base_model
+    from trainer.model_prep import ensure_base_model
 
     model_dir = ensure_base_model(Settings())
     tasks_root = Path(fetch.prepare_tasks()["cache_dir"]) / "bigbench"  # cached after the first call

@@ -27,7 +27,7 @@ N_EVAL = 48
 
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
-    from trainer.base_model import ensure_base_model
+    from trainer.model_prep import ensure_base_model
 
     return ensure_base_model(Settings())
 

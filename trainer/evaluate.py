@@ -33,7 +33,7 @@ from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, c
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.tasks.format import Task, load_task
 
-METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
+EVAL_METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
 K_METHODS = ("standard_init", "multitask_init", "meta_init")
 ICL_MAX_TOKENS = 1024  # context for in-context demos + test prompt; cost grows fast on CPU
 FULL_DATA_CAP = 1000
@@ -145,14 +145,14 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
 
     from trainer.engine import resolve_device
 
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(EVAL_METHODS)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {EVAL_METHODS}")
     if ("meta_init" in methods and not meta_init) or ("multitask_init" in methods and not multitask_init):
         raise ValueError("meta_init / multitask_init need the path of the corresponding shared-init folder")
     if model_dir is None:
         from adapters.settings import Settings
-        from trainer.base_model import ensure_base_model
+        from trainer.model_prep import ensure_base_model
         model_dir = ensure_base_model(Settings())
     cfg = adapt_config or AdaptConfig(holdout_fraction=0.0)
     out = Path(out_dir)
@@ -259,7 +259,7 @@ def merge_reports(paths: list[Path], out: Path) -> dict:
         "command": " && ".join(p["command"] for p in parts), "git_commit": parts[0]["git_commit"],
         "seeds": sorted({s for p in parts for s in p["seeds"]}),
         "k_values": sorted({k for p in parts for k in p["k_values"]}),
-        "methods": [m for m in METHODS if any(m in p["methods"] for p in parts)],
+        "methods": [m for m in EVAL_METHODS if any(m in p["methods"] for p in parts)],
         "full_data": next((p["full_data"] for p in parts if "full_data" in p["methods"]), parts[0]["full_data"]),
         "parts": [{**{k: v for k, v in p.items() if k != "rows"}, "rows_replaced": len(p["rows"]) - kept[n]}
                   for n, p in enumerate(parts)],
@@ -351,7 +351,7 @@ def _column_name(method: str, k: int) -> str:
 def markdown(report: dict) -> str:
     means, spreads = mean_accuracy_table(report["rows"]), _spread_table(report["rows"])
     tasks = sorted({t for t, _, _ in means})
-    cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (METHODS.index(mk[0]), mk[1]))
+    cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (EVAL_METHODS.index(mk[0]), mk[1]))
     head = [_column_name(m, k) for m, k in cols]
     # A merged report was measured by several commits: name them all, in part order, not only the first's.
     commits = list(dict.fromkeys(part["git_commit"] for part in report.get("parts", []))) or [report["git_commit"]]
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     p = argparse.ArgumentParser(description="few-shot evaluation of LoRA inits on task folders")
     p.add_argument("task_dirs", nargs="+", type=Path)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(EVAL_METHODS))
     p.add_argument("--k", default="0,5,10,30")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n-train", type=int, default=100)

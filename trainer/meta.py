@@ -24,7 +24,7 @@ from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, autocast_for, collate, model_device, to_device
 from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
 
-METHODS = ("fomaml", "reptile", "multitask")
+META_METHODS = ("fomaml", "reptile", "multitask")
 # adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;
 # sgd: θ ← θ − lr·g, which for Reptile with lr β is the paper's θ ← θ + β·mean(θ_i − θ).
 OUTER_OPTIMIZERS = ("adamw", "sgd")
@@ -54,8 +54,8 @@ class MetaConfig:
             self.inner = AdaptConfig.from_dict(self.inner)
         if not isinstance(self.inner, AdaptConfig):
             raise ValueError(f"inner must be an AdaptConfig, got {type(self.inner).__name__}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in META_METHODS:
+            raise ValueError(f"method must be one of {META_METHODS}, got {self.method!r}")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ValueError(f"outer_optimizer must be one of {OUTER_OPTIMIZERS}, got {self.outer_optimizer!r}")
         if self.meta_params not in META_PARAMS:

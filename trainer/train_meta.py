@@ -72,7 +72,7 @@ log_interval = 1
 ckpt_interval = 5
 out_dir = "runs/meta"
 export_dir = ""  # "" = out_dir/shared_init
-model_dir = ""  # "" = the converted default base model (trainer.base_model.ensure_base_model)
+model_dir = ""  # "" = the converted default base model (trainer.model_prep.ensure_base_model)
 device = "auto"
 threads = 0  # 0 = torch default; 1 to leave the other core to colleagues
 resume = False
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path | dict:
         model_path = Path(args["model_dir"])
     else:
         from adapters.settings import Settings
-        from trainer.base_model import ensure_base_model
+        from trainer.model_prep import ensure_base_model
         model_path = ensure_base_model(Settings())
     dev = resolve_device(args["device"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -62,7 +62,7 @@ def build_engine(settings: Settings):
 
     base_dir = base_model_path(settings)
     if not (base_dir / "config.json").is_file():
-        from trainer.base_model import ensure_base_model
+        from trainer.model_prep import ensure_base_model
 
         base_dir = ensure_base_model(settings)
     return AdaptEngine(base_dir, shared_init_path(settings, base_dir))
