@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> Path | dict:
     from trainer.engine import resolve_device, save_shared_init
     from trainer.inner_loop import adapt, set_lora_state
     from trainer.meta import MetaConfig, MetaLearner, load_checkpoint, sample_episode, save_checkpoint
+    from trainer.scoring import answer_items
     from trainer.tasks.format import find_tasks, load_task
 
     if args["threads"]:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> Path | dict:
         """Adapt from θ on each held-out task's first `support_size` train examples (K = inner_steps), then
         the loss on its validation split; also the loss at θ itself (no adaptation)."""
         theta = learner.theta_state()
-        before, after = [], []
+        before, after, accuracy = [], [], []
         for name in val_names:
             support, held = encoded(name)[:config.support_size], encoded(name, "validation")[:args["val_examples"]]
             if not support or not held:
@@ -233,13 +234,18 @@ def main(argv: list[str] | None = None) -> Path | dict:
             before.append(mean_loss(model, held, config.inner.batch_size))
             adapt(model, support, config.inner)
             after.append(mean_loss(model, held, config.inner.batch_size))
+            if tasks[name].has_options:
+                items = tasks[name].split("validation")[:args["val_examples"]]
+                answers = answer_items(model, tokenizer, items, has_options=True)
+                accuracy.append(sum(a.correct for a in answers) / len(answers))
         learner.load_theta_into_model()
-        return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after)}
+        return {"val_loss_theta": sum(before) / len(before), "val_loss_adapted": sum(after) / len(after),
+                "val_accuracy_adapted": sum(accuracy) / len(accuracy) if accuracy else None}
 
     def validate_and_log(step: int, **extra) -> dict:
         v = validate()
         print(f"step {step}: val loss at θ {v['val_loss_theta']:.4f}, after K={config.inner.steps} "
-              f"{v['val_loss_adapted']:.4f}")
+              f"{v['val_loss_adapted']:.4f}, accuracy after K {v['val_accuracy_adapted']}")
         log_file.write(json.dumps({"step": step, **v, **extra}) + "\n")
         log_file.flush()
         if v["val_loss_adapted"] < best["val_loss_adapted"]:
