@@ -18,7 +18,7 @@ import pytest
 from adapters.api_keys import new_api_key
 from adapters.backend import open_backend
 from adapters.settings import Settings
-from server.testing import ServerThread, fake_replica, gateway_client, tokenizer_dir
+from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "drills" / "abuse_tampered_adapter.json"

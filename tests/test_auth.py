@@ -1,6 +1,6 @@
 """API keys, tenant namespaces and per-tenant quotas, against the real stores (SQLite file, real Redis).
 
-No vLLM: completions go to a stand-in replica (server/testing.py) that records the model name it was sent,
+No vLLM: completions go to a stand-in replica (tests/gateway_helpers.py) that records the model name it was sent,
 so the test sees exactly which vLLM-side name the gateway derived.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from adapters.errors import ApiKeyNotFound, QuotaExceeded
 from adapters.records import JobStatus
 from adapters.settings import Settings
 from adapters.store import TenantQuota
-from server.testing import ServerThread, fake_replica, gateway_client, tokenizer_dir
+from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
 from helpers import REDIS_URL, drop_redis_keys
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}]

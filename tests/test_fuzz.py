@@ -1,7 +1,7 @@
 """Schema-driven fuzzing of the gateway: schemathesis generates requests from the gateway's own OpenAPI
 schema (`app.openapi()`), valid and invalid, with and without a valid API key, and sends them to the ASGI
 app in-process. Real stores (an SQLite file in tmp; real Redis under a unique prefix); a stand-in vLLM
-replica (server/testing.py) so completions get real 200/4xx answers.
+replica (tests/gateway_helpers.py) so completions get real 200/4xx answers.
 
 Asserted: no 5xx at all (a 503 `upstream_unavailable` would be counted apart, but the stand-in is always
 up), every 4xx in the one error shape, every 401 with `WWW-Authenticate`, and the gateway still healthy at
@@ -30,7 +30,7 @@ from adapters.api_keys import new_api_key  # noqa: E402
 from adapters.backend import open_backend  # noqa: E402
 from adapters.settings import Settings  # noqa: E402
 from server.app import create_app  # noqa: E402
-from server.testing import ServerThread, fake_replica, tokenizer_dir  # noqa: E402
+from gateway_helpers import ServerThread, fake_replica, tokenizer_dir  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "drills" / "fuzz.json"

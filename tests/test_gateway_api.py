@@ -1,7 +1,7 @@
 """The gateway API against the real stores: jobs, adapters, models, delete, health, and the OpenAI proxy.
 
 Jobs are driven to completion directly through the store API (no worker). The proxy is exercised against
-tiny stand-in replicas (server/testing.py); the real-vLLM end-to-end test lives elsewhere.
+tiny stand-in replicas (tests/gateway_helpers.py); the real-vLLM end-to-end test lives elsewhere.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.records import JobStatus
 from adapters.settings import Settings
-from server.testing import ServerThread, fake_replica, gateway_client, tokenizer_dir
+from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
 from helpers import REDIS_URL, drop_redis_keys
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}, {"prompt": "bad world", "completion": "negative"}]

@@ -15,7 +15,7 @@ import pytest
 from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT
 from adapters.settings import Settings
-from server.testing import free_port, gateway_client, tokenizer_dir
+from gateway_helpers import free_port, gateway_client, tokenizer_dir
 from helpers import REDIS_URL, drop_redis_keys
 
 MAX_EXAMPLES = 5

@@ -1,4 +1,4 @@
-"""Test helpers for the gateway (imported by tests only, never by the running gateway).
+"""Gateway test helpers (under tests/, so they never ship in the wheel).
 
 - `ServerThread`: serve an ASGI app with a real uvicorn server on a free port, in a background thread.
 - `fake_replica(name)`: a tiny stand-in for a vLLM OpenAI server (/health, /v1/completions incl. SSE,
@@ -16,6 +16,20 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+
+from adapters.base_model import base_model_path
+from adapters.settings import Settings
+from server.app import create_app
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,8 +39,6 @@ def free_port() -> int:
 
 class ServerThread:
     def __init__(self, app, port: int | None = None):
-        import uvicorn
-
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
@@ -56,11 +68,6 @@ class ServerThread:
 
 def fake_replica(name: str):
     """A minimal vLLM stand-in. `app.state.healthy` toggles /health; `app.state.calls` records requests."""
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
-    from starlette.routing import Route
-
     async def health(request: Request):
         return Response(status_code=200 if request.app.state.healthy else 503)
 
@@ -105,10 +112,6 @@ def fake_replica(name: str):
 
 def write_wordlevel_tokenizer(folder: Path, words: list[str] | None = None) -> Path:
     """A tokenizer.json where each whitespace-separated word is one token (unknown words -> [UNK])."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-
     vocab = {"[UNK]": 0, "</s>": 1}
     for word in words or ["hello", "world", "good", "bad", "positive", "negative"]:
         vocab.setdefault(word, len(vocab))
@@ -122,9 +125,6 @@ def write_wordlevel_tokenizer(folder: Path, words: list[str] | None = None) -> P
 
 def tokenizer_dir(tmp_path: Path) -> Path:
     """The real base model's folder when its tokenizer.json is there (prepared model), else a tiny one."""
-    from adapters.base_model import base_model_path
-    from adapters.settings import Settings
-
     real = base_model_path(Settings(base_model="default"))
     if (real / "tokenizer.json").is_file():
         return real
@@ -134,10 +134,6 @@ def tokenizer_dir(tmp_path: Path) -> Path:
 @contextlib.asynccontextmanager
 async def gateway_client(settings, backend=None):
     """The gateway app with its lifespan running, and an httpx client talking to it in-process."""
-    import httpx
-
-    from server.app import create_app
-
     app = create_app(settings, backend=backend)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
