@@ -181,9 +181,6 @@ class UpstreamPool:
             return healthy
         return rendezvous_order(healthy, adapter_key)
 
-    def pick(self, adapter_key: str | None) -> Upstream:
-        return self.candidates(adapter_key)[0]
-
     def snapshot(self) -> list[dict]:
         return [u.snapshot() for u in self.upstreams]
 

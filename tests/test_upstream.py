@@ -7,10 +7,15 @@ from collections import Counter
 
 import pytest
 
-from server.testing import ServerThread, fake_replica, free_port
-from server.upstream import UpstreamPool, UpstreamTimeouts, UpstreamUnavailable
+from gateway_helpers import ServerThread, fake_replica, free_port
+from server.upstream import Upstream, UpstreamPool, UpstreamTimeouts, UpstreamUnavailable
 
 NAMES = [f"default~adapter-{i}@v1" for i in range(600)]
+
+
+def routed_to(pool: UpstreamPool, key: str | None) -> Upstream:
+    """The replica a request with this routing key goes to first (the head of the pool's failover order)."""
+    return pool.candidates(key)[0]
 
 
 def pool_of(urls, interval=0.1):
@@ -23,14 +28,14 @@ async def test_affinity_is_stable_spreads_and_moves_only_the_dead_replicas_names
     try:
         for u in pool.upstreams:
             u.healthy = True
-        before = {n: pool.pick(n).url for n in NAMES}
-        assert before == {n: pool.pick(n).url for n in NAMES}  # stable
+        before = {n: routed_to(pool, n).url for n in NAMES}
+        assert before == {n: routed_to(pool, n).url for n in NAMES}  # stable
         spread = Counter(before.values())
         assert len(spread) == 3 and min(spread.values()) > len(NAMES) * 0.2, spread
 
         dead = pool.upstreams[0]
         dead.healthy = False
-        after = {n: pool.pick(n).url for n in NAMES}
+        after = {n: routed_to(pool, n).url for n in NAMES}
         for n in NAMES:
             if before[n] != dead.url:
                 assert after[n] == before[n]  # minimal movement: only the dead replica's names move
@@ -40,7 +45,7 @@ async def test_affinity_is_stable_spreads_and_moves_only_the_dead_replicas_names
         assert len(moved) == 2  # the dead replica's names spread over the survivors
 
         dead.healthy = True
-        assert {n: pool.pick(n).url for n in NAMES} == before  # and come back when it recovers
+        assert {n: routed_to(pool, n).url for n in NAMES} == before  # and come back when it recovers
     finally:
         await pool.close()
 
@@ -51,7 +56,7 @@ async def test_base_model_requests_round_robin_over_healthy():
         for u in pool.upstreams:
             u.healthy = True
         pool.upstreams[1].healthy = False
-        picks = Counter(pool.pick(None).url for _ in range(100))
+        picks = Counter(routed_to(pool, None).url for _ in range(100))
         assert set(picks) == {"http://10.0.0.1:1", "http://10.0.0.3:1"}
         assert min(picks.values()) >= 40
     finally:
@@ -63,7 +68,7 @@ async def test_no_healthy_replica_raises_typed_error():
     try:
         pool.upstreams[0].healthy = False
         with pytest.raises(UpstreamUnavailable) as info:
-            pool.pick("default~x@v1")
+            routed_to(pool, "default~x@v1")
         assert info.value.retry_after_s >= 1
     finally:
         await pool.close()
@@ -78,14 +83,14 @@ async def test_failover_skips_a_dead_replica_and_marks_it_unhealthy():
             for u in pool.upstreams:
                 u.healthy = True  # as if the dead one died after the last health check
             dead = pool.upstreams[0]
-            key = next(n for n in NAMES if pool.pick(n) is dead)
+            key = next(n for n in NAMES if routed_to(pool, n) is dead)
             body = json.dumps({"model": key, "prompt": "hi"}).encode()
             response = await pool.post("/v1/completions", body, key)
             assert response.status_code == 200
             assert response.json()["served_by"] == "live"
             assert dead.healthy is False and dead.last_error
             # From now on the key routes straight to the survivor.
-            assert pool.pick(key).url == live.url
+            assert routed_to(pool, key).url == live.url
             # Streaming requests fail over the same way (before any byte reaches the client).
             dead.healthy = True
             streamed = await pool.post("/v1/completions", json.dumps(
@@ -116,7 +121,7 @@ async def test_replica_dying_with_the_request_in_flight_is_retried_on_the_next()
             for u in pool.upstreams:
                 u.healthy = True
             dying = pool.upstreams[0]
-            key = next(n for n in NAMES if pool.pick(n) is dying)
+            key = next(n for n in NAMES if routed_to(pool, n) is dying)
             for stream in (False, True):
                 dying.healthy = True
                 response = await pool.post("/v1/completions", json.dumps(
@@ -168,12 +173,12 @@ async def test_health_checker_marks_dead_and_recovered_replicas():
             a_app.state.healthy = False  # /health answers 503
             await wait_until(lambda: not pool.upstreams[0].healthy)
             assert "503" in pool.upstreams[0].last_error
-            assert pool.pick("default~anything@v1").url == b.url
+            assert routed_to(pool, "default~anything@v1").url == b.url
 
             b.stop()  # process gone: connection refused
             await wait_until(lambda: not pool.upstreams[1].healthy)
             with pytest.raises(UpstreamUnavailable):
-                pool.pick("default~anything@v1")
+                routed_to(pool, "default~anything@v1")
 
             a_app.state.healthy = True
             await wait_until(lambda: pool.upstreams[0].healthy)
