@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     worker_threads: int = 0  # 0 = torch default
     # The shared init for the base model; "auto" = the one shipped for the default model, else none.
     shared_init: str = "auto"
+    # Training on a CPU (worker, train-meta, evaluate): bf16 autocast where native and measured faster ("auto"),
+    # forced where native ("on"), or fp32 ("off"). trainer/precision.py decides.
+    cpu_bf16: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("vllm_urls", mode="before")
     @classmethod
