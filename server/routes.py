@@ -4,33 +4,29 @@ Errors are raised as typed exceptions and turned into responses by the handlers 
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.deps import GatewayDep, TenantDep
 from server.protocol import (
     COMPLETION_REQUEST_OPENAPI, AdapterList, AdapterResponse, AdaptRequest, DeleteAdapterResponse, HealthResponse,
     JobResponse, ModelList,
 )
-from server.services import Gateway, ProxiedStream
-from server.tenancy import current_tenant
+from server.proxy import ProxiedStream
 
 router = APIRouter()
 
 MAX_WAIT_S = 3600.0
 
 
-def gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
 @router.post("/adapt", status_code=202, response_model=JobResponse)
 async def create_adapt_job(
     body: AdaptRequest,
     response: Response,
+    tenant: TenantDep,
+    gw: GatewayDep,
     wait: bool = False,
     timeout: float = Query(default=300.0, ge=0.0, le=MAX_WAIT_S),
-    tenant: str = Depends(current_tenant),
-    gw: Gateway = Depends(gateway),
 ):
     job = await gw.submit_adapt(tenant, body)
     if wait:
@@ -44,17 +40,17 @@ async def create_adapt_job(
 @router.get("/adapt/{job_id}", response_model=JobResponse)
 async def get_adapt_job(
     job_id: str,
+    tenant: TenantDep,
+    gw: GatewayDep,
     wait: bool = False,
     timeout: float = Query(default=300.0, ge=0.0, le=MAX_WAIT_S),
-    tenant: str = Depends(current_tenant),
-    gw: Gateway = Depends(gateway),
 ):
     job = await (gw.wait_job(tenant, job_id, timeout) if wait else gw.get_job(tenant, job_id))
     return JobResponse.from_job(job)
 
 
 @router.post("/v1/completions", openapi_extra=COMPLETION_REQUEST_OPENAPI)
-async def completions(request: Request, tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
+async def completions(request: Request, tenant: TenantDep, gw: GatewayDep):
     # The body is forwarded, not modelled: every OpenAI/vLLM field reaches vLLM untouched.
     result = await gw.proxy(tenant, await request.body(), "/v1/completions")
     if isinstance(result, ProxiedStream):
@@ -64,28 +60,28 @@ async def completions(request: Request, tenant: str = Depends(current_tenant), g
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
+async def list_models(tenant: TenantDep, gw: GatewayDep):
     return await gw.list_models(tenant)
 
 
 @router.get("/v1/adapters", response_model=AdapterList)
-async def list_adapters(tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
+async def list_adapters(tenant: TenantDep, gw: GatewayDep):
     return AdapterList(data=[AdapterResponse.from_adapter(a) for a in await gw.list_adapters(tenant)])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterResponse)
-async def get_adapter(name: str, tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
+async def get_adapter(name: str, tenant: TenantDep, gw: GatewayDep):
     return AdapterResponse.from_adapter(await gw.get_adapter(tenant, name))
 
 
 @router.delete("/v1/adapters/{name}", response_model=DeleteAdapterResponse)
-async def delete_adapter(name: str, tenant: str = Depends(current_tenant), gw: Gateway = Depends(gateway)):
+async def delete_adapter(name: str, tenant: TenantDep, gw: GatewayDep):
     removed = await gw.delete_adapter(tenant, name)
     return DeleteAdapterResponse(name=name, versions=[v.version for v in removed])
 
 
 @router.get("/health", response_model=HealthResponse)
-async def health(gw: Gateway = Depends(gateway)):
-    ok, store, upstreams = await gw.health()
-    body = HealthResponse(status="ok" if ok else "degraded", store=store, upstreams=upstreams)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+async def health(gw: GatewayDep):
+    result = await gw.health()
+    body = HealthResponse(status="ok" if result.ok else "degraded", store=result.store, upstreams=result.upstreams)
+    return JSONResponse(body.model_dump(), status_code=200 if result.ok else 503)

@@ -6,29 +6,23 @@ server/errors.py, mapped to statuses in one table (server/errors.py).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
-import httpx
-
-from adapters.errors import StoreUnavailable
+from adapters.artifacts import open_artifacts
+from adapters.errors import QuotaExceeded, StoreUnavailable
 from adapters.names import parse_ref, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
-from adapters.errors import QuotaExceeded
 from adapters.store import MetadataStore, TenantQuota
-from server.errors import InvalidRequest, ModelNotFound, UpstreamError, error_body
+from server.errors import InvalidRequest, ModelNotFound
 from server.protocol import DEFAULT_MAX_SEQ_LEN, AdaptRequest, ModelList
+from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
 from server.upstream import UpstreamPool
 
 log = logging.getLogger("metalora.gateway")
-
-SSE_DATA = b"data:"
-SSE_DONE = b"[DONE]"
 
 
 # ---------------------------------------------------------------- example-length validation
@@ -56,51 +50,13 @@ class ExampleTokenCounter:
         return [len(p.ids) + len(c.ids) + 1 for p, c in zip(prompts, completions)]
 
 
-# ---------------------------------------------------------------- proxy results
-@dataclass
-class ProxiedResponse:
-    status: int
-    body: bytes
-    media_type: str = "application/json"
-
-
-@dataclass
-class ProxiedStream:
-    chunks: AsyncIterator[bytes]
-    media_type: str = "text/event-stream"
-
-
 @dataclass(frozen=True)
-class Target:
-    """Where a completion goes: the name vLLM serves, the name the client sees, the routing key."""
+class Health:
+    """Ready to serve: the store answers and at least one replica is healthy."""
 
-    upstream_model: str
-    visible_model: str
-    affinity_key: str | None
-
-    def rewriter(self):
-        if self.upstream_model == self.visible_model:
-            return lambda payload: payload
-        # vLLM serialises compactly, so a chunk names the model exactly as `"model":"<name>"`. That
-        # byte sequence cannot occur inside a JSON string value (its quotes would be escaped), so replacing
-        # it touches only the `model` field. Anything else falls back to parsing the JSON.
-        old = b'"model":' + json.dumps(self.upstream_model).encode()
-        new = b'"model":' + json.dumps(self.visible_model).encode()
-        upstream, visible = self.upstream_model, self.visible_model
-
-        def rewrite(payload: bytes) -> bytes:
-            if old in payload:
-                return payload.replace(old, new, 1)
-            try:
-                data = json.loads(payload)
-            except ValueError:
-                return payload
-            if isinstance(data, dict) and data.get("model") == upstream:
-                data["model"] = visible
-                return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-            return payload
-
-        return rewrite
+    ok: bool
+    store: str  # "ok", or why not
+    upstreams: list[dict]  # UpstreamPool.snapshot()
 
 
 class Gateway:
@@ -190,8 +146,6 @@ class Gateway:
 
     async def _delete_artifacts(self, names: list[str]) -> None:
         try:
-            from adapters.artifacts import open_artifacts
-
             artifacts = open_artifacts(self.settings)
             for n in names:
                 await asyncio.to_thread(artifacts.delete, n)
@@ -199,7 +153,7 @@ class Gateway:
             log.exception("could not delete the artifacts of %s", names)
 
     # ------------------------------------------------------------ health
-    async def health(self) -> tuple[bool, str, list[dict]]:
+    async def health(self) -> Health:
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2.0)
             store = "ok"
@@ -208,8 +162,7 @@ class Gateway:
         except Exception as exc:
             store = f"error: {type(exc).__name__}: {exc}"
         upstreams = self.pool.snapshot()
-        ok = store == "ok" and any(u["healthy"] for u in upstreams)
-        return ok, store, upstreams
+        return Health(ok=store == "ok" and any(u["healthy"] for u in upstreams), store=store, upstreams=upstreams)
 
     # ------------------------------------------------------------ OpenAI-compatible inference
     async def resolve_target(self, tenant: str, body: dict) -> Target:
@@ -236,86 +189,6 @@ class Gateway:
 
     async def proxy(self, tenant: str, raw_body: bytes, path: str = "/v1/completions"
                     ) -> ProxiedResponse | ProxiedStream:
-        try:
-            body = json.loads(raw_body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidRequest(f"malformed JSON body: {exc}", code="invalid_json") from None
-        except RecursionError:  # e.g. 100k nested lists: json's C parser gives up on the Python stack
-            raise InvalidRequest("malformed JSON body: nested too deeply", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object")
+        body = parse_body(raw_body)
         target = await self.resolve_target(tenant, body)
-        body["model"] = target.upstream_model
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        stream = body.get("stream") is True
-        response = await self.pool.post(path, content, target.affinity_key, stream=stream)
-        rewrite = target.rewriter()
-        if response.status_code >= 400:
-            if stream:
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-            raise _upstream_error(response, target)
-        if not stream:
-            return ProxiedResponse(response.status_code, rewrite(response.content),
-                                   response.headers.get("content-type", "application/json"))
-        return ProxiedStream(_relay_sse(response, rewrite))
-
-
-async def _relay_sse(response: httpx.Response, rewrite) -> AsyncIterator[bytes]:
-    """Relay vLLM's SSE stream event by event, rewriting only the `model` of each `data:` JSON chunk."""
-    buffer = b""
-    try:
-        async for chunk in response.aiter_bytes():
-            buffer += chunk
-            if b"\n" not in chunk:
-                continue
-            *lines, buffer = buffer.split(b"\n")
-            yield b"\n".join(_rewrite_line(line, rewrite) for line in lines) + b"\n"
-        if buffer:
-            yield _rewrite_line(buffer, rewrite)
-    except httpx.HTTPError as exc:
-        # Bytes already went to the client: no failover possible. End the stream with an error event,
-        # as vLLM itself does for errors mid-stream.
-        log.warning("upstream stream broke: %s", exc)
-        error = error_body(f"the inference replica failed mid-stream ({type(exc).__name__})",
-                           "service_unavailable_error", "upstream_unavailable")
-        yield b"data: " + json.dumps(error).encode() + b"\n\n"
-    finally:
-        await response.aclose()
-
-
-def _rewrite_line(line: bytes, rewrite) -> bytes:
-    if not line.startswith(SSE_DATA):
-        return line
-    payload = line[len(SSE_DATA):].strip()
-    if not payload or payload == SSE_DONE:
-        return line
-    return b"data: " + rewrite(payload)
-
-
-def _upstream_error(response: httpx.Response, target: Target) -> UpstreamError:
-    """vLLM's error answer in our shape, with its status; its internal model name replaced."""
-    message, err_type, code = None, None, None
-    try:
-        data = response.json()
-        info = data.get("error") if isinstance(data, dict) else None
-        if isinstance(info, dict):  # {"error": {"message", "type", "code", ...}}
-            message, err_type, code = info.get("message"), info.get("type"), info.get("code")
-        elif isinstance(data, dict):  # older vLLM: {"object": "error", "message", "type", "code"}
-            message, err_type, code = data.get("message"), data.get("type"), data.get("code")
-            if message is None and isinstance(data.get("detail"), str):
-                message = data["detail"]
-    except ValueError:
-        pass
-    if not isinstance(message, str):
-        message = response.text[:1000] or f"inference replica answered {response.status_code}"
-    if target.upstream_model != target.visible_model:
-        message = message.replace(target.upstream_model, target.visible_model)
-    status = response.status_code
-    if not isinstance(err_type, str) or not err_type:
-        err_type = "invalid_request_error" if status < 500 else "server_error"
-    if not isinstance(code, str) or not code:
-        code = "upstream_error"
-    return UpstreamError(status, message, err_type, code)
+        return await forward(self.pool, path, body, target)
