@@ -12,6 +12,8 @@ from pydantic import Field, field_validator
 
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from adapters.logs import LogLevel
+
 
 def _default_home() -> Path:
     return Path.home() / ".cache" / "metalora"
@@ -79,6 +81,15 @@ class Settings(BaseSettings):
     # Training on a CPU (worker, train-meta, evaluate): bf16 autocast where native and measured faster ("auto"),
     # forced where native ("on"), or fp32 ("off"). trainer/precision.py decides.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
+
+    # --- logging ---
+    # Root log level of every process (gateway, worker, supervisor, CLI tools); case-insensitive.
+    log_level: LogLevel = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value):
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("vllm_urls", mode="before")
     @classmethod

@@ -15,14 +15,25 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import asyncio
+import importlib
 import os
 import sys
 import time
+from typing import get_args
 
 from pydantic import ValidationError
 
+from adapters.api_keys import new_api_key
+from adapters.backend import open_backend
+from adapters.errors import MetaloraError
+from adapters.logs import LogLevel, configure_logging
 from adapters.settings import Settings
+from metalora.supervisor import serve
+from metalora.vllm_command import vllm_command, vllm_env
+
+# server/ and trainer/ are imported inside the commands that run them: each process loads only its own side
+# (`metalora gateway` never imports the trainer, `metalora worker` never the HTTP stack).
 
 
 def _settings() -> Settings:
@@ -33,30 +44,25 @@ def _settings() -> Settings:
         sys.exit(f"invalid configuration:\n{exc}")
 
 
-def cmd_serve(args) -> int:
-    from metalora.supervisor import serve
-
-    return serve(_settings(), log_dir=args.log_dir)
+def cmd_serve(args, settings: Settings) -> int:
+    return serve(settings, log_dir=args.log_dir)
 
 
-def cmd_gateway(args) -> int:
+def cmd_gateway(args, settings: Settings) -> int:
     from server.app import run
 
-    run(_settings())
+    run(settings)
     return 0
 
 
-def cmd_worker(args) -> int:
+def cmd_worker(args, settings: Settings) -> int:
     from trainer.worker import main as worker_main
 
-    worker_main(_settings())
+    worker_main(settings)
     return 0
 
 
-def cmd_engine(args) -> int:
-    from metalora.vllm_command import vllm_command, vllm_env
-
-    settings = _settings()
+def cmd_engine(args, settings: Settings) -> int:
     argv = vllm_command(settings, host=args.host, port=args.port)
     if args.print:
         print(" ".join(argv))
@@ -65,22 +71,14 @@ def cmd_engine(args) -> int:
     os.execve(argv[0], argv, vllm_env(settings))
 
 
-def cmd_prepare_model(args) -> int:
+def cmd_prepare_model(args, settings: Settings) -> int:
     from trainer.model_prep import ensure_base_model
 
-    print(ensure_base_model(_settings()))
+    print(ensure_base_model(settings))
     return 0
 
 
-def cmd_keys(args) -> int:
-    import asyncio
-
-    from adapters.api_keys import new_api_key
-    from adapters.backend import open_backend
-    from adapters.errors import MetaloraError
-
-    settings = _settings()
-
+def cmd_keys(args, settings: Settings) -> int:
     async def run() -> int:
         backend = open_backend(settings)
         try:
@@ -124,7 +122,8 @@ OFFLINE_COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metalora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default=os.environ.get("METALORA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=str.upper, choices=get_args(LogLevel), default=None,
+                        help="default: METALORA_LOG_LEVEL (Settings.log_level), INFO when unset")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the whole system on this machine (embedded default)")
@@ -163,14 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OFFLINE_COMMANDS:
-        import importlib
-
-        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(_settings().log_level)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         importlib.import_module(OFFLINE_COMMANDS[argv[0]][0]).main(argv[1:])
         return
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    configure_logging(args.log_level or settings.log_level)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(args.func(args) or 0)
+    sys.exit(args.func(args, settings) or 0)

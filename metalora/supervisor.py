@@ -111,6 +111,8 @@ def build_children(settings: Settings, log_dir: str | None) -> list[Child]:
 
 def serve(settings: Settings, log_dir: str | None = None) -> int:
     """Run until SIGINT/SIGTERM. Returns the exit code."""
+    # Here, not at the top: the CLI imports this module for every command, and `metalora gateway` must not
+    # load the trainer side.
     from trainer.model_prep import ensure_base_model
 
     ensure_base_model(settings)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI
 
+from adapters.backend import open_backend
 from adapters.base_model import base_model_path, served_model_name
+from adapters.logs import configure_logging
 from adapters.settings import Settings
 from server.auth import Authenticator
 from server.errors import BodyLimitMiddleware, register_handlers
@@ -25,12 +28,7 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         counter = ExampleTokenCounter.from_model_dir(base_model_path(settings))
         owned = backend is None
-        if owned:
-            from adapters.backend import open_backend
-
-            opened = open_backend(settings)
-        else:
-            opened = backend
+        opened = open_backend(settings) if owned else backend
         pool = UpstreamPool(
             settings.vllm_urls, settings.health_interval_s,
             UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s))
@@ -70,9 +68,7 @@ async def _announce_auth(settings: Settings, store) -> None:
 
 def run(settings: Settings) -> None:
     """What `metalora gateway` (and the embedded supervisor) call."""
-    import uvicorn
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

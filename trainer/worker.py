@@ -27,6 +27,7 @@ from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
 from adapters.errors import JobNotFound, StoreUnavailable
+from adapters.logs import configure_logging
 from adapters.names import vllm_name
 from adapters.records import Job, JobStatus, now
 from adapters.settings import Settings
@@ -252,8 +253,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None, e
 
 
 def main(settings: Settings) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     if settings.worker_threads:
         import torch
 
