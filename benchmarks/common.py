@@ -37,7 +37,7 @@ def machine_info() -> dict:
     try:
         import torch
 
-        from trainer.data import cpu_bf16, cpu_features
+        from trainer.precision import cpu_bf16, cpu_features
 
         cpu = cpu_features()
         info["cpu_model"] = cpu["model"]

@@ -112,9 +112,10 @@ def _run_variant(variant: str, repeats: int) -> dict:
     import torch
 
     from trainer.config import AdaptConfig
-    from trainer.data import autocast_for, collate, encode_examples, only_labelled_logits
+    from trainer.data import collate, encode_examples, only_labelled_logits
     from trainer.engine import AdaptEngine, split_holdout
     from trainer.inner_loop import lora_parameters
+    from trainer.precision import autocast_for
 
     sys.path.insert(0, str(REPO / "tests"))
     from stack_data import examples

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer import precision
 from trainer.config import AdaptConfig
 from trainer.data import IGNORE_INDEX, ExampleTooLong, encode_examples, iterate_batches, mean_loss
 from trainer.engine import AdaptEngine, load_shared_init, save_shared_init
@@ -76,19 +77,17 @@ def test_config_validates_and_round_trips():
 
 
 def test_cpu_bf16_autocast_only_where_native_and_measured_faster(monkeypatch):
-    from trainer import data
-
     # The measurement itself: a real forward/backward in both precisions, a finite ratio.
-    assert 0.0 < data.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
+    assert 0.0 < precision.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
     # The first decision may come from scoring code under no_grad (it crashed there on an AVX512-BF16 box).
     with torch.no_grad():
-        assert 0.0 < data.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
+        assert 0.0 < precision.bf16_speedup(rows=16, d_in=32, d_out=64, reps=2) < float("inf")
 
     def decide(native: bool, speedup: float) -> bool:
-        monkeypatch.setattr(data, "_cpu_bf16", None)  # decided once per process: start over
-        monkeypatch.setattr(data, "_cpu_has_bf16", lambda: native)
-        monkeypatch.setattr(data, "bf16_speedup", lambda: speedup)
-        return data.cpu_bf16()
+        monkeypatch.setattr(precision, "_cpu_bf16", None)  # decided once per process: start over
+        monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: native)
+        monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+        return precision.cpu_bf16()
 
     monkeypatch.setenv("METALORA_CPU_BF16", "off")
     assert decide(True, 1.8) is False  # fp32 forced, e.g. to compare with figures from an fp32 box
@@ -101,10 +100,10 @@ def test_cpu_bf16_autocast_only_where_native_and_measured_faster(monkeypatch):
     assert decide(True, 1.8) is True
     assert decide(True, 0.9) is False  # native bf16 that measures slower than fp32 (small shapes on AMX)
     assert decide(False, 1.8) is False  # emulated bf16: never, whatever a short timing says
-    with data.autocast_for(torch.device("cpu")):
+    with precision.autocast_for(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setattr(data, "_cpu_bf16", True)
-    with data.autocast_for(torch.device("cpu")):
+    monkeypatch.setattr(precision, "_cpu_bf16", True)
+    with precision.autocast_for(torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 

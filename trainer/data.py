@@ -6,13 +6,12 @@ trained so the served adapter stops where the examples stop.
 """
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from trainer.precision import autocast_for
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index, what HF models expect in labels
 PAD_ID = 0  # any id works: padded positions are masked out of attention and labels
@@ -114,72 +113,6 @@ def iterate_batches(
             order.extend(torch.randperm(len(encoded), generator=generator).tolist())
         chosen, order = order[:size], order[size:]
         yield collate([encoded[i] for i in chosen])
-
-
-def cpu_features() -> dict:
-    """The CPU's model name and flags from /proc/cpuinfo (empty where there is none), for the bf16 decision
-    here and the machine description the benchmarks print."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    first = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), None)  # noqa: E731
-    return {"model": first("model name"), "flags": frozenset((first("flags") or "").split())}
-
-
-def _cpu_has_bf16() -> bool:
-    return bool(cpu_features()["flags"] & {"avx512_bf16", "amx_bf16"})
-
-
-def bf16_speedup(rows: int = 256, d_in: int = 576, d_out: int = 1536, reps: int = 5) -> float:
-    """fp32 time / bf16-autocast time of a forward+backward through one SmolLM2-sized linear layer (about
-    8 sequences x 32 tokens), each after a warm-up call (kernel choice, weight reorders)."""
-    layer = torch.nn.Linear(d_in, d_out)
-    x = torch.randn(rows, d_in, requires_grad=True)
-    timings = {}
-    # The first autocast_for() can come from scoring code under no_grad; the timing needs its backward.
-    with torch.enable_grad():
-        for enabled in (False, True):
-            for i in range(reps + 1):
-                if i == 1:
-                    t0 = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-                    out = layer(x)
-                out.float().sum().backward()
-            timings[enabled] = time.perf_counter() - t0
-    return timings[False] / timings[True]
-
-
-CPU_BF16_MODES = ("auto", "on", "off")
-_cpu_bf16: bool | None = None
-
-
-def cpu_bf16() -> bool:
-    """Whether CPU steps run under bf16 autocast: only where the CPU computes bf16 natively AND it measures
-    faster here. Emulated bf16 on an AVX2 EPYC took 21 s per SmolLM2 LoRA step against 1.2 s in fp32; native
-    bf16 took 0.77 s against 1.40 s on an AVX512-BF16 box, yet on an AMX Xeon our steps ran slower than the fp32
-    Trainer's at these small shapes. So it is measured once per process (~0.1 s where bf16 is native).
-    METALORA_CPU_BF16=off forces fp32 (to compare with figures measured in fp32 on another box), on forces bf16
-    where native; auto (the default) measures."""
-    global _cpu_bf16
-    if _cpu_bf16 is None:
-        mode = os.environ.get("METALORA_CPU_BF16", "auto")
-        if mode not in CPU_BF16_MODES:
-            raise ValueError(f"METALORA_CPU_BF16 must be one of {CPU_BF16_MODES}, got {mode!r}")
-        _cpu_bf16 = mode != "off" and _cpu_has_bf16() and (mode == "on" or bf16_speedup() >= 1.2)
-    return _cpu_bf16
-
-
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16())
-
-
-def precision_for(device: torch.device) -> str:
-    """What `autocast_for(device)` computes in, for reports: cells measured in bf16 and in fp32 can differ by an
-    item, so a table says which it was."""
-    return "bf16 autocast" if device.type == "cuda" or cpu_bf16() else "fp32"
 
 
 def model_device(model) -> torch.device:

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
+from trainer.precision import resolve_device
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -93,12 +94,6 @@ def save_shared_init(model, out_dir: Path | str, config: AdaptConfig, base_model
 class AdaptOutcome:
     config: AdaptConfig
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def split_holdout(encoded: list[EncodedExample], config: AdaptConfig) -> tuple[list[EncodedExample], list[EncodedExample]]:

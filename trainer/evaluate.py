@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import (IGNORE_INDEX, ExampleTooLong, autocast_for, collate, cpu_features, encode_examples,
-                          model_device, only_labelled_logits, precision_for, to_device)
+from trainer.data import (IGNORE_INDEX, ExampleTooLong, collate, encode_examples, model_device, only_labelled_logits,
+                          to_device)
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
+from trainer.precision import autocast_for, cpu_features, precision_for
 from trainer.tasks.format import Task, load_task
 
 EVAL_METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
@@ -143,7 +144,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.engine import resolve_device
+    from trainer.precision import resolve_device
 
     unknown = set(methods) - set(EVAL_METHODS)
     if unknown:

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import EncodedExample, autocast_for, iterate_batches, model_device, only_labelled_logits, to_device
+from trainer.data import EncodedExample, iterate_batches, model_device, only_labelled_logits, to_device
+from trainer.precision import autocast_for
 
 
 def lora_parameters(model) -> dict[str, torch.nn.Parameter]:

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.data import EncodedExample, autocast_for, collate, model_device, to_device
+from trainer.data import EncodedExample, collate, model_device, to_device
 from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+from trainer.precision import autocast_for
 
 META_METHODS = ("fomaml", "reptile", "multitask")
 # adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.data import autocast_for, model_device
+from trainer.data import model_device
+from trainer.precision import autocast_for
 
 # sum: total log-probability of the option's tokens (favours short options where lengths differ);
 # per_token: its mean over the option's tokens; per_char: the sum divided by the option's length in characters

@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> Path | dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import ExampleTooLong, encode_examples, mean_loss
-    from trainer.engine import resolve_device, save_shared_init
+    from trainer.engine import save_shared_init
     from trainer.inner_loop import adapt, set_lora_state
     from trainer.meta import MetaConfig, MetaLearner, load_checkpoint, sample_episode, save_checkpoint
+    from trainer.precision import resolve_device
     from trainer.scoring import answer_items
     from trainer.tasks.format import find_tasks, load_task
 
