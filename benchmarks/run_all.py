@@ -12,7 +12,8 @@ then stops the stack and runs
   5. meta-training cost: one first-order outer step vs one plain LoRA step (time, peak memory);
   4. steps to quality: read from the evaluation's JSON if present, else "not run";
   6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py).
-Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit.
+Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit
+(trainer.provenance).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.common import REPO, git_info, log, machine_info, write_json
+from benchmarks.common import REPO, log, machine_info, write_json
+from trainer.provenance import git_commit
 
 N_ADAPTERS = 64
 
@@ -171,14 +173,14 @@ def main(argv=None) -> None:
     command = "python -m benchmarks.run_all " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     previous = json.loads((out / "results.json").read_text()) if args.merge and (out / "results.json").is_file() else {}
     results: dict = {**previous,
-        "command": command, "git": git_info(), "machine": machine_info(),
+        "command": command, "git_commit": git_commit(), "machine": machine_info(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
     }
     if previous:
         results["merged_from"] = previous.get("merged_from", []) + [
-            {k: previous.get(k) for k in ("command", "git", "started_at", "wall_s")}]
-        results.pop("wall_s", None)
-        results.pop("partial", None)
+            {k: previous[k] for k in ("command", "git_commit", "git", "started_at", "wall_s") if k in previous}]
+        for stale in ("wall_s", "partial", "git"):  # "git": the earlier run's commit, in the older format
+            results.pop(stale, None)
     def checkpoint() -> None:  # a run cut short still leaves what it measured
         write_json(out / "results.json", {**results, "partial": True})
 

@@ -17,7 +17,8 @@ def by_count(ratio: float) -> dict:
 
 def test_summary_quantifies_misses_and_stays_quiet_when_met(tmp_path):
     results = {
-        "machine": {"cpus": 2, "cpu_model": "Test CPU", "cpu_flags": ["avx2"], "cpu_bf16_autocast": False},
+        "git_commit": "abc123-dirty",
+        "machine": {"cpus": 2, "cpu_model": "Test CPU", "cpu_flags": ["avx2"], "precision": "fp32"},
         "gateway_overhead": {
             "config": {"concurrency": 8, "requests_per_round": 32, "max_tokens": 16, "rounds": 2},
             "variants": {"base/non-stream": variant(0.99, [0.98, 1.0], 1.0),
@@ -29,7 +30,8 @@ def test_summary_quantifies_misses_and_stays_quiet_when_met(tmp_path):
     }
     write_summary(results, tmp_path, [])
     text = (tmp_path / "summary.md").read_text()
-    assert "Test CPU; flags avx2; bf16 autocast off" in text
+    assert "Test CPU; flags avx2; precision fp32" in text
+    assert "git commit: `abc123-dirty` (tracked files differed from it)" in text
     assert "adapter/non-stream: throughput missed by 0.020; its rounds ran 0.930-0.970." in text
     assert "base/non-stream: throughput missed" not in text
     # 16 adapters at 0.6 against 0.7; one adapter at 0.8 already carries half of the 0.4 loss.
@@ -47,10 +49,20 @@ def test_k_step_target_is_judged_on_the_ratio_of_medians_not_the_best_round(tmp_
                "ours_total_s": 11.0, "baseline_total_s": 15.0, "ours_overhead_over_k_steps": 0.08,
                "baseline_overhead_over_k_steps": 0.1, "k_steps_speedup_in_process": 1.4,
                "k_steps_speedup_best_of_n": 1.6, "k_steps_speedup_stack_worker": 1.2, "end_to_end_speedup": 1.3}
-    results = {"machine": {"cpus": 2, "cpu_bf16_autocast": False},
+    results = {"machine": {"cpus": 2, "precision": "fp32"},
                "adaptation": {"config": {"adapt_config": {}, "held_out": "none", "init": "standard"},
                               "summary": summary}}
     write_summary(results, tmp_path, [])
     text = (tmp_path / "summary.md").read_text()
     assert "best-of-N 1.60x (target >= 1.5x, judged on the ratio of medians as every other part is: MISSED)" in text
     assert "K-step target missed by 0.10x (ratio of medians 1.40x against 1.5x)" in text
+
+
+def test_results_written_before_the_provenance_helper_still_render(tmp_path):
+    """Older results.json files recorded {"git": {"commit", "dirty"}} and a cpu_bf16_autocast bool."""
+    old = {"git": {"commit": "abc123", "dirty": True}, "machine": {"cpus": 2, "cpu_bf16_autocast": True},
+           "merged_from": [{"command": "earlier", "git": {"commit": "def456", "dirty": False}}]}
+    write_summary(old, tmp_path, [])
+    text = (tmp_path / "summary.md").read_text()
+    assert "git commit: `abc123-dirty`" in text and "precision bf16 autocast" in text
+    assert "at commit `def456`, started" in text
