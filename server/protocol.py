@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, create_model, field_validator
 
+from adapters.adapt_options import OPTIONS, OptionSpec
 from adapters.names import NAME_PATTERN, version_label
 from adapters.records import Adapter, AdapterVersion, Job
-
-# Training options the client may set; field names match trainer/config.py's AdaptConfig.
-OPTION_FIELDS = ("steps", "learning_rate", "batch_size", "rank", "alpha", "dropout", "max_seq_len", "seed",
-                 "holdout_fraction")
-DEFAULT_MAX_SEQ_LEN = 256
 
 
 class Example(BaseModel):
@@ -35,7 +31,7 @@ class Example(BaseModel):
         return value
 
 
-class AdaptRequest(BaseModel):
+class _AdaptRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Validated by adapters.names.validate_name in the service (one rule for the whole system); the pattern
@@ -43,21 +39,21 @@ class AdaptRequest(BaseModel):
     adapter: StrictStr = Field(max_length=256, json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
     examples: list[Example]
 
-    # Bounded training options; unset ones take the trainer's defaults.
-    steps: int | None = Field(default=None, ge=1, le=2000)
-    learning_rate: float | None = Field(default=None, gt=0.0, lt=1.0)
-    batch_size: int | None = Field(default=None, ge=1, le=64)
-    # Also bounded by settings.vllm_max_lora_rank in the service (vLLM cannot load a larger rank).
-    rank: int | None = Field(default=None, ge=1, le=64)
-    alpha: int | None = Field(default=None, ge=1, le=1024)
-    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
-    # Also bounded by settings.vllm_max_model_len in the service.
-    max_seq_len: int | None = Field(default=None, ge=8, le=32768)
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    holdout_fraction: float | None = Field(default=None, ge=0.0, lt=0.5)
-
     def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+        """The training options the client set; unset ones take the worker's defaults."""
+        return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) is not None}
+
+
+def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
+    # No default here: an unset option takes the worker's, which a shipped shared init may set.
+    bounds = {"gt" if spec.min_exclusive else "ge": spec.min, "lt" if spec.max_exclusive else "le": spec.max}
+    return spec.type | None, Field(default=None, description=spec.doc, **bounds)
+
+
+# One field per training option of adapters/adapt_options.py, bounded as there. The service also bounds `rank`
+# by settings.vllm_max_lora_rank and `max_seq_len` by settings.vllm_max_model_len (what vLLM was started with).
+AdaptRequest = create_model("AdaptRequest", __base__=_AdaptRequestBase, __module__=__name__,
+                            **{name: _option_field(spec) for name, spec in OPTIONS.items()})
 
 
 # Documents (and lets schema-driven tools generate) /v1/completions bodies without validating them: the route

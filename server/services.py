@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
 from adapters.errors import QuotaExceeded, StoreUnavailable
 from adapters.names import parse_ref, validate_name, version_label, vllm_name
@@ -18,7 +19,7 @@ from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
 from adapters.store import MetadataStore, TenantQuota
 from server.errors import InvalidRequest, ModelNotFound
-from server.protocol import DEFAULT_MAX_SEQ_LEN, AdaptRequest, ModelList
+from server.protocol import AdaptRequest, ModelList
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
 from server.upstream import UpstreamPool
 
@@ -91,7 +92,7 @@ class Gateway:
             raise InvalidRequest(
                 f"rank: {options['rank']} exceeds the serving engine's max LoRA rank {s.vllm_max_lora_rank}",
                 param="rank")
-        max_seq_len = options.setdefault("max_seq_len", min(DEFAULT_MAX_SEQ_LEN, s.vllm_max_model_len))
+        max_seq_len = options.setdefault("max_seq_len", min(DEFAULTS["max_seq_len"], s.vllm_max_model_len))
         if max_seq_len > s.vllm_max_model_len:
             raise InvalidRequest(
                 f"max_seq_len: {max_seq_len} exceeds the model context of {s.vllm_max_model_len} tokens",

@@ -6,54 +6,36 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from adapters.adapt_options import DEFAULTS, OPTIONS
 
-# vLLM is started with --max-lora-rank (16 by default, 64 at most for the kernels we ship).
-MAX_RANK = 64
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class AdaptConfig:
-    steps: int = 30  # K inner steps
-    learning_rate: float = 2e-3
-    batch_size: int = 8
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    """The job options of adapters/adapt_options.py (defaults and bounds from there), plus the LoRA targets."""
+
+    steps: int = DEFAULTS["steps"]  # K inner steps
+    learning_rate: float = DEFAULTS["learning_rate"]
+    batch_size: int = DEFAULTS["batch_size"]
+    rank: int = DEFAULTS["rank"]
+    alpha: int = DEFAULTS["alpha"]
+    dropout: float = DEFAULTS["dropout"]
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    max_seq_len: int = 256
-    seed: int = 0
+    max_seq_len: int = DEFAULTS["max_seq_len"]
+    seed: int = DEFAULTS["seed"]
     # Held-out slice of the job's examples: loss before/after on it is the worker's quality signal.
-    holdout_fraction: float = 0.1
+    holdout_fraction: float = DEFAULTS["holdout_fraction"]
 
     def __post_init__(self):
         # JSON round-trips and client options give lists; a tuple keeps the config hashable and comparable.
         if isinstance(self.target_modules, str) or not isinstance(self.target_modules, (list, tuple)):
             raise ValueError(f"target_modules must be a list of module names, got {self.target_modules!r}")
         self.target_modules = tuple(self.target_modules)
-        for name in ("steps", "batch_size", "rank", "alpha", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.steps > 10_000:
-            raise ValueError(f"steps must be at most 10000, got {self.steps}")
-        if self.rank > MAX_RANK:
-            raise ValueError(f"rank must be at most {MAX_RANK}, got {self.rank}")
-        if self.max_seq_len > 32_768:
-            raise ValueError(f"max_seq_len must be at most 32768, got {self.max_seq_len}")
-        if not _is_real(self.learning_rate) or not 0.0 < self.learning_rate < 1.0:
-            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate!r}")
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not _is_real(self.holdout_fraction) or not 0.0 <= self.holdout_fraction < 0.5:
-            raise ValueError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
-        self.learning_rate = float(self.learning_rate)
-        self.dropout = float(self.dropout)
-        self.holdout_fraction = float(self.holdout_fraction)
+        for name, spec in OPTIONS.items():
+            setattr(self, name, spec.check(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -81,7 +63,7 @@ class AdaptConfig:
         return (self.rank, self.alpha, tuple(sorted(self.target_modules)))
 
     def lora_config(self):
-        from peft import LoraConfig
+        from peft import LoraConfig  # here: peft imports torch, and the config alone must not need it
 
         return LoraConfig(
             r=self.rank,
@@ -92,6 +74,3 @@ class AdaptConfig:
             task_type="CAUSAL_LM",
         )
 
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

@@ -1,0 +1,73 @@
+"""The options of an adaptation job: names, types, bounds and defaults, once.
+
+The gateway's wire model (`server/protocol.py`, what a client may ask) and the trainer's `AdaptConfig`
+(`trainer/config.py`, what the inner loop accepts) are both built from `OPTIONS`, so they accept exactly the
+same values. The gateway bounds `rank` and `max_seq_len` further by what the serving engine was started with
+(settings), which is a deployment limit, not a property of the option.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+class InvalidOption(ValueError):
+    """A value outside its option's type or bounds. A ValueError, so a job holding one fails as bad input."""
+
+    def __init__(self, name: str, value: object, expected: str):
+        super().__init__(f"{name} must be {expected}, got {value!r}")
+        self.name = name
+        self.value = value
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    type: type  # int or float
+    default: int | float
+    min: int | float
+    max: int | float
+    doc: str
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.type is int else "a number"
+        low, high = "(" if self.min_exclusive else "[", ")" if self.max_exclusive else "]"
+        return f"{kind} in {low}{self.min}, {self.max}{high}"
+
+    def check(self, value: object) -> int | float:
+        """`value` as this option's type, or InvalidOption. Booleans are not numbers here, NaN is no float."""
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.type is float else int):
+            raise InvalidOption(self.name, value, self.describe())
+        if self.type is float:
+            value = float(value)
+            if math.isnan(value):
+                raise InvalidOption(self.name, value, self.describe())
+        above = value > self.min if self.min_exclusive else value >= self.min
+        below = value < self.max if self.max_exclusive else value <= self.max
+        if not (above and below):
+            raise InvalidOption(self.name, value, self.describe())
+        return value
+
+
+OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
+    # A job brings ~100 examples: 2,000 steps of batch 8 are 160 epochs of them, far past any use; more would
+    # only hold a worker until the job timeout.
+    OptionSpec("steps", int, 30, 1, 2000, "K: optimizer steps of the inner loop"),
+    OptionSpec("learning_rate", float, 2e-3, 0.0, 1.0, "AdamW learning rate of the LoRA weights",
+               min_exclusive=True, max_exclusive=True),
+    OptionSpec("batch_size", int, 8, 1, 64, "examples per step (fewer when the job has fewer)"),
+    # vLLM is started with --max-lora-rank (16 by default); 64 is the most its LoRA kernels we ship take.
+    OptionSpec("rank", int, 8, 1, 64, "LoRA rank r"),
+    OptionSpec("alpha", int, 16, 1, 1024, "LoRA alpha (the update is scaled by alpha / rank)"),
+    OptionSpec("dropout", float, 0.0, 0.0, 1.0, "LoRA dropout", max_exclusive=True),
+    OptionSpec("max_seq_len", int, 256, 8, 32768,
+               "tokens of prompt + completion + EOS an example may take; longer ones are rejected"),
+    # 2**31 - 1: a signed 32-bit integer, which every client and RNG can hold.
+    OptionSpec("seed", int, 0, 0, 2**31 - 1, "seeds LoRA init, dropout, batch order and holdout split"),
+    OptionSpec("holdout_fraction", float, 0.1, 0.0, 0.5,
+               "share of the examples held out to measure loss before and after", max_exclusive=True),
+)}
+
+DEFAULTS: dict[str, int | float] = {name: spec.default for name, spec in OPTIONS.items()}
