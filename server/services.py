@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
 from adapters.errors import QuotaExceeded, StoreUnavailable
@@ -18,6 +20,7 @@ from adapters.names import parse_ref, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
 from adapters.store import MetadataStore, TenantQuota
+from adapters.token_count import example_lengths
 from server.errors import InvalidRequest, ModelNotFound
 from server.protocol import AdaptRequest, ModelList
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
@@ -28,16 +31,14 @@ log = logging.getLogger("metalora.gateway")
 
 # ---------------------------------------------------------------- example-length validation
 class ExampleTokenCounter:
-    """Counts tokens exactly as the trainer does (trainer/data.py): the prompt encoded on its own with
-    special tokens, then the completion without them, then one EOS. Uses only the `tokenizers` library."""
+    """Counts an example's tokens by the trainer's rule (adapters/token_count.py) with the base model's
+    tokenizer.json, so the gateway needs only the `tokenizers` library."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> "ExampleTokenCounter":
-        from tokenizers import Tokenizer
-
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
             raise RuntimeError(
@@ -46,9 +47,7 @@ class ExampleTokenCounter:
         return cls(Tokenizer.from_file(str(path)))
 
     def lengths(self, examples: list[tuple[str, str]]) -> list[int]:
-        prompts = self.tokenizer.encode_batch([p for p, _ in examples], add_special_tokens=True)
-        completions = self.tokenizer.encode_batch([c for _, c in examples], add_special_tokens=False)
-        return [len(p.ids) + len(c.ids) + 1 for p, c in zip(prompts, completions)]
+        return example_lengths(self.tokenizer, examples)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from adapters.token_count import tokenize_examples
 from trainer.precision import autocast_for
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index, what HF models expect in labels
@@ -41,9 +42,11 @@ class InvalidExample(ValueError):
 
 
 def encode_examples(tokenizer, examples: list[dict], max_seq_len: int) -> list[EncodedExample]:
+    """Token ids with the prompt masked out of the labels, by adapters/token_count.py's rule (the gateway
+    counts lengths with the same rule)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; completions would never learn to stop")
-    encoded = []
+    pairs = []
     for index, example in enumerate(examples):
         if not isinstance(example, dict):
             raise InvalidExample(index, f"expected an object with prompt and completion, got {type(example).__name__}")
@@ -52,16 +55,14 @@ def encode_examples(tokenizer, examples: list[dict], max_seq_len: int) -> list[E
             raise InvalidExample(index, "prompt and completion must both be strings")
         if not completion:
             raise InvalidExample(index, "completion is empty: there would be nothing to learn from it")
-        # Encoded separately so the prompt tokens are exactly those vLLM produces for the prompt alone.
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        length = len(prompt_ids) + len(completion_ids)
-        if length > max_seq_len:
-            raise ExampleTooLong(index, length, max_seq_len)
-        encoded.append(EncodedExample(
-            input_ids=list(prompt_ids) + completion_ids,
-            labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-        ))
+        pairs.append((prompt, completion))
+    encoded = []
+    for index, tokens in enumerate(tokenize_examples(tokenizer, pairs)):
+        if tokens.length > max_seq_len:
+            raise ExampleTooLong(index, tokens.length, max_seq_len)
+        target = tokens.target_ids(tokenizer.eos_token_id)
+        encoded.append(EncodedExample(input_ids=tokens.prompt_ids + target,
+                                      labels=[IGNORE_INDEX] * len(tokens.prompt_ids) + target))
     return encoded
 
 
