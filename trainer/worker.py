@@ -27,18 +27,19 @@ from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
 from adapters.errors import JobNotFound, StoreUnavailable
+from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
 from adapters.records import Job, JobStatus, now
 from adapters.settings import Settings
 from adapters.store import JobLease, LeaseLost
+from trainer.model_prep import ensure_base_model
 
 log = logging.getLogger("metalora.worker")
 
 CLAIM_BLOCK_MS = 1000  # also how quickly an idle worker notices a stop request
 PROGRESS_INTERVAL_S = 0.5  # progress writes per job are bounded, whatever the step time
 ORPHAN_MAX_AGE_S = 600.0  # older `.tmp-*` folders are from dead writers (a save takes seconds)
-JOB_RECORD = "metalora_job.json"  # which job wrote an adapter folder, so a retry can recognise its own
 
 
 class JobAborted(Exception):
@@ -51,7 +52,7 @@ def shared_init_path(settings: Settings, base_dir: Path) -> Path | None:
         return None
     if value == "auto":
         candidate = Path(__file__).parent / "shared_init" / base_dir.name
-        return candidate if (candidate / "adapter_model.safetensors").is_file() else None
+        return candidate if (candidate / ADAPTER_WEIGHTS).is_file() else None
     path = Path(value).expanduser()
     if not path.is_dir():
         raise ValueError(f"METALORA_SHARED_INIT={value!r} is not a folder (use auto, none or a path)")
@@ -59,12 +60,12 @@ def shared_init_path(settings: Settings, base_dir: Path) -> Path | None:
 
 
 def build_engine(settings: Settings):
+    # Here, not at the top: the engine imports torch, transformers and peft, which a worker run with another
+    # engine (the tests' fakes) never needs.
     from trainer.engine import AdaptEngine
 
     base_dir = base_model_path(settings)
     if not (base_dir / "config.json").is_file():
-        from trainer.model_prep import ensure_base_model
-
         base_dir = ensure_base_model(settings)
     return AdaptEngine(base_dir, shared_init_path(settings, base_dir))
 
@@ -127,7 +128,7 @@ class Worker:
         try:
             if self._written_by(name, job.id):
                 # A previous attempt wrote the folder and died before marking it ready.
-                metrics = self.artifacts.read_json(name, "metalora_adapt.json")["metrics"]
+                metrics = self.artifacts.read_json(name, ADAPT_RECORD)["metrics"]
                 log.info("job %s start %s: adapter already written by attempt before, finishing", job.id, name)
             else:
                 metrics = await self._train_and_write(job, lease, name, abort, started)
@@ -255,7 +256,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None, e
 def main(settings: Settings) -> None:
     configure_logging(settings.log_level)
     if settings.worker_threads:
-        import torch
+        import torch  # here, as in build_engine: only a real engine needs it
 
         torch.set_num_threads(settings.worker_threads)
     engine = build_engine(settings)  # before the loop: a SIGTERM during the slow load just kills us
