@@ -1,84 +1,121 @@
-"""The held-out report's paired comparison: arithmetic on hand-made rows (no model needed)."""
+"""The evaluation's statistics and report on hand-made rows (no model needed): balanced accuracy, the majority
+rate, the paired bootstrap over seeds x items, the comparisons asked, the markdown and merging."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from trainer.evaluate import comparisons, item_accuracy, markdown, merge_reports, paired_difference
+from trainer.eval_report import comparisons, markdown, merge_reports
+from trainer.eval_stats import balanced_accuracy, cells, majority_rate, paired_bootstrap, paired_difference
 
 
-def row(task, method, k, seed, correct):
+def row(task, method, k, seed, correct, pred=None):
     return {"task": task, "method": method, "k": k, "seed": seed, "accuracy": sum(correct) / len(correct),
-            "correct": correct}
+            "correct": correct, "pred": pred}
+
+
+def test_balanced_accuracy_gives_a_constant_answer_one_half_whatever_the_balance():
+    gold = [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert majority_rate(gold) == 0.7
+    assert balanced_accuracy([0] * 10, gold) == 0.5  # plain accuracy 0.7
+    assert balanced_accuracy([1] * 10, gold) == 0.5
+    assert balanced_accuracy(gold, gold) == 1.0
+    assert balanced_accuracy([0, 0, 0, 0, 0, 0, 1, 1, 1, 0], gold) == pytest.approx((6 / 7 + 2 / 3) / 2)
+
+
+def test_bootstrap_interval_widens_with_seed_disagreement_that_item_noise_alone_misses():
+    rng = np.random.default_rng(1)
+    items = rng.integers(0, 2, size=200).astype(float) * 0.1
+    agree = {"t": np.stack([items + 0.05] * 3)}  # every seed gains the same
+    disagree = {"t": np.stack([items + 0.25, items - 0.15, items + 0.05])}  # same mean, seeds disagree
+    a, d = paired_bootstrap(agree), paired_bootstrap(disagree)
+    assert a["diff"] == pytest.approx(d["diff"])
+    assert (d["hi"] - d["lo"]) > 3 * (a["hi"] - a["lo"])
+    assert a["resolved"] and not d["resolved"]
+
+
+def test_bootstrap_of_identical_methods_is_zero_and_unresolved():
+    zeros = {"t": np.zeros((3, 50)), "u": np.zeros((3, 20))}
+    p = paired_bootstrap(zeros)
+    assert p["diff"] == 0.0 and p["lo"] == 0.0 and p["hi"] == 0.0 and not p["resolved"]
+    assert p["n_items"] == 70 and p["n_seeds"] == 3
 
 
 ROWS = [
-    row("a", "standard_init", 5, 0, [1, 0, 0, 1]), row("a", "standard_init", 5, 1, [1, 0, 1, 1]),
-    row("a", "meta_init", 5, 0, [1, 1, 1, 1]), row("a", "meta_init", 5, 1, [1, 1, 0, 1]),
+    row("a", "standard_init", 5, 0, [1, 0, 0, 1], [0, 0, 0, 1]), row("a", "standard_init", 5, 1, [1, 0, 1, 1], [0, 0, 1, 1]),
+    row("a", "meta_init", 5, 0, [1, 1, 1, 1], [0, 1, 1, 1]), row("a", "meta_init", 5, 1, [1, 1, 0, 1], [0, 1, 0, 1]),
     row("b", "standard_init", 5, 0, [0, 1]), row("b", "meta_init", 5, 0, [0, 1]),
-    # An older report's row has no per-item results: it cannot be paired and is left out.
-    {"task": "c", "method": "standard_init", "k": 5, "seed": 0, "accuracy": 0.5},
-    {"task": "c", "method": "meta_init", "k": 5, "seed": 0, "accuracy": 1.0},
 ]
 
 
-def test_paired_difference_averages_seeds_per_item_then_combines_tasks():
-    p = paired_difference(item_accuracy(ROWS), ("meta_init", 5), ("standard_init", 5))
-    # Task a, per item over seeds: meta [1, 1, .5, 1] vs standard [1, 0, .5, 1] -> d = [0, 1, 0, 0].
-    assert p["tasks"]["a"]["diff"] == pytest.approx(0.25) and p["tasks"]["a"]["se"] == pytest.approx(0.25)
-    assert p["tasks"]["b"] == {"diff": 0.0, "se": 0.0, "n_items": 2}
-    assert set(p["tasks"]) == {"a", "b"}
-    assert p["diff"] == pytest.approx(0.125) and p["ci95"] == pytest.approx(1.96 * 0.125)
-    # The other way round, the difference flips and the interval stays.
-    q = paired_difference(item_accuracy(ROWS), ("standard_init", 5), ("meta_init", 5))
-    assert q["diff"] == pytest.approx(-0.125) and q["ci95"] == pytest.approx(p["ci95"])
-    assert paired_difference(item_accuracy(ROWS), ("meta_init", 5), ("full_data", 40)) is None
+def test_paired_difference_pairs_seed_and_item_and_averages_task_means():
+    p = paired_difference(cells(ROWS), ("meta_init", 5), ("standard_init", 5))
+    # Task a: per seed d = [0,1,1,0] and [0,1,-1,0] -> mean 0.25. Task b has one seed only: the joint seed draw
+    # needs one seed set, so only the tasks with the most seeds (a) are combined.
+    assert p["tasks"]["a"]["diff"] == pytest.approx(0.25) and set(p["tasks"]) == {"a"}
+    assert p["diff"] == pytest.approx(0.25) and p["lo"] <= p["diff"] <= p["hi"]
+    q = paired_difference(cells(ROWS), ("standard_init", 5), ("meta_init", 5))
+    assert q["diff"] == pytest.approx(-0.25)
+    assert paired_difference(cells(ROWS), ("meta_init", 5), ("full_data", 0)) is None
 
 
-def test_items_scored_on_a_different_test_cap_are_not_paired():
+def test_items_of_a_different_test_cap_are_not_paired():
     rows = ROWS + [row("d", "standard_init", 5, 0, [1, 0, 1]), row("d", "meta_init", 5, 0, [1, 0])]
-    assert "d" not in paired_difference(item_accuracy(rows), ("meta_init", 5), ("standard_init", 5))["tasks"]
+    p = paired_difference(cells(rows), ("meta_init", 5), ("standard_init", 5))
+    assert "d" not in p["tasks"]
 
 
-def test_comparisons_ask_the_issues_questions_for_every_k_of_every_init():
-    cols = [("zero_shot", 0), ("in_context", 0), ("standard_init", 0), ("standard_init", 5), ("meta_init", 0),
-            ("meta_init", 5), ("full_data", 150)]
-    assert comparisons(cols) == [
-        (("standard_init", 5), ("standard_init", 0)), (("standard_init", 5), ("in_context", 0)),
-        (("standard_init", 5), ("full_data", 150)),
-        (("meta_init", 5), ("meta_init", 0)), (("meta_init", 5), ("standard_init", 5)),
-        (("meta_init", 5), ("in_context", 0)), (("meta_init", 5), ("full_data", 150))]
-    # More than one K: each K is compared with the init's previous one, not only with K = 0.
-    assert (("standard_init", 30), ("standard_init", 5)) in comparisons(cols + [("standard_init", 30)])
+def test_comparisons_ask_each_question_for_every_k_of_every_init():
+    cols = [("zero_shot", 0), ("in_context", 0), ("standard_init", 5), ("standard_init", 30), ("meta_init", 0),
+            ("meta_init", 5), ("auto_k", 0), ("full_data", 0)]
+    got = comparisons(cols)
+    assert (("meta_init", 5), ("meta_init", 0)) in got
+    assert (("meta_init", 5), ("standard_init", 5)) in got
+    # What a job got before any init shipped (the standard init at its largest K) is always a reference.
+    assert (("meta_init", 5), ("standard_init", 30)) in got
+    assert (("meta_init", 5), ("in_context", 0)) in got and (("meta_init", 5), ("full_data", 0)) in got
+    assert (("standard_init", 30), ("standard_init", 5)) in got
+    assert (("auto_k", 0), ("standard_init", 30)) in got and (("auto_k", 0), ("meta_init", 5)) in got
 
 
-def test_markdown_shows_the_paired_table():
-    report = {"command": "metalora evaluate ...", "git_commit": "abc", "n_train": 100, "seeds": [0, 1],
-              "max_test": 4, "methods": ["standard_init", "meta_init"], "rows": ROWS}
-    text = markdown(report)
-    assert "## Paired differences" in text
-    assert "| meta_init+5 − standard_init+5 | +0.250 | +0.000 | - | **+0.125 ± 0.245** (2 tasks) |" in text
+def report_for(rows, **extra):
+    return {"command": "metalora evaluate ...", "git_commit": "abc", "n_train": 100, "seeds": [0, 1],
+            "max_test": 4, "methods": ["standard_init", "meta_init"], "protocol": "heldout", "scoring": "sum",
+            "machine": {"device": "cpu", "cpu_model": "X", "precision": "fp32"}, "seconds": 12.0,
+            "tasks": {"a": {"n_test": 4, "n_train_available": 500, "gold": [0, 1, 1, 1], "n_options": [2]},
+                      "b": {"n_test": 2, "n_train_available": 50, "gold": None, "n_options": None}},
+            "rows": rows, **extra}
 
 
-def test_merge_lets_a_later_part_re_measure_a_column(tmp_path):
+def test_markdown_names_protocol_scoring_machine_and_shows_binary_and_paired_tables():
+    text = markdown(report_for(ROWS))
+    assert "Protocol: `heldout`; option scoring: `sum`" in text
+    assert "Machine and precision: fp32 on cpu (X)" in text and "Wall time: 12 s" in text
+    assert "| a (4, 100) | 0.625 ± 0.177 | 0.875 ± 0.177 |" in text
+    assert "| b (2, 50) |" in text  # the table names how many training examples a task had
+    # Binary task a, gold [0,1,1,1], majority 0.75: standard seeds 0.667 and 0.833, meta seeds 1.0 and 0.833.
+    assert "| a | 0.750 | 0.750 | 0.917 |" in text
+    assert "## Paired differences" in text and "meta_init+5 − standard_init+5 | +0.250 | -" in text
+
+
+def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols(tmp_path):
     def part(name, rows, **extra):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"command": name, "git_commit": name, "n_train": 100, "max_test": 4,
-                                    "adapt_config": {}, "model_dir": "m", "seeds": [0, 1], "k_values": [5],
-                                    "methods": sorted({r["method"] for r in rows}),
-                                    "full_data": {"cap": 1000, "steps": 40}, "rows": rows, **extra}))
+        path.write_text(json.dumps({**report_for(rows), "command": name, "git_commit": name, "k_values": [5],
+                                    "methods": sorted({r["method"] for r in rows}), **extra}))
         return path
 
-    old = part("old", ROWS[:6])
-    new = part("new", [row("a", "meta_init", 5, 0, [0, 0, 0, 0]), row("a", "meta_init", 5, 1, [0, 0, 0, 1])],
-               machine={"device": "cpu", "cpu_model": "X", "precision": "fp32"})
+    old = part("old", ROWS)
+    new = part("new", [row("a", "meta_init", 5, 0, [0, 0, 0, 0], [1, 0, 0, 0]),
+                       row("a", "meta_init", 5, 1, [0, 0, 0, 1], [1, 0, 0, 1])])
     merged = merge_reports([old, new], tmp_path / "merged")
     meta_a = sorted(r["accuracy"] for r in merged["rows"] if (r["task"], r["method"]) == ("a", "meta_init"))
     assert meta_a == [0.0, 0.25]  # the old part's two cells were replaced, not averaged in
-    assert len(merged["rows"]) == 6
-    assert [p["rows_replaced"] for p in merged["parts"]] == [2, 0]
+    assert len(merged["rows"]) == 6 and [p["rows_replaced"] for p in merged["parts"]] == [2, 0]
     text = (tmp_path / "merged" / "results.md").read_text()
-    assert "| a | 0.625 ± 0.177 | 0.125 ± 0.177 |" in text
     assert "Commits (by part, see `parts` in results.json): `old`, `new`" in text
-    assert "Precision (by part): not recorded, fp32 on cpu (X)" in text  # a report from before it was recorded
+    other = part("other", ROWS, scoring="per_char")
+    with pytest.raises(ValueError, match="different scoring"):
+        merge_reports([old, other], tmp_path / "bad")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from test_inner_loop import save_tiny_model
 from trainer.config import AdaptConfig
-from trainer.data import autocast_for
+from trainer.precision import autocast_for
 from trainer.scoring import SCORING_RULES, answer_items, option_scores
 
 OPTIONS = [" yes", " no, never", " maybe so"]

@@ -1,46 +1,74 @@
-"""Few-shot evaluation of inits on held-out task folders (docs/tasks.md format).
+"""Few-shot evaluation of inits on held-out task folders (docs/tasks.md format): the runner.
 
-    evaluate(task_dirs, methods, k_values, seeds, n_train=100, out_dir=...)
+    metalora evaluate --protocol heldout --methods standard_init --k 0,5,30 --out-dir runs/eval-std
+    metalora evaluate runs/eval-*/results.json --merge --out-dir results/eval
 
-Per task and seed, `n_train` examples are drawn (seeded) from the task's train split; every method scores
-the (capped) test split:
+Per task and seed, `n_train` examples are drawn (seeded) from the task's train split; every method answers the same
+(capped) test items, scored by one rule (trainer/scoring.py):
 - zero_shot: the base model (LoRA B = 0).
-- in_context: as many of the n_train examples as fit in ICL_MAX_TOKENS before the test prompt.
-- standard_init+K / multitask_init+K / meta_init+K: `adapt()` for K steps from PEFT's default init / the
-  multitask init / the meta-learned init, on the n_train examples (each K scored as a fresh K-step run would
-  be). A shared init is adapted with the learning rate and batch size in its metalora_meta.json, the
-  procedure it was learned for (what the worker does too); the standard init with the harness's own.
-- full_data: `adapt()` from the standard init on min(len(train), FULL_DATA_CAP) examples for
-  FULL_DATA_STEPS steps (the "LoRA on the full data" reference, capped for CPU cost).
-Accuracy: option tasks by the log-likelihood of each option's completion (+ EOS: the trained and served
-format), argmax vs gold; open tasks by greedy generation and exact match after stripping whitespace.
+- in_context: as many of the n_train examples as fit in `icl_max_tokens` before the test prompt.
+- standard_init+K / multitask_init+K / meta_init+K: `adapt()` for K steps from PEFT's default init / the multitask
+  init / the meta-learned init, on the n_train examples (each K scored as a fresh K-step run would be). A shared
+  init is adapted with the learning rate and batch size in its metalora_meta.json, the procedure it was learned for
+  (what the worker does too); the standard init with the harness's own.
+- auto_k: what a job with `"steps": "auto"` gets: from the `--auto-init` init, K chosen on a held-out slice of the
+  n_train examples (the worker's split and rule, trainer/selection.py); the row records the K chosen.
+- full_data: LoRA from the standard init on up to `full_data_cap` train examples, trained until its loss on the
+  task's validation split stops improving; the row records the examples and steps.
+The report (trainer/eval_report.py) holds every item's answer, so methods are compared item by item.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import random
-import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from peft import get_peft_model, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.settings import Settings
 from trainer.config import AdaptConfig
-from trainer.data import (IGNORE_INDEX, ExampleTooLong, collate, encode_examples, model_device, only_labelled_logits,
-                          to_device)
+from trainer.data import ExampleTooLong, encode_examples
+from trainer.engine import load_shared_init, split_holdout
+from trainer.eval_report import EVAL_METHODS, K_METHODS, merge_reports, write_report
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
-from trainer.precision import autocast_for, cpu_features, precision_for
+from trainer.model_prep import ensure_base_model
+from trainer.precision import resolve_device
+from trainer.provenance import git_commit, machine_record
+from trainer.scoring import DEFAULT_SCORING, SCORING_RULES, answer_items
+from trainer.selection import AUTO_K, adapt_selecting_k
+from trainer.tasks.fetch import default_cache_dir
 from trainer.tasks.format import Task, load_task
 
-EVAL_METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "full_data")
-K_METHODS = ("standard_init", "multitask_init", "meta_init")
 ICL_MAX_TOKENS = 1024  # context for in-context demos + test prompt; cost grows fast on CPU
 FULL_DATA_CAP = 1000
-FULL_DATA_STEPS = 250  # 2 epochs of 1000 at batch 8
+FULL_DATA_MAX_STEPS = 1000
+FULL_DATA_EVAL_EVERY = 25
+FULL_DATA_PATIENCE = 3
 DEFAULT_MAX_TEST = 200
-GEN_MAX_NEW_TOKENS = 24
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A fixed evaluation: which tasks, how many test items, seeds and training examples. Named, so that every table
+    of a protocol measures the same thing and parts run apart can be merged."""
+    tasks: tuple[str, ...]
+    max_test: int
+    seeds: tuple[int, ...]
+    n_train: int
+    scoring: str
+
+
+# The 8 public OLMo tasks, 250 test items each where the split has them (all 40 of COPA and 96 of RTE): 1,636 items,
+# enough for a paired interval of about ±0.02 on the mean of task means at 3 seeds.
+PROTOCOLS = {
+    "heldout": Protocol(tasks=("arc_easy", "boolq", "commonsense_qa", "copa", "openbookqa", "piqa", "rte", "sst2"),
+                        max_test=250, seeds=(0, 1, 2), n_train=100, scoring=DEFAULT_SCORING),
+}
 
 
 def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
@@ -52,48 +80,6 @@ def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
         except ExampleTooLong:
             pass  # stated in the results as n_train_used
     return out
-
-
-@torch.no_grad()
-def option_logprobs(model, tokenizer, prompt: str, options: list[str], max_seq_len: int, prefix: str = "") -> list[float]:
-    enc = encode_examples(tokenizer, [{"prompt": prefix + prompt, "completion": o} for o in options], 10**6)
-    enc = [e if len(e.input_ids) <= max_seq_len else type(e)(e.input_ids[-max_seq_len:], e.labels[-max_seq_len:])
-           for e in enc]
-    device = model_device(model)
-    # Logits only from just before the options' first token: with in-context demos the prompt is most of
-    # each row, and the vocabulary projection + log-softmax over it would be wasted work.
-    batch = to_device(only_labelled_logits(collate(enc)), device)
-    with autocast_for(device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       logits_to_keep=batch.get("logits_to_keep", 0)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1).tolist()
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt: str, prefix: str = "") -> str:
-    ids = tokenizer(prefix + prompt, return_tensors="pt")["input_ids"].to(model_device(model))
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GEN_MAX_NEW_TOKENS,
-                         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-def correct_items(model, tokenizer, task: Task, test: list[dict], max_seq_len: int, prefix: str = "") -> list[int]:
-    """1/0 per test item. Kept per item (not only the accuracy) because every method scores the same items, so
-    two methods can be compared item by item, which resolves far smaller differences than two accuracies."""
-    model.eval()
-    correct = []
-    for ex in test:
-        if task.has_options:
-            scores = option_logprobs(model, tokenizer, ex["prompt"], ex["options"], max_seq_len, prefix)
-            correct.append(int(max(range(len(scores)), key=scores.__getitem__) == ex["answer"]))
-        else:
-            text = generate(model, tokenizer, ex["prompt"], prefix)
-            correct.append(int(text.strip().split("\n")[0].strip() == ex["completion"].strip()))
-    return correct
 
 
 def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> tuple[str, int]:
@@ -109,22 +95,10 @@ def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> t
     return prefix, n
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent.parent,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def load_init(path: Path | str, model, cfg: AdaptConfig) -> tuple[dict[str, torch.Tensor], AdaptConfig]:
     """A shared-init folder, read once through the engine's own reader (so an incomplete or inconsistent folder
     is refused here as the worker would refuse it): its weights keyed like `lora_parameters(model)` (peft saves
     them without the adapter name), and `cfg` with the learning rate and batch size it was meta-learned for."""
-    from peft import set_peft_model_state_dict
-
-    from trainer.engine import load_shared_init
-
     shared = load_shared_init(path)
     saved = get_lora_state(model)
     set_peft_model_state_dict(model, shared.state)
@@ -136,338 +110,204 @@ def load_init(path: Path | str, model, cfg: AdaptConfig) -> tuple[dict[str, torc
     return state, replace(cfg, learning_rate=learned.learning_rate, batch_size=learned.batch_size)
 
 
-def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
-             model_dir: Path | str | None = None, meta_init: Path | str | None = None,
-             multitask_init: Path | str | None = None, adapt_config: AdaptConfig | None = None,
-             max_test: int = DEFAULT_MAX_TEST, command: str | None = None, device: str = "auto",
-             full_data_steps: int = FULL_DATA_STEPS, icl_max_tokens: int = ICL_MAX_TOKENS) -> dict:
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class Harness:
+    """What every method of one run shares: the model with its LoRA slots, the inits and their procedures."""
+    model: object
+    tokenizer: object
+    cfg: AdaptConfig
+    inits: dict[str, dict]
+    procedures: dict[str, AdaptConfig]
+    scoring: str
+    icl_max_tokens: int
+    full_data_cap: int
+    auto_init: str
 
-    from trainer.precision import resolve_device
+    def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6) -> list:
+        return answer_items(self.model, self.tokenizer, items, has_options=task.has_options, rule=self.scoring,
+                            prefix=prefix, max_prompt_tokens=max_prompt_tokens)
 
-    unknown = set(methods) - set(EVAL_METHODS)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {EVAL_METHODS}")
-    if ("meta_init" in methods and not meta_init) or ("multitask_init" in methods and not multitask_init):
-        raise ValueError("meta_init / multitask_init need the path of the corresponding shared-init folder")
-    if model_dir is None:
-        from adapters.settings import Settings
-        from trainer.model_prep import ensure_base_model
-        model_dir = ensure_base_model(Settings())
-    cfg = adapt_config or AdaptConfig(holdout_fraction=0.0)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, k_values, n_train: int,
+                  record) -> None:
+    """Every method on one (task, seed): `record(method, k, answers, **extra)` once per measured cell."""
+    sample = random.Random(seed).sample(task.train, min(n_train, len(task.train)))
+    enc = encode_safe(h.tokenizer, sample, h.cfg.max_seq_len)
+    if "zero_shot" in methods:
+        set_lora_state(h.model, h.inits["zero"])
+        record("zero_shot", 0, h.answers(task, test))
+    if "in_context" in methods:
+        set_lora_state(h.model, h.inits["zero"])
+        prefix, n_demos = icl_prefix(h.tokenizer, sample, test, h.icl_max_tokens)
+        record("in_context", 0, h.answers(task, test, prefix, h.icl_max_tokens), n_demos=n_demos)
+    for method in K_METHODS:
+        if method not in methods:
+            continue
+        # One run to the largest K, scored as it passes each K: batch order and AdamW have no dependence on the
+        # total step count, so step k of a long run is exactly a k-step run.
+        set_lora_state(h.model, h.inits[method])
+        if 0 in k_values:
+            record(method, 0, h.answers(task, test))
+
+        def score_at(step: int, _loss: float, method=method) -> None:
+            if step in k_values:
+                record(method, step, h.answers(task, test))
+
+        if max(k_values) > 0:
+            adapt(h.model, enc, replace(h.procedures[method], steps=max(k_values), seed=seed), on_step=score_at)
+    if "auto_k" in methods:
+        procedure = replace(h.procedures[h.auto_init], seed=seed)
+        train, held = split_holdout(enc, procedure)
+        set_lora_state(h.model, h.inits[h.auto_init])
+        chosen = adapt_selecting_k(h.model, train, held, procedure, max_steps=AUTO_K.max_steps,
+                                   eval_every=AUTO_K.eval_every, patience=AUTO_K.patience)
+        record("auto_k", 0, h.answers(task, test), chosen_k=chosen.k, steps_run=chosen.steps_run,
+               init=h.auto_init, curve=chosen.curve)
+    if "full_data" in methods:
+        pool = random.Random(seed).sample(task.train, min(h.full_data_cap, len(task.train)))
+        full = encode_safe(h.tokenizer, pool, h.cfg.max_seq_len)
+        held = encode_safe(h.tokenizer, task.validation, h.cfg.max_seq_len)
+        set_lora_state(h.model, h.inits["standard_init"])
+        chosen = adapt_selecting_k(h.model, full, held, replace(h.cfg, seed=seed), max_steps=FULL_DATA_MAX_STEPS,
+                                   eval_every=FULL_DATA_EVAL_EVERY, patience=FULL_DATA_PATIENCE)
+        record("full_data", 0, h.answers(task, test), n_full=len(full), chosen_k=chosen.k,
+               steps_run=chosen.steps_run, curve=chosen.curve)
+
+
+def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, meta_init, multitask_init, auto_init, scoring,
+                  icl_max_tokens, full_data_cap) -> tuple[Harness, torch.device]:
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     torch.manual_seed(0)
     model = get_peft_model(base, cfg.lora_config())
     standard = get_lora_state(model)
-    inits = {"standard_init": standard}
+    inits = {"standard_init": standard,
+             "zero": {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}}
     # Each init is adapted with the procedure it was learned for (its learning rate and batch size); K is swept.
     procedures = {"standard_init": cfg}
+    wanted = set(methods) | ({auto_init} if "auto_k" in methods else set())
     for method, path in (("meta_init", meta_init), ("multitask_init", multitask_init)):
-        if method in methods:
+        if method in wanted:
+            if not path:
+                raise ValueError(f"{method} needs the path of its shared-init folder")
             inits[method], procedures[method] = load_init(path, model, cfg)
-    zero = {n: (torch.zeros_like(t) if "lora_B" in n else t) for n, t in standard.items()}
+    return Harness(model, tokenizer, cfg, inits, procedures, scoring, icl_max_tokens, full_data_cap, auto_init), dev
 
+
+def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
+             model_dir: Path | str | None = None, meta_init: Path | str | None = None,
+             multitask_init: Path | str | None = None, auto_init: str = "standard_init",
+             adapt_config: AdaptConfig | None = None, max_test: int = DEFAULT_MAX_TEST, command: str | None = None,
+             device: str = "auto", scoring: str = DEFAULT_SCORING, protocol: str | None = None,
+             full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS) -> dict:
+    unknown = set(methods) - set(EVAL_METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {EVAL_METHODS}")
+    if scoring not in SCORING_RULES:
+        raise ValueError(f"scoring must be one of {SCORING_RULES}")
+    if auto_init not in ("standard_init", "meta_init"):
+        raise ValueError("auto_init must be standard_init or meta_init")
+    # K methods train on all n_train examples; auto_k carves the worker's held-out slice (holdout_fraction) itself.
+    cfg = adapt_config or AdaptConfig()
+    h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
+                           meta_init=meta_init, multitask_init=multitask_init, auto_init=auto_init, scoring=scoring,
+                           icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap)
+    out = Path(out_dir)
     rows: list[dict] = []
+    tasks_meta: dict[str, dict] = {}
     t_start = time.time()
-    commit = git_commit()
-    machine = {"device": str(dev), "cpu_model": cpu_features()["model"], "precision": precision_for(dev)}
+    settings = {"command": command or " ".join(sys.argv), "git_commit": git_commit(), "machine": machine_record(dev),
+                "protocol": protocol, "scoring": scoring, "model_dir": str(model_dir), "adapt_config": cfg.to_dict(),
+                "n_train": n_train, "max_test": max_test, "seeds": list(seeds), "k_values": list(k_values),
+                "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
+                "multitask_init": str(multitask_init) if multitask_init else None, "auto_init": auto_init,
+                "procedures": {m: {"learning_rate": c.learning_rate, "batch_size": c.batch_size}
+                               for m, c in h.procedures.items()},
+                "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
+                              "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
+                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens}
 
     def report() -> dict:
-        return {"command": command or " ".join(sys.argv), "git_commit": commit, "machine": machine,
-                "model_dir": str(model_dir),
-                "adapt_config": cfg.to_dict(), "n_train": n_train, "max_test": max_test, "seeds": list(seeds),
-                "k_values": list(k_values), "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
-                "multitask_init": str(multitask_init) if multitask_init else None,
-                "procedures": {m: {"learning_rate": c.learning_rate, "batch_size": c.batch_size}
-                               for m, c in procedures.items()},
-                "full_data": {"cap": FULL_DATA_CAP, "steps": full_data_steps}, "icl_max_tokens": icl_max_tokens,
-                "seconds": round(time.time() - t_start, 1), "rows": rows}
+        return {**settings, "seconds": round(time.time() - t_start, 1), "tasks": tasks_meta, "rows": rows}
 
     for task_dir in task_dirs:
         task = load_task(task_dir)
         test = task.test[:max_test]
+        gold = [ex["answer"] for ex in test] if task.has_options else None
+        tasks_meta[task.name] = {"n_test": len(test), "n_train_available": len(task.train), "gold": gold,
+                                 "n_options": sorted({len(ex["options"]) for ex in test}) if gold else None}
         for seed in seeds:
-            sample = random.Random(seed).sample(task.train, min(n_train, len(task.train)))
-            enc = encode_safe(tokenizer, sample, cfg.max_seq_len)
-
-            def record(method, k, correct, **extra):
+            def record(method, k, answers, **extra):
+                correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
-                             "n_train_used": len(enc), "n_test": len(test), "correct": correct, **extra})
+                             "n_train_used": min(n_train, len(task.train)), "n_test": len(test), "correct": correct,
+                             "pred": [a.pred for a in answers] if gold else None, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
-            if "zero_shot" in methods:
-                set_lora_state(model, zero)
-                record("zero_shot", 0, correct_items(model, tokenizer, task, test, 10**6))
-            if "in_context" in methods:
-                set_lora_state(model, zero)
-                prefix, n_demos = icl_prefix(tokenizer, sample, test, icl_max_tokens)
-                record("in_context", 0, correct_items(model, tokenizer, task, test, icl_max_tokens, prefix),
-                       n_demos=n_demos)
-            for method in K_METHODS:
-                if method not in methods:
-                    continue
-                # One run to the largest K, scored as it passes each K: batch order and AdamW have no
-                # dependence on the total step count, so step k of a long run is exactly a k-step run.
-                set_lora_state(model, inits[method])
-                if 0 in k_values:
-                    record(method, 0, correct_items(model, tokenizer, task, test, 10**6))
-
-                def score_at(step: int, _loss: float, method=method) -> None:
-                    if step in k_values:
-                        record(method, step, correct_items(model, tokenizer, task, test, 10**6))
-                        model.train()  # correct_items() switched to eval mode; the run continues training
-
-                if max(k_values) > 0:
-                    adapt(model, enc, replace(procedures[method], steps=max(k_values), seed=seed), on_step=score_at)
-            if "full_data" in methods:
-                full = encode_safe(tokenizer, random.Random(seed).sample(task.train, min(FULL_DATA_CAP, len(task.train))),
-                                   cfg.max_seq_len)
-                set_lora_state(model, standard)
-                adapt(model, full, replace(cfg, steps=full_data_steps, seed=seed))
-                record("full_data", full_data_steps, correct_items(model, tokenizer, task, test, 10**6),
-                       n_full=len(full))
+            run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
 
 
-def write_report(report: dict, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(markdown(report))
-    plot(report, out)
-    return report
+def protocol_task_dirs(name: str, tasks_root: Path) -> list[Path]:
+    return [tasks_root / t for t in PROTOCOLS[name].tasks]
 
 
-def merge_reports(paths: list[Path], out: Path) -> dict:
-    """One table from runs split by method or task (so they can run in parallel); each part keeps its
-    own command, commit and settings under `parts`. A later part's row replaces an earlier part's row for the
-    same (task, method, K, seed), so one column can be re-measured (a new init, new code) without rerunning the
-    rest; each part records how many of its rows were replaced."""
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    cells: dict[tuple, tuple[int, dict]] = {}
-    for i, part in enumerate(parts):
-        for r in part["rows"]:
-            cells[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
-    kept = [sum(1 for i, _ in cells.values() if i == n) for n in range(len(parts))]
-    merged = {key: parts[0][key] for key in ("n_train", "max_test", "adapt_config", "model_dir")}
-    merged.update({
-        "command": " && ".join(p["command"] for p in parts), "git_commit": parts[0]["git_commit"],
-        "seeds": sorted({s for p in parts for s in p["seeds"]}),
-        "k_values": sorted({k for p in parts for k in p["k_values"]}),
-        "methods": [m for m in EVAL_METHODS if any(m in p["methods"] for p in parts)],
-        "full_data": next((p["full_data"] for p in parts if "full_data" in p["methods"]), parts[0]["full_data"]),
-        "parts": [{**{k: v for k, v in p.items() if k != "rows"}, "rows_replaced": len(p["rows"]) - kept[n]}
-                  for n, p in enumerate(parts)],
-        "rows": [r for _, r in cells.values()],
-    })
-    return write_report(merged, out)
-
-
-def _by_cell(rows) -> dict[tuple, list[float]]:
-    acc: dict[tuple, list[float]] = {}
-    for r in rows:
-        acc.setdefault((r["task"], r["method"], r["k"]), []).append(r["accuracy"])
-    return acc
-
-
-def mean_accuracy_table(rows) -> dict[tuple, float]:
-    """(task, method, K) -> accuracy averaged over seeds."""
-    return {k: sum(v) / len(v) for k, v in _by_cell(rows).items()}
-
-
-def _mean_and_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(values) / len(values)
-    return mean, (sum((x - mean) ** 2 for x in values) / max(1, len(values) - 1)) ** 0.5
-
-
-def _spread_table(rows) -> dict[tuple, float]:
-    """Standard deviation over seeds (0 with one seed)."""
-    return {k: _mean_and_sd(v)[1] for k, v in _by_cell(rows).items()}
-
-
-def item_accuracy(rows) -> dict[tuple, list[float]]:
-    """(task, method, K) -> each test item's accuracy averaged over seeds (rows without per-item results, from
-    older reports, are left out)."""
-    per_seed: dict[tuple, list[list[int]]] = {}
-    for r in rows:
-        if r.get("correct"):
-            per_seed.setdefault((r["task"], r["method"], r["k"]), []).append(r["correct"])
-    return {cell: [sum(items) / len(items) for items in zip(*runs)] for cell, runs in per_seed.items()
-            if len({len(run) for run in runs}) == 1}
-
-
-def paired_difference(items: dict[tuple, list[float]], column: tuple[str, int],
-                      reference: tuple[str, int]) -> dict | None:
-    """Accuracy of `column` minus `reference` ((method, K) pairs), item by item on the test items both scored
-    (`items` is `item_accuracy(rows)`, built once for all comparisons of a report).
-    Per task: the mean difference and its standard error over items; overall: the mean over tasks, whose standard
-    error combines the tasks'. The interval counts the test items as the sample (seeds are averaged first), which
-    is the noise that dominates with tens of items per task."""
-    tasks = sorted(t for t, m, k in items if (m, k) == column and (t, *reference) in items
-                   and len(items[(t, *reference)]) == len(items[(t, *column)]))
-    if not tasks:
-        return None
-    per_task = {}
-    for t in tasks:
-        d = [a - b for a, b in zip(items[(t, *column)], items[(t, *reference)])]
-        mean, sd = _mean_and_sd(d)
-        per_task[t] = {"diff": mean, "se": sd / len(d) ** 0.5, "n_items": len(d)}
-    diff = sum(v["diff"] for v in per_task.values()) / len(tasks)
-    se = sum(v["se"] ** 2 for v in per_task.values()) ** 0.5 / len(tasks)
-    return {"diff": diff, "ci95": 1.96 * se, "tasks": per_task}
-
-
-def comparisons(methods_and_ks: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
-    """The issue's questions, for every K > 0 of an init: what did the steps since its previous K add, does it
-    beat the standard init at the same K, the in-context examples, and how far is it from full-data LoRA? The
-    standard init is held to the last two too."""
-    present = set(methods_and_ks)
-    full = [c for c in methods_and_ks if c[0] == "full_data"]
-    out = []
-    for m, k in methods_and_ks:
-        if m not in K_METHODS or k == 0:
-            continue
-        fewer = [kk for mm, kk in methods_and_ks if mm == m and kk < k]
-        if fewer:
-            out.append(((m, k), (m, max(fewer))))
-        if m != "standard_init" and ("standard_init", k) in present:
-            out.append(((m, k), ("standard_init", k)))
-        if ("in_context", 0) in present:
-            out.append(((m, k), ("in_context", 0)))
-        out += [((m, k), f) for f in full]
-    return out
-
-
-def _column_name(method: str, k: int) -> str:
-    return method + (f"+{k}" if method in K_METHODS else "")
-
-
-def markdown(report: dict) -> str:
-    means, spreads = mean_accuracy_table(report["rows"]), _spread_table(report["rows"])
-    tasks = sorted({t for t, _, _ in means})
-    cols = sorted({(m, k) for _, m, k in means}, key=lambda mk: (EVAL_METHODS.index(mk[0]), mk[1]))
-    head = [_column_name(m, k) for m, k in cols]
-    # A merged report was measured by several commits: name them all, in part order, not only the first's.
-    commits = list(dict.fromkeys(part["git_commit"] for part in report.get("parts", []))) or [report["git_commit"]]
-    machines = [part.get("machine") for part in report.get("parts", [])] or [report.get("machine")]
-    lines = ["# Few-shot evaluation", "", f"Command: `{report['command']}`",
-             ("Commit: " if len(commits) == 1 else "Commits (by part, see `parts` in results.json): ") +
-             ", ".join(f"`{c}`" for c in commits),
-             ("Precision: " if len(machines) == 1 else "Precision (by part): ") + ", ".join(
-                 f"{m['precision']} on {m['device']} ({m['cpu_model']})" if m else "not recorded" for m in machines),
-             f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']};" +
-             (f" full_data = {report['full_data']['steps']} steps on <= {report['full_data']['cap']} train examples;"
-              if "full_data" in report["methods"] else "") +
-             " cells: mean ± standard deviation over seeds; the last row averages the task means.", "",
-             "| task | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
-    for t in tasks:
-        lines.append(f"| {t} | " + " | ".join(f"{means[(t, m, k)]:.3f} ± {spreads[(t, m, k)]:.3f}"
-                                             if (t, m, k) in means else "-" for m, k in cols) + " |")
-    # A run cut short covers some tasks with fewer methods: average only over tasks every column has, so the
-    # columns stay comparable, and say which tasks those are.
-    complete = [t for t in tasks if all((t, m, k) in means for m, k in cols)]
-    if complete:
-        lines.append(f"| **mean over {len(complete)} task(s) with every column** | " + " | ".join(
-            f"{sum(means[(t, m, k)] for t in complete) / len(complete):.3f}" for m, k in cols) + " |")
-    if len(complete) < len(tasks):
-        lines.append("")
-        lines.append(f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run.")
-    items = item_accuracy(report["rows"])
-    paired = [(a, b, paired_difference(items, a, b)) for a, b in comparisons(cols)]
-    paired = [(a, b, p) for a, b, p in paired if p]
-    if paired:
-        lines += ["", "## Paired differences", "",
-                  "Accuracy of one column minus another on the same test items (seeds averaged first); "
-                  "± is a 95 % interval over the items. A difference whose interval contains 0 is not resolved "
-                  "by this many items.", "",
-                  "| comparison | " + " | ".join(tasks) + " | mean over tasks |", "|" + "---|" * (len(tasks) + 2)]
-        for a, b, p in paired:
-            lines.append(f"| {_column_name(*a)} − {_column_name(*b)} | " + " | ".join(
-                f"{p['tasks'][t]['diff']:+.3f}" if t in p["tasks"] else "-" for t in tasks) +
-                f" | **{p['diff']:+.3f} ± {p['ci95']:.3f}** ({len(p['tasks'])} tasks) |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(means: dict, task: str, method: str, k: int) -> float | None:
-    if method == "standard_init" and k == 0 and (task, method, 0) not in means:
-        return means.get((task, "zero_shot", 0))
-    return means.get((task, method, k))
-
-
-def plot(report: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install 'metalora[eval]'): no plots", file=sys.stderr)
-        return []
-    means = mean_accuracy_table(report["rows"])
-    tasks = sorted({t for t, _, _ in means})
-    # The mean curve uses only tasks where every K method was run, as in the table.
-    complete = [t for t in tasks if all(any(tt == t and mm == m for tt, mm, _ in means)
-                                        for m in K_METHODS if any(mm == m for _, mm, _ in means))]
-    paths = []
-    for t in tasks + (["mean"] if complete else []):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in K_METHODS:
-            ks = sorted({k for tt, mm, k in means if mm == m and (tt == t or t == "mean")})
-            if not ks:
-                continue
-            # K = 0 from the standard init is the base model, i.e. zero-shot.
-            if m == "standard_init" and 0 not in ks and any(mm == "zero_shot" for _, mm, _ in means):
-                ks = [0] + ks
-            ks = [k for k in ks if all(_cell(means, tt, m, k) is not None for tt in (complete if t == "mean" else [t]))]
-            if not ks:
-                continue
-            ys = [_cell(means, t, m, k) if t != "mean" else sum(_cell(means, tt, m, k) for tt in complete) / len(complete)
-                  for k in ks]
-            ax.plot(ks, ys, marker="o", label=m)
-        ax.set_xlabel("K inner steps")
-        ax.set_ylabel("accuracy")
-        ax.set_title(t)
-        ax.legend()
-        fig.tight_layout()
-        path = out / f"accuracy_vs_k_{t}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metalora evaluate", description="Few-shot evaluation of LoRA inits on task "
+                                "folders; every method answers the same test items, compared item by item.")
+    p.add_argument("task_dirs", nargs="*", type=Path,
+                   help="task folders (docs/tasks.md format), or with --merge the results.json files to merge")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="a named protocol: fixes the tasks, test items, seeds, n_train and scoring (the held-out "
+                        "table is measured with 'heldout'); task_dirs then default to its tasks under --tasks-root")
+    p.add_argument("--tasks-root", type=Path, default=default_cache_dir() / "olmo",
+                   help="where the protocol's task folders are (built by `metalora prepare-tasks`)")
+    p.add_argument("--methods", default=",".join(EVAL_METHODS), help=f"comma-separated, from {','.join(EVAL_METHODS)}")
+    p.add_argument("--k", default="0,5,10,30", help="K values (inner steps) scored for the *_init methods")
+    p.add_argument("--seeds", default="0,1,2", help="adaptation seeds (which n_train examples, batch order)")
+    p.add_argument("--n-train", type=int, default=100, help="training examples per task and seed")
+    p.add_argument("--max-test", type=int, default=DEFAULT_MAX_TEST, help="test items per task (the first ones)")
+    p.add_argument("--scoring", choices=SCORING_RULES, default=DEFAULT_SCORING,
+                   help="how an option's token log-probabilities are combined (the same for every method)")
+    p.add_argument("--meta-init", type=Path, help="shared-init folder for meta_init (e.g. trainer/shared_init/<model>)")
+    p.add_argument("--multitask-init", type=Path, help="shared-init folder for multitask_init")
+    p.add_argument("--auto-init", choices=("standard_init", "meta_init"), default="standard_init",
+                   help="the init auto_k adapts from")
+    p.add_argument("--model-dir", type=Path, help="base model folder (default: the converted SmolLM2)")
+    p.add_argument("--out-dir", type=Path, default=Path("results/eval"), help="where results.{json,md} and plots go")
+    p.add_argument("--full-data-cap", type=int, default=FULL_DATA_CAP, help="train examples for full_data at most")
+    p.add_argument("--icl-max-tokens", type=int, default=ICL_MAX_TOKENS, help="context budget for in_context")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--merge", action="store_true", help="task_dirs are results.json files to merge into --out-dir")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    p = argparse.ArgumentParser(description="few-shot evaluation of LoRA inits on task folders")
-    p.add_argument("task_dirs", nargs="+", type=Path)
-    p.add_argument("--methods", default=",".join(EVAL_METHODS))
-    p.add_argument("--k", default="0,5,10,30")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--n-train", type=int, default=100)
-    p.add_argument("--max-test", type=int, default=DEFAULT_MAX_TEST)
-    p.add_argument("--meta-init", type=Path)
-    p.add_argument("--multitask-init", type=Path)
-    p.add_argument("--model-dir", type=Path)
-    p.add_argument("--out-dir", type=Path, default=Path("results/eval"))
-    p.add_argument("--full-data-steps", type=int, default=FULL_DATA_STEPS)
-    p.add_argument("--icl-max-tokens", type=int, default=ICL_MAX_TOKENS)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--merge", action="store_true", help="task_dirs are results.json files to merge into --out-dir")
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     if a.merge:
         merge_reports(a.task_dirs, a.out_dir)
         return
+    seeds, n_train, max_test, scoring = ([int(s) for s in a.seeds.split(",")], a.n_train, a.max_test, a.scoring)
+    task_dirs = a.task_dirs
+    if a.protocol:
+        proto = PROTOCOLS[a.protocol]
+        seeds, n_train, max_test, scoring = list(proto.seeds), proto.n_train, proto.max_test, proto.scoring
+        task_dirs = task_dirs or protocol_task_dirs(a.protocol, a.tasks_root)
+        off = [d for d in task_dirs if d.name not in proto.tasks]
+        if off:
+            raise SystemExit(f"--protocol {a.protocol} covers {', '.join(proto.tasks)}; not {off[0].name}")
+    if not task_dirs:
+        raise SystemExit("name task folders or a --protocol")
     if a.threads:
         torch.set_num_threads(a.threads)
-    evaluate(a.task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], [int(s) for s in a.seeds.split(",")],
-             a.n_train, a.out_dir, model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
-             max_test=a.max_test, full_data_steps=a.full_data_steps, icl_max_tokens=a.icl_max_tokens,
+    evaluate(task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], seeds, n_train, a.out_dir,
+             model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init, auto_init=a.auto_init,
+             max_test=max_test, scoring=scoring, protocol=a.protocol, device=a.device,
+             full_data_cap=a.full_data_cap, icl_max_tokens=a.icl_max_tokens,
              command=" ".join(["metalora evaluate", *(sys.argv[1:] if argv is None else argv)]))
 
 

@@ -1,0 +1,230 @@
+"""An evaluation report written out: results.json (every row with its per-item answers), results.md (accuracy per
+task and method, balanced accuracy and majority rate for binary tasks, paired differences with intervals over seeds
+and items) and accuracy-vs-K plots; and merging the reports of runs split by method or task."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from trainer.eval_stats import (balanced_accuracy, cells, majority_rate, mean_accuracy_table, mean_and_sd,
+                                 paired_difference)
+
+# The evaluation's methods, in table order (trainer/evaluate.py runs them); the K methods are scored at several K.
+EVAL_METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "auto_k", "full_data")
+K_METHODS = ("standard_init", "multitask_init", "meta_init")
+
+
+def write_report(report: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(markdown(report))
+    plot(report, out)
+    return report
+
+
+def merge_reports(paths: list[Path], out: Path) -> dict:
+    """One table from runs split by method or task (so they can run in parallel); each part keeps its own command,
+    commit, machine and settings under `parts`. A later part's row replaces an earlier part's row for the same
+    (task, method, K, seed), so one column can be re-measured without rerunning the rest; each part records how many
+    of its rows were replaced. Parts of different protocols or scoring rules are refused: their cells do not
+    compare."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    for key in ("protocol", "scoring", "n_train"):
+        values = {json.dumps(p.get(key)) for p in parts}
+        if len(values) > 1:
+            raise ValueError(f"cannot merge reports with different {key}: {sorted(values)}")
+    by_key: dict[tuple, tuple[int, dict]] = {}
+    for i, part in enumerate(parts):
+        for r in part["rows"]:
+            by_key[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
+    kept = [sum(1 for i, _ in by_key.values() if i == n) for n in range(len(parts))]
+    merged = {key: parts[0].get(key) for key in ("protocol", "scoring", "n_train", "max_test", "adapt_config",
+                                                 "model_dir")}
+    tasks: dict[str, dict] = {}
+    for p in parts:
+        tasks.update(p.get("tasks", {}))
+    merged.update({
+        "command": " && ".join(p["command"] for p in parts), "git_commit": parts[0]["git_commit"],
+        "seeds": sorted({s for p in parts for s in p["seeds"]}),
+        "k_values": sorted({k for p in parts for k in p["k_values"]}),
+        "methods": sorted({m for p in parts for m in p["methods"]}, key=_method_rank),
+        "tasks": tasks,
+        "parts": [{**{k: v for k, v in p.items() if k not in ("rows", "tasks")}, "rows_replaced": len(p["rows"]) - kept[n]}
+                  for n, p in enumerate(parts)],
+        "rows": [r for _, r in by_key.values()],
+    })
+    return write_report(merged, out)
+
+
+def _method_rank(method: str) -> int:
+    return EVAL_METHODS.index(method) if method in EVAL_METHODS else len(EVAL_METHODS)
+
+
+def column_name(method: str, k: int) -> str:
+    return method + (f"+{k}" if method in K_METHODS else "")
+
+
+def columns(by_cell: dict) -> list[tuple[str, int]]:
+    return sorted({(m, k) for _, m, k in by_cell}, key=lambda mk: (_method_rank(mk[0]), mk[1]))
+
+
+def comparisons(cols: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+    """For each init at each K > 0: the gain of its steps since its previous K, against the standard init at the
+    same K and at its largest K (what a job got before any init shipped), against in-context examples and against
+    full data. auto_k against the fixed-K columns of the init it adapts from."""
+    present = set(cols)
+    std_ks = [k for m, k in cols if m == "standard_init"]
+    out = []
+    for m, k in cols:
+        if m in K_METHODS and k > 0:
+            fewer = [kk for mm, kk in cols if mm == m and kk < k]
+            if fewer:
+                out.append(((m, k), (m, max(fewer))))
+            if m != "standard_init":
+                for ref_k in sorted({k, max(std_ks, default=k)}):
+                    if ("standard_init", ref_k) in present:
+                        out.append(((m, k), ("standard_init", ref_k)))
+            if ("in_context", 0) in present:
+                out.append(((m, k), ("in_context", 0)))
+            if ("full_data", 0) in present:
+                out.append(((m, k), ("full_data", 0)))
+        if m == "auto_k":
+            out += [((m, k), c) for c in cols if c[0] in K_METHODS and c[1] > 0]
+    return out
+
+
+def _header(report: dict) -> list[str]:
+    commits = list(dict.fromkeys(part["git_commit"] for part in report.get("parts", []))) or [report["git_commit"]]
+    machines = [part.get("machine") for part in report.get("parts", [])] or [report.get("machine")]
+    seconds = [part.get("seconds") for part in report.get("parts", [])] or [report.get("seconds")]
+    return [
+        "# Few-shot evaluation", "",
+        f"Protocol: `{report.get('protocol') or 'none (ad hoc task list)'}`; option scoring: "
+        f"`{report.get('scoring', 'sum+eos (before the scoring rule was recorded)')}` (trainer/scoring.py).",
+        f"Command: `{report['command']}`",
+        ("Commit: " if len(commits) == 1 else "Commits (by part, see `parts` in results.json): ") +
+        ", ".join(f"`{c}`" for c in commits),
+        ("Machine and precision: " if len(machines) == 1 else "Machine and precision (by part): ") + ", ".join(
+            f"{m['precision']} on {m['device']} ({m['cpu_model']})" if m else "not recorded" for m in machines),
+        f"Wall time: {' + '.join(f'{s:.0f} s' for s in seconds if s is not None)}.",
+        f"n_train={report['n_train']}, seeds={report['seeds']}, test items per task <= {report['max_test']}. "
+        "Cells: accuracy, mean ± standard deviation over seeds; the mean row averages the task means.", "",
+    ]
+
+
+def markdown(report: dict) -> str:
+    by_cell = cells(report["rows"])
+    tasks_meta = report.get("tasks", {})
+    tasks = sorted({t for t, _, _ in by_cell})
+    cols = columns(by_cell)
+    acc = {key: mean_and_sd([r["accuracy"] for r in rows]) for key, rows in by_cell.items()}
+    lines = _header(report)
+    head = [column_name(m, k) for m, k in cols]
+    lines += ["| task (items, train examples) | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for t in tasks:
+        meta = tasks_meta.get(t, {})
+        label = f"{t} ({meta.get('n_test', '?')}, {min(report['n_train'], meta.get('n_train_available', 10**9))})"
+        lines.append(f"| {label} | " + " | ".join(
+            f"{acc[(t, m, k)][0]:.3f} ± {acc[(t, m, k)][1]:.3f}" if (t, m, k) in acc else "-" for m, k in cols) + " |")
+    complete = [t for t in tasks if all((t, m, k) in acc for m, k in cols)]
+    if complete:
+        lines.append(f"| **mean over {len(complete)} task(s) with every column** | " + " | ".join(
+            f"**{sum(acc[(t, m, k)][0] for t in complete) / len(complete):.3f}**" for m, k in cols) + " |")
+    if len(complete) < len(tasks):
+        lines += ["", f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run."]
+    lines += _binary_section(by_cell, tasks_meta, cols)
+    lines += _auto_k_section(by_cell)
+    lines += _paired_section(by_cell, cols, tasks)
+    return "\n".join(lines) + "\n"
+
+
+def _binary_section(by_cell: dict, tasks_meta: dict, cols) -> list[str]:
+    binary = sorted(t for t, meta in tasks_meta.items() if meta.get("n_options") == [2] and meta.get("gold"))
+    binary = [t for t in binary if any(key[0] == t for key in by_cell)]
+    if not binary:
+        return []
+    lines = ["", "## Binary tasks: balanced accuracy", "",
+             "Mean recall over the two gold answers (0.5 for any constant answer), mean over seeds, beside the "
+             "majority-class rate of the test items (the accuracy of always giving the more frequent answer).", "",
+             "| task | majority rate | " + " | ".join(column_name(m, k) for m, k in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for t in binary:
+        gold = tasks_meta[t]["gold"]
+        cells_ = []
+        for m, k in cols:
+            rows = by_cell.get((t, m, k))
+            if not rows or any(r.get("pred") is None for r in rows):
+                cells_.append("-")
+                continue
+            values = [balanced_accuracy(r["pred"], gold[:len(r["pred"])]) for r in rows]
+            cells_.append(f"{sum(values) / len(values):.3f}")
+        lines.append(f"| {t} | {majority_rate(gold):.3f} | " + " | ".join(cells_) + " |")
+    return lines
+
+
+def _auto_k_section(by_cell: dict) -> list[str]:
+    chosen = {t: [r.get("chosen_k") for r in rows] for (t, m, _), rows in by_cell.items() if m == "auto_k"}
+    if not chosen:
+        return []
+    return ["", "## K chosen by auto_k (per seed)", "", "| task | K chosen |", "|---|---|"] + [
+        f"| {t} | {', '.join(str(k) for k in ks)} |" for t, ks in sorted(chosen.items())]
+
+
+def _paired_section(by_cell: dict, cols, tasks) -> list[str]:
+    paired = [(a, b, paired_difference(by_cell, a, b)) for a, b in comparisons(cols)]
+    paired = [(a, b, p) for a, b, p in paired if p]
+    if not paired:
+        return []
+    lines = ["", "## Paired differences", "",
+             "Accuracy of one column minus another on the same test items and seeds. Mean over tasks, with a 95 % "
+             "paired bootstrap interval that resamples the seeds and the items together "
+             "(trainer/eval_stats.py); **resolved** when the interval excludes 0.", "",
+             "| comparison | " + " | ".join(tasks) + " | mean over tasks [95 % interval] | |",
+             "|" + "---|" * (len(tasks) + 3)]
+    for a, b, p in paired:
+        lines.append(f"| {column_name(*a)} − {column_name(*b)} | " + " | ".join(
+            f"{p['tasks'][t]['diff']:+.3f}" if t in p["tasks"] else "-" for t in tasks) +
+            f" | **{p['diff']:+.3f}** [{p['lo']:+.3f}, {p['hi']:+.3f}] ({len(p['tasks'])} tasks, {p['n_seeds']} seeds,"
+            f" {p['n_items']} items) | {'resolved' if p['resolved'] else 'not resolved'} |")
+    return lines
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install 'metalora[eval]'): no plots", file=sys.stderr)
+        return []
+    means = mean_accuracy_table(report["rows"])
+    tasks = sorted({t for t, _, _ in means})
+    paths = []
+    for t in tasks + ["mean"]:
+        scope = tasks if t == "mean" else [t]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        drawn = False
+        for m in K_METHODS:
+            ks = sorted({k for tt, mm, k in means if mm == m and tt in scope})
+            # K = 0 from the standard init is the base model, i.e. zero-shot.
+            cell = (lambda tt, k, m=m: means.get((tt, m, k), means.get((tt, "zero_shot", 0))
+                                                  if m == "standard_init" and k == 0 else None))
+            ks = ([0] if m == "standard_init" and 0 not in ks and ks else []) + ks
+            ks = [k for k in ks if all(cell(tt, k) is not None for tt in scope)]
+            if ks:
+                ax.plot(ks, [sum(cell(tt, k) for tt in scope) / len(scope) for k in ks], marker="o", label=m)
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("K inner steps")
+        ax.set_ylabel("accuracy")
+        ax.set_title(t)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"accuracy_vs_k_{t}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

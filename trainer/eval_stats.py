@@ -1,0 +1,102 @@
+"""Statistics of an evaluation report: per-cell accuracy, balanced accuracy and majority rate, and paired
+differences between two methods with a bootstrap interval over adaptation seeds AND test items.
+
+Why both: with few seeds the spread between seeds (which 100 training examples were drawn, the data order) is as
+large as the item noise, and an interval over items alone (seeds averaged first) understates it. Each bootstrap
+replicate draws the seeds with replacement (the same draw for every task: a seed index is one whole run of the
+protocol) and, per task, the test items with replacement; the pairing keeps seed s and item i of one method against
+seed s and item i of the other, which share the training sample and the question.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, (sum((x - mean) ** 2 for x in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def balanced_accuracy(preds: list[int], golds: list[int]) -> float:
+    """Mean recall over the gold classes present: a constant answer scores 1 / (number of classes) whatever the
+    class balance, so it cannot pass for learning."""
+    recalls = []
+    for label in sorted(set(golds)):
+        picked = [p == g for p, g in zip(preds, golds) if g == label]
+        recalls.append(sum(picked) / len(picked))
+    return sum(recalls) / len(recalls)
+
+
+def majority_rate(golds: list[int]) -> float:
+    """Accuracy of always answering the most frequent gold option."""
+    return Counter(golds).most_common(1)[0][1] / len(golds)
+
+
+
+def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(task, method, K) -> its rows, one per seed, sorted by seed."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["task"], r["method"], r["k"]), []).append(r)
+    return {key: sorted(v, key=lambda r: r["seed"]) for key, v in out.items()}
+
+
+def paired_bootstrap(diffs: dict[str, np.ndarray], replicates: int = BOOTSTRAP_REPLICATES,
+                     seed: int = BOOTSTRAP_SEED) -> dict:
+    """`diffs[task]` is a (seeds x items) array of a[s, i] - b[s, i]; every task has the same seeds. Returns the
+    mean over tasks of each task's mean difference, and its 95 % percentile interval from resampling seeds (jointly
+    across tasks) and items (per task)."""
+    rng = np.random.default_rng(seed)
+    n_seeds = next(iter(diffs.values())).shape[0]
+    seed_draw = rng.integers(0, n_seeds, size=(replicates, n_seeds))
+    totals = np.zeros(replicates)
+    per_task = {}
+    for task, d in diffs.items():
+        item_draw = rng.integers(0, d.shape[1], size=(replicates, d.shape[1]))
+        # Mean over the drawn seeds of the mean over the drawn items: sum_s sum_i d[s*, i*] / (S * N).
+        by_seed = d[seed_draw]  # (replicates, S, N)
+        resampled = np.take_along_axis(by_seed, item_draw[:, None, :].repeat(n_seeds, axis=1), axis=2).mean(axis=(1, 2))
+        totals += resampled
+        lo, hi = np.percentile(resampled, [2.5, 97.5])
+        per_task[task] = {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n_items": int(d.shape[1])}
+    totals /= len(diffs)
+    lo, hi = np.percentile(totals, [2.5, 97.5])
+    diff = float(np.mean([d.mean() for d in diffs.values()]))
+    return {"diff": diff, "lo": float(lo), "hi": float(hi), "resolved": bool(lo > 0 or hi < 0),
+            "n_seeds": int(n_seeds), "n_items": sum(v["n_items"] for v in per_task.values()), "tasks": per_task}
+
+
+def paired_difference(by_cell: dict[tuple, list[dict]], column: tuple[str, int], reference: tuple[str, int],
+                      metric: str = "correct") -> dict | None:
+    """`column` minus `reference` ((method, K) pairs) on every task where both were run with the same seeds on the
+    same items; None where no task qualifies."""
+    diffs = {}
+    for (task, m, k), rows in by_cell.items():
+        if (m, k) != column or (task, *reference) not in by_cell:
+            continue
+        ref = by_cell[(task, *reference)]
+        if [r["seed"] for r in rows] != [r["seed"] for r in ref]:
+            continue
+        a = np.array([r[metric] for r in rows], dtype=float)
+        b = np.array([r[metric] for r in ref], dtype=float)
+        if a.shape != b.shape:
+            continue
+        diffs[task] = a - b
+    if not diffs:
+        return None
+    seed_counts = {d.shape[0] for d in diffs.values()}
+    if len(seed_counts) != 1:  # joint seed resampling needs one seed set: keep the tasks with the most seeds
+        most = max(seed_counts)
+        diffs = {t: d for t, d in diffs.items() if d.shape[0] == most}
+    return paired_bootstrap(diffs)
+
+
+def mean_accuracy_table(rows: list[dict]) -> dict[tuple, float]:
+    """(task, method, K) -> accuracy averaged over seeds."""
+    return {key: sum(r["accuracy"] for r in v) / len(v) for key, v in cells(rows).items()}
