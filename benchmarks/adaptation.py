@@ -20,21 +20,26 @@ is the cleaner comparison for the "1.5x faster" target.
 from __future__ import annotations
 
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import torch
+from peft import get_peft_model
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                          TrainingArguments)
 
-from benchmarks.common import REPO, log, median
-
-sys.path.insert(0, str(REPO / "tests"))
+from adapters.backend import open_backend
+from adapters.settings import Settings
+from benchmarks.common import median
+from tests.stack_data import examples as stack_examples
+from trainer.data import encode_examples
+from trainer.engine import split_holdout
+from trainer.inner_loop import adapt
 
 
 def examples(n: int = 100) -> list[dict]:
-    from stack_data import examples as stack_examples
-
     return stack_examples("square", n)
 
 
@@ -56,9 +61,6 @@ async def _complete(client: httpx.AsyncClient, url: str, model: str, adapter: st
 
 # ---------------------------------------------------------------- ours, through the stack
 async def _ours_once(gateway_url: str, data_dir: Path, base_model: str, name: str) -> dict:
-    from adapters.backend import open_backend
-    from adapters.settings import Settings
-
     backend = open_backend(Settings(data_dir=data_dir))
     try:
         async with httpx.AsyncClient(base_url=gateway_url, timeout=600) as client:
@@ -129,9 +131,6 @@ def ours_via_stack(gateway_url: str, data_dir: Path, base_model: str, name: str)
 
 # ---------------------------------------------------------------- the baseline: Trainer + peft + runtime load
 def _train_set(tokenizer, config):
-    from trainer.data import encode_examples
-    from trainer.engine import split_holdout
-
     encoded = encode_examples(tokenizer, examples(), config.max_seq_len)
     train, _ = split_holdout(encoded, config)  # the same 90 examples the worker trains on
     return train
@@ -140,11 +139,6 @@ def _train_set(tokenizer, config):
 def trainer_baseline(model_dir: Path, vllm_url: str, name: str, workdir: Path, config) -> dict:
     """What a user would write with transformers + peft: defaults wherever `config` (the AdaptConfig a job
     gets) does not say."""
-    import torch
-    from peft import get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
-
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
@@ -214,11 +208,9 @@ def trainer_baseline(model_dir: Path, vllm_url: str, name: str, workdir: Path, c
 # ---------------------------------------------------------------- K steps in this process: ours vs Trainer
 def ours_in_process(engine, name: str) -> dict:
     """Our inner loop on the worker's own engine class, same examples/config, timed around `adapt`."""
-    from trainer.inner_loop import adapt
-
     config = engine.default_config
     train = _train_set(engine.tokenizer, config)
-    engine._reset_lora(config)
+    engine.reset_lora(config)
     t0 = time.perf_counter()
     losses = adapt(engine.model, train, config)
     k_steps = time.perf_counter() - t0

@@ -6,11 +6,8 @@ measures the peak memory of each. Each variant runs in a fresh subprocess (`pyth
 model is loaded and warmed up (write 5 to /proc/self/clear_refs), so it covers the step only. tracemalloc's
 peak is reported too but it only sees Python-heap allocations, not torch tensors.
 
-Which outer step: if `trainer.meta` defines `benchmark_outer_step(model, examples, config)` (one first-order
-outer step of the real meta-trainer on `examples`, a list of EncodedExample), that is what is measured.
-Otherwise a reference first-order (FOMAML) outer step built from `trainer.inner_loop.adapt` is measured and
-the result says so: K inner steps from the init on the support set, the query-loss gradient at the adapted
-weights applied to the init, one outer AdamW step.
+The outer step is the real meta-trainer's (`trainer.meta.MetaLearner.meta_step`, fomaml) with one task whose
+support and query sets are the two halves of the plain step's batch.
 """
 from __future__ import annotations
 
@@ -22,8 +19,21 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Callable
 
+import torch
+
+from adapters.base_model import base_model_path
+from adapters.settings import Settings
 from benchmarks.common import REPO, log, median
+from tests.stack_data import examples as stack_examples
+from trainer import train_meta
+from trainer.config import AdaptConfig
+from trainer.data import EncodedExample, collate, encode_examples, only_labelled_logits
+from trainer.evaluate import mean_accuracy_table
+from trainer.inner_loop import lora_parameters
+from trainer.meta import Episode, MetaConfig, MetaLearner
+from trainer.precision import autocast_for
 
 EVAL_RESULTS = "results/eval/results.json"  # what `metalora evaluate` writes (trainer/evaluate.py)
 
@@ -46,8 +56,6 @@ def steps_to_quality(eval_json: str | None) -> dict:
 
 
 def steps_to_quality_from_rows(rows: list[dict]) -> dict:
-    from trainer.evaluate import mean_accuracy_table
-
     # Zero-shot is the standard init at K = 0 (LoRA B = 0).
     mean = mean_accuracy_table([{**r, "method": "standard_init"} if r["method"] == "zero_shot" else r for r in rows])
     out = []
@@ -90,57 +98,41 @@ def _reset_peak() -> bool:
         return False
 
 
-def _reference_outer_step(model, support, query_batch, config, outer_opt):
-    import torch
+OUTER_STEP = "trainer.meta.MetaLearner.meta_step (fomaml, one task)"
 
-    from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
 
-    init = get_lora_state(model)
-    adapt(model, support, config)  # K inner steps from the init
-    params = lora_parameters(model)
-    model.train()
-    loss = model(**query_batch).loss
-    grads = torch.autograd.grad(loss, list(params.values()))
-    set_lora_state(model, init)  # back to the init, apply the first-order meta-gradient there
-    for p, g in zip(params.values(), grads):
-        p.grad = g
-    outer_opt.step()
-    outer_opt.zero_grad(set_to_none=True)
+def outer_step(model, examples: list[EncodedExample], config: AdaptConfig) -> Callable[[], dict]:
+    """A callable running one real first-order outer step with one task (support = the first half of `examples`,
+    query = the rest). The learner (θ copy + outer AdamW) is built here, once, as in training."""
+    if len(examples) < 2:
+        raise ValueError("need at least 2 examples (support and query)")
+    half = len(examples) // 2
+    meta_config = MetaConfig(method="fomaml", meta_batch_tasks=1, support_size=half,
+                             query_size=len(examples) - half, inner=config)
+    learner = MetaLearner(model, meta_config)
+    episode = Episode("benchmark", list(examples[:half]), list(examples[half:]))
+    return lambda: learner.meta_step([episode])
 
 
 def _run_variant(variant: str, repeats: int) -> dict:
-    import torch
-
-    from trainer.config import AdaptConfig
-    from trainer.data import collate, encode_examples, only_labelled_logits
+    # transformers + peft: only the measuring subprocess loads the model; the parent process (parts 4 and 5's
+    # orchestration) reads JSON and starts processes.
     from trainer.engine import AdaptEngine, split_holdout
-    from trainer.inner_loop import lora_parameters
-    from trainer.precision import autocast_for
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from stack_data import examples
-
-    from adapters.base_model import base_model_path
-    from adapters.settings import Settings
 
     engine = AdaptEngine(base_model_path(Settings()), None, device="cpu")
     # K as meta-training runs it (train_meta's default inner_steps), not the worker's 30: part 5 is the cost
     # of an outer step of the trainer that ships.
-    from trainer import train_meta
     model, config = engine.model, AdaptConfig(steps=train_meta.inner_steps)
-    encoded = encode_examples(engine.tokenizer, examples("square"), config.max_seq_len)
+    encoded = encode_examples(engine.tokenizer, stack_examples("square"), config.max_seq_len)
     train, _ = split_holdout(encoded, config)
-    # "On the same batch": the outer step's inner steps and its query loss all use the plain step's batch, so
-    # the two variants see tensors of exactly the same shapes and only the outer-step machinery differs.
+    # One batch for both: the plain step trains on it, the outer step splits it into its task's support and query.
     batch_examples = train[:config.batch_size]
-    support = batch_examples
-    # The plain step is the worker's own (bf16 autocast where the CPU has it, logits only where labelled), so
-    # the ratio isolates what the outer step adds rather than a precision difference.
-    batch = only_labelled_logits(collate(batch_examples))
-    params = list(lora_parameters(model).values())
-    source = "plain"
     if variant == "plain":
-        opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        # The worker's own step (bf16 autocast where the CPU has it, logits only where labelled), so the ratio
+        # isolates what the outer step adds rather than a precision difference.
+        batch = only_labelled_logits(collate(batch_examples))
+        opt = torch.optim.AdamW(list(lora_parameters(model).values()), lr=config.learning_rate, weight_decay=0.0)
+        source = "plain"
 
         def step():
             model.train()
@@ -150,22 +142,7 @@ def _run_variant(variant: str, repeats: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        try:
-            from trainer import meta  # noqa: F401
-            real = getattr(meta, "benchmark_outer_step", None)
-        except ImportError:
-            real = None
-        if real is not None:
-            source = "trainer.meta.benchmark_outer_step"
-
-            def step():
-                real(model, support, config)
-        else:
-            source = "reference FOMAML step (trainer.meta.benchmark_outer_step not available)"
-            outer_opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-
-            def step():
-                _reference_outer_step(model, support, batch, config, outer_opt)
+        step, source = outer_step(model, batch_examples, config), OUTER_STEP
     step()  # warm-up (allocator pools, lazy init)
     rss_before = _vm_rss_kb()
     reset_ok = _reset_peak()

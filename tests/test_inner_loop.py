@@ -145,7 +145,7 @@ def test_batches_are_seeded_cover_every_example_and_right_pad(engine):
 
 def test_adapt_changes_only_lora_and_lowers_training_loss(engine):
     model = engine.model
-    engine._reset_lora(config())
+    engine.reset_lora(config())
     encoded = encode_examples(engine.tokenizer, EXAMPLES, 64)
     before_base, before_lora = base_weights(model), get_lora_state(model)
     loss_before = mean_loss(model, encoded, 4)
@@ -165,7 +165,7 @@ def test_adapt_is_deterministic_under_seed(engine):
     encoded = encode_examples(engine.tokenizer, EXAMPLES, 64)
 
     def run(seed):
-        engine._reset_lora(config(seed=0))  # same start for all runs: only the adapt seed varies
+        engine.reset_lora(config(seed=0))  # same start for all runs: only the adapt seed varies
         losses = adapt(engine.model, encoded, config(seed=seed, dropout=0.0))
         return losses, get_lora_state(engine.model)
 
@@ -179,7 +179,7 @@ def test_adapt_is_deterministic_under_seed(engine):
 
 
 def test_lora_state_round_trip(engine):
-    engine._reset_lora(config())
+    engine.reset_lora(config())
     saved = get_lora_state(engine.model)
     assert saved and all("lora_" in n for n in saved)
     assert saved.keys() == lora_parameters(engine.model).keys()
@@ -245,7 +245,7 @@ def test_shared_init_is_the_start_of_every_job_and_mismatch_falls_back(tiny_dir,
     # The reset really loaded the init: its saved weights equal what the trainer engine had.
     from peft import get_peft_model_state_dict
 
-    engine._reset_lora(engine.default_config)
+    engine.reset_lora(engine.default_config)
     now = get_peft_model_state_dict(engine.model)
     assert all(torch.equal(now[k], init_state[k]) for k in init_state)
 

@@ -23,12 +23,15 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
 from trainer.precision import resolve_device
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+SHARED_INIT_META = "metalora_meta.json"
+ADAPT_RECORD = "metalora_adapt.json"
 _ADAPTER = "default"  # peft's adapter name inside the wrapper; one adapter is ever active
 # What a shared init dictates to the jobs that start from it: the procedure it was meta-learned for.
 PROCEDURE_FIELDS = ("steps", "learning_rate", "batch_size", "rank", "alpha", "dropout", "target_modules")
@@ -44,7 +47,7 @@ class SharedInit:
 
 def load_shared_init(path: Path | str) -> SharedInit:
     path = Path(path)
-    for name in SHARED_INIT_FILES:
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, SHARED_INIT_META):
         if not (path / name).is_file():
             raise FileNotFoundError(f"shared init {path} is incomplete: {name} is missing")
     meta = json.loads((path / SHARED_INIT_META).read_text())
@@ -53,7 +56,7 @@ def load_shared_init(path: Path | str) -> SharedInit:
     config = AdaptConfig.from_dict(meta["adapt_config"])
     peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
     if peft_config.get("r") != config.rank or sorted(peft_config.get("target_modules") or []) != sorted(config.target_modules):
-        raise ValueError(f"shared init {path}: {ADAPTER_CONFIG} disagrees with the adapt_config in {SHARED_INIT_META}")
+        raise ValueError(f"shared init {path}: adapter_config.json disagrees with the adapt_config in {SHARED_INIT_META}")
     return SharedInit(path=path, state=load_file(str(path / ADAPTER_WEIGHTS)), adapt_config=config, meta=meta)
 
 
@@ -120,37 +123,40 @@ class AdaptEngine:
         self.model = get_peft_model(base, self.default_config.lora_config())
         self._structure = self._structure_of(self.default_config)
         self._last: AdaptOutcome | None = None
-        self._lock = threading.Lock()  # one job at a time on the resident model
+        # One job at a time on the resident model; reentrant, since `train` calls the public `reset_lora`.
+        self._lock = threading.RLock()
 
     @staticmethod
     def _structure_of(config: AdaptConfig) -> tuple:
         return (config.lora_structure(), config.dropout)
 
-    def _reset_lora(self, config: AdaptConfig) -> tuple[str, str | None]:
-        """Put LoRA modules of the job's shape in place, at their init. Returns (init kind, note)."""
-        if self._structure_of(config) != self._structure:
-            base = self.model.unload()
-            base.requires_grad_(False)
-            self.model = get_peft_model(base, config.lora_config())
-            self._structure = self._structure_of(config)
-        if self.shared is not None and config.lora_structure() == self.shared.adapt_config.lora_structure():
-            result = set_peft_model_state_dict(self.model, self.shared.state, adapter_name=_ADAPTER)
-            missing = [k for k in result.missing_keys if "lora_" in k]
-            if missing or result.unexpected_keys:
-                raise ValueError(f"shared init {self.shared.path} does not fit the base model: missing {missing[:3]},"
-                                 f" unexpected {list(result.unexpected_keys)[:3]}")
-            return "shared", None
-        # peft's standard init (A kaiming-uniform, B zero), reproducible under the job's seed.
-        torch.manual_seed(config.seed)
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer):
-                module.reset_lora_parameters(_ADAPTER, True)
-        if self.shared is None:
-            return "standard", None
-        s = self.shared.adapt_config
-        return "standard", (f"the shared init is for rank {s.rank}, alpha {s.alpha}, targets {list(s.target_modules)};"
-                            f" this job asked for rank {config.rank}, alpha {config.alpha},"
-                            f" targets {list(config.target_modules)}, so it started from the standard LoRA init")
+    def reset_lora(self, config: AdaptConfig) -> tuple[str, str | None]:
+        """Put LoRA modules of `config`'s shape in place, at their init (the shared init where it fits, else
+        peft's standard init under `config.seed`): what `train` does before the K steps. Returns (init kind, note)."""
+        with self._lock:
+            if self._structure_of(config) != self._structure:
+                base = self.model.unload()
+                base.requires_grad_(False)
+                self.model = get_peft_model(base, config.lora_config())
+                self._structure = self._structure_of(config)
+            if self.shared is not None and config.lora_structure() == self.shared.adapt_config.lora_structure():
+                result = set_peft_model_state_dict(self.model, self.shared.state, adapter_name=_ADAPTER)
+                missing = [k for k in result.missing_keys if "lora_" in k]
+                if missing or result.unexpected_keys:
+                    raise ValueError(f"shared init {self.shared.path} does not fit the base model: missing {missing[:3]},"
+                                     f" unexpected {list(result.unexpected_keys)[:3]}")
+                return "shared", None
+            # peft's standard init (A kaiming-uniform, B zero), reproducible under the job's seed.
+            torch.manual_seed(config.seed)
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.reset_lora_parameters(_ADAPTER, True)
+            if self.shared is None:
+                return "standard", None
+            s = self.shared.adapt_config
+            return "standard", (f"the shared init is for rank {s.rank}, alpha {s.alpha}, targets {list(s.target_modules)};"
+                                f" this job asked for rank {config.rank}, alpha {config.alpha},"
+                                f" targets {list(config.target_modules)}, so it started from the standard LoRA init")
 
     def train(self, examples: list[dict], config: AdaptConfig | None = None,
               on_step: Callable[[int, float], None] | None = None) -> AdaptOutcome:
@@ -159,7 +165,7 @@ class AdaptEngine:
             started = time.perf_counter()
             encoded = encode_examples(self.tokenizer, examples, config.max_seq_len)
             train_set, holdout = split_holdout(encoded, config)
-            init, note = self._reset_lora(config)
+            init, note = self.reset_lora(config)
             eval_set = holdout or train_set
             loss_before = mean_loss(self.model, eval_set, config.batch_size)
             train_losses = adapt(self.model, train_set, config, on_step=on_step)

@@ -14,8 +14,9 @@ parameters; a stock optimizer (`outer_optimizer`: AdamW or SGD) updates it. Ever
 """
 from __future__ import annotations
 
+import os
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -156,7 +157,6 @@ class MetaLearner:
 
     def _inner_config(self, episode_index: int) -> AdaptConfig:
         # A distinct, reproducible batch order per (outer step, task slot).
-        from dataclasses import replace
         return replace(self.config.inner, seed=self.config.seed * 1_000_003 + self.step * 101 + episode_index)
 
     def adapted_query_loss(self, episode: Episode, episode_index: int = 0, *, theta: dict | None = None) -> float:
@@ -249,7 +249,6 @@ class MetaLearner:
 
 def save_checkpoint(path, learner: MetaLearner, rng: random.Random, extra: dict[str, Any] | None = None) -> None:
     """`rng` is the run's task sampler: its state, not the global `random` module's, decides the next episodes."""
-    import os
     state = {**learner.state_dict(), "rng": {"python": rng.getstate(), "torch": torch.get_rng_state()},
              **(extra or {})}
     tmp = f"{path}.tmp"
@@ -261,19 +260,3 @@ def load_checkpoint(path, map_location="cpu") -> dict[str, Any]:
     # weights_only=False: the checkpoint holds python RNG state; only load checkpoints you wrote.
     return torch.load(path, map_location=map_location, weights_only=False)
 
-
-_BENCH_LEARNERS: dict[int, MetaLearner] = {}
-
-
-def benchmark_outer_step(model, examples: list[EncodedExample], config: AdaptConfig) -> dict[str, float]:
-    """One real FOMAML outer step with one task (support = first half of `examples`, query = the rest), for
-    benchmarks/meta_cost.py. The learner (θ copy + outer AdamW) is built once per model, as in training."""
-    if len(examples) < 2:
-        raise ValueError("need at least 2 examples (support and query)")
-    half = len(examples) // 2
-    learner = _BENCH_LEARNERS.get(id(model))
-    if learner is None:
-        cfg = MetaConfig(method="fomaml", meta_batch_tasks=1, support_size=half, query_size=len(examples) - half,
-                         inner=config)
-        learner = _BENCH_LEARNERS[id(model)] = MetaLearner(model, cfg)
-    return learner.meta_step([Episode("benchmark", list(examples[:half]), list(examples[half:]))])
