@@ -30,7 +30,7 @@ from tests.stack_data import examples as stack_examples
 from trainer import train_meta
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, collate, encode_examples, only_labelled_logits
-from trainer.evaluate import mean_accuracy_table
+from trainer.eval_stats import mean_accuracy_table
 from trainer.inner_loop import lora_parameters
 from trainer.meta import Episode, MetaConfig, MetaLearner
 from trainer.precision import autocast_for

@@ -23,15 +23,12 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
 from trainer.precision import resolve_device
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-SHARED_INIT_META = "metalora_meta.json"
-ADAPT_RECORD = "metalora_adapt.json"
 _ADAPTER = "default"  # peft's adapter name inside the wrapper; one adapter is ever active
 # What a shared init dictates to the jobs that start from it: the procedure it was meta-learned for.
 PROCEDURE_FIELDS = ("steps", "learning_rate", "batch_size", "rank", "alpha", "dropout", "target_modules")
@@ -47,7 +44,7 @@ class SharedInit:
 
 def load_shared_init(path: Path | str) -> SharedInit:
     path = Path(path)
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, SHARED_INIT_META):
+    for name in SHARED_INIT_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"shared init {path} is incomplete: {name} is missing")
     meta = json.loads((path / SHARED_INIT_META).read_text())
@@ -56,7 +53,7 @@ def load_shared_init(path: Path | str) -> SharedInit:
     config = AdaptConfig.from_dict(meta["adapt_config"])
     peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
     if peft_config.get("r") != config.rank or sorted(peft_config.get("target_modules") or []) != sorted(config.target_modules):
-        raise ValueError(f"shared init {path}: adapter_config.json disagrees with the adapt_config in {SHARED_INIT_META}")
+        raise ValueError(f"shared init {path}: {ADAPTER_CONFIG} disagrees with the adapt_config in {SHARED_INIT_META}")
     return SharedInit(path=path, state=load_file(str(path / ADAPTER_WEIGHTS)), adapt_config=config, meta=meta)
 
 
