@@ -20,12 +20,12 @@ import json
 import platform
 import time
 
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
 
 def build(args, device, dtype):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
@@ -45,8 +45,6 @@ def build(args, device, dtype):
 
 
 def time_variant(model, args, device, *, autocast: bool, sync: bool, steps: int, warmup: int) -> dict:
-    import torch
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -104,8 +102,6 @@ def main() -> None:
     parser.add_argument("--variants", default="ours,sync_per_step,fp32")
     parser.add_argument("--out", default="gpu_inner_loop.json")
     args = parser.parse_args()
-
-    import torch
 
     if args.tiny:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 128, 2, 4, 2

@@ -27,7 +27,6 @@ from adapters.base_model import base_model_path
 from adapters.settings import Settings
 from benchmarks.common import REPO, log, median
 from tests.stack_data import examples as stack_examples
-from trainer import train_meta
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, collate, encode_examples, only_labelled_logits
 from trainer.eval_stats import mean_accuracy_table
@@ -115,8 +114,9 @@ def outer_step(model, examples: list[EncodedExample], config: AdaptConfig) -> Ca
 
 
 def _run_variant(variant: str, repeats: int) -> dict:
-    # transformers + peft: only the measuring subprocess loads the model; the parent process (parts 4 and 5's
-    # orchestration) reads JSON and starts processes.
+    # transformers + peft (through the engine and train-meta): only the measuring subprocess loads the model; the
+    # parent process (parts 4 and 5's orchestration) reads JSON and starts processes.
+    from trainer import train_meta
     from trainer.engine import AdaptEngine, split_holdout
 
     engine = AdaptEngine(base_model_path(Settings()), None, device="cpu")

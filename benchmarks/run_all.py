@@ -21,14 +21,21 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from adapters.base_model import base_model_path
+from adapters.names import DEFAULT_TENANT, vllm_name
+from adapters.settings import Settings
 from benchmarks.common import REPO, log, machine_info, write_json
+from benchmarks.meta_cost import meta_training_cost, steps_to_quality
+from benchmarks.report import write_plots, write_summary
 from trainer.provenance import git_commit
+from trainer.worker import shared_init_path
 
 N_ADAPTERS = 64
 
@@ -50,11 +57,11 @@ def parse_args(argv=None):
 
 
 def run_stack_parts(args, parts: set[int], results: dict) -> None:
+    # The stack harness (pytest's conftest) and the benchmarks that load transformers + peft: only parts 1-3 need
+    # them, so `--parts 4,5,6` runs without.
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import start_stack, stop_stack
 
-    from adapters.names import DEFAULT_TENANT, vllm_name
-    from adapters.settings import Settings
     from benchmarks import adaptation, serving
 
     # 4 rounds of 4 x concurrency requests per side and condition: about 1 min per condition on a 2-core AVX2
@@ -94,16 +101,12 @@ def run_stack_parts(args, parts: set[int], results: dict) -> None:
 
 
 def run_adaptation(args, stack, vllm_url: str, data_dir: Path, tmp: Path) -> dict:
-    from adapters.base_model import base_model_path
-    from adapters.settings import Settings
-    from benchmarks import adaptation
+    from benchmarks import adaptation  # transformers + peft, as in run_stack_parts
     from trainer.engine import AdaptEngine
 
     model_dir = base_model_path(Settings(data_dir=data_dir))
     repeats = 1 if args.quick else args.adapt_repeats
     ours_stack, ours_proc, baseline = [], [], []
-    from trainer.worker import shared_init_path
-
     # The worker's engine class with the worker's init, so all three sides run the procedure a job gets
     # (a shipped init sets K and the learning rate).
     engine = AdaptEngine(model_dir, shared_init_path(Settings(data_dir=data_dir), model_dir), device="cpu")
@@ -140,8 +143,6 @@ def _guard(fn):
 
 def gpu_part(path: str | None, out: Path) -> dict:
     """The GPU result if one was produced on a GPU box; here, only the script's --tiny CPU smoke check."""
-    import subprocess
-
     smoke = out / "gpu_inner_loop_tiny.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_inner_loop.py"), "--tiny", "--out", str(smoke)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -188,20 +189,14 @@ def main(argv=None) -> None:
         run_stack_parts(args, parts, results)
         checkpoint()
     if 5 in parts:
-        from benchmarks.meta_cost import meta_training_cost
-
         results["meta_training_cost"] = _guard(lambda: meta_training_cost(rounds=1 if args.quick else 2))
         checkpoint()
     if 4 in parts:
-        from benchmarks.meta_cost import steps_to_quality
-
         results["steps_to_quality"] = steps_to_quality(args.eval_json)
     if 6 in parts:
         results["gpu_inner_loop"] = _guard(lambda: gpu_part(args.gpu_json, out))
     results["wall_s"] = time.time() - started
     write_json(out / "results.json", results)
-    from benchmarks.report import write_plots, write_summary
-
     plots = _guard(lambda: write_plots(results, out))
     write_summary(results, out, plots if isinstance(plots, list) else [])
     log(f"done in {results['wall_s'] / 60:.1f} min: {out / 'summary.md'}")

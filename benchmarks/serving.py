@@ -11,7 +11,17 @@ import asyncio
 import json
 from pathlib import Path
 
-from benchmarks.common import RoundResult, log, median, ms, run_load, summary
+import torch
+from safetensors.torch import save_file
+
+from adapters.artifacts import LocalArtifactStore
+from adapters.backend import open_backend
+from adapters.base_model import base_model_path
+from adapters.names import DEFAULT_TENANT, vllm_name
+from adapters.records import JobStatus
+from adapters.settings import Settings
+from benchmarks.common import RoundResult, log, median, ms, percentile, run_load, summary
+from trainer.config import AdaptConfig
 
 WORDS = ("apple river candle mountain pencil garden window bottle forest castle rabbit ladder blanket mirror"
          " island rocket").split()
@@ -37,11 +47,6 @@ def write_random_adapter(out_dir: Path, model_dir: Path, base_model_name_or_path
                          rank: int = 8, alpha: int = 16) -> None:
     """A PEFT LoRA folder for the base model in `model_dir` with random small A and B (B nonzero, so the
     adapter changes outputs and vLLM computes it like any trained one). Same targets as AdaptConfig."""
-    import torch
-    from safetensors.torch import save_file
-
-    from trainer.config import AdaptConfig
-
     cfg = json.loads((model_dir / "config.json").read_text())
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -69,11 +74,6 @@ def write_random_adapter(out_dir: Path, model_dir: Path, base_model_name_or_path
 async def _register(settings, names: list[str], model_dir: Path, base_model_name_or_path: str) -> None:
     """Register each name as a ready v1 through the store API: submit_job, claim it ourselves (so no
     worker ever trains it), write the folder, mark it running and finished, ack."""
-    from adapters.artifacts import LocalArtifactStore
-    from adapters.backend import open_backend
-    from adapters.names import DEFAULT_TENANT, vllm_name
-    from adapters.records import JobStatus
-
     backend = open_backend(settings)
     artifacts = LocalArtifactStore(settings.adapter_root)
     try:
@@ -92,9 +92,6 @@ async def _register(settings, names: list[str], model_dir: Path, base_model_name
 
 def register_random_adapters(data_dir: Path, names: list[str]) -> None:
     """Before the stack starts, on its (SQLite) data dir."""
-    from adapters.base_model import base_model_path
-    from adapters.settings import Settings
-
     settings = Settings(data_dir=data_dir)
     model_dir = base_model_path(settings)
     asyncio.run(_register(settings, names, model_dir, str(model_dir)))
@@ -130,8 +127,6 @@ def _pair_stats(direct: list[RoundResult], gateway: list[RoundResult]) -> dict:
 
 
 def _p50(values: list[float]) -> float:
-    from benchmarks.common import percentile
-
     return percentile(values, 50) or 0.0
 
 
