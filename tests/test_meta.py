@@ -203,7 +203,7 @@ def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
     assert saved["git_commit"] and saved["rows"] == rows
     # bf16 and fp32 scoring can differ by an item: the report says which ran (METALORA_CPU_BF16, the CPU).
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["precision"] in ("fp32", "bf16 autocast")
-    assert f"Precision: {saved['machine']['precision']} on cpu" in (tmp_path / "out" / "results.md").read_text()
+    assert f"Machine and precision: {saved['machine']['precision']} on cpu" in (tmp_path / "out" / "results.md").read_text()
     # The init is adapted with the learning rate it was meta-learned for, the standard init with the harness's.
     assert saved["procedures"]["meta_init"]["learning_rate"] == setup[2].learning_rate != inner.learning_rate
     assert saved["procedures"]["standard_init"]["learning_rate"] == inner.learning_rate
