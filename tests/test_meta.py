@@ -58,6 +58,13 @@ def test_meta_config_validates_and_round_trips():
                 {"method": "multitask", "meta_params": "lora_A"}):
         with pytest.raises(ValueError):
             MetaConfig(**bad)
+    # average is exactly Reptile with β = 1: any other outer step is refused, not silently renamed.
+    average = {"method": "average", "outer_optimizer": "sgd", "outer_lr": 1.0, "outer_grad_clip": 0.0}
+    assert MetaConfig(**average).outer_lr == 1.0
+    for bad in ({"outer_lr": 0.5}, {"outer_optimizer": "adamw", "outer_lr": 0.5}, {"outer_grad_clip": 1.0},
+                {"outer_weight_decay": 0.1}):
+        with pytest.raises(ValueError, match="average"):
+            MetaConfig(**{**average, **bad})
     with pytest.raises(ValueError, match="unknown"):
         MetaConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
@@ -98,9 +105,11 @@ def test_meta_step_lowers_the_query_loss_it_was_computed_on(setup, method):
     assert sum(after) < sum(before), (before, after)
 
 
-def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup):
+@pytest.mark.parametrize("method", ["reptile", "average"])
+def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup, method):
+    """`average` is the seed's parameter averaging: one step puts θ at the mean of the adapted copies."""
     model, _, inner = setup
-    learner = MetaLearner(model, MetaConfig(method="reptile", outer_optimizer="sgd", outer_lr=1.0,
+    learner = MetaLearner(model, MetaConfig(method=method, outer_optimizer="sgd", outer_lr=1.0,
                                             outer_grad_clip=0.0, meta_batch_tasks=2, support_size=8, query_size=8,
                                             inner=inner))
     eps = episodes(setup, seed=2)
@@ -114,6 +123,16 @@ def test_sgd_reptile_with_beta_one_moves_theta_to_the_mean_adapted_weights(setup
         expected = (adapted[0][n] + adapted[1][n]) / 2
         assert torch.allclose(t, expected, atol=1e-6), n
     assert any(not torch.equal(theta0[n], t) for n, t in learner.theta_state().items())
+
+
+def test_train_meta_names_average_with_its_own_outer_step():
+    from trainer import train_meta
+
+    args = train_meta.parse_args(["--method=average"])
+    assert (args["outer_optimizer"], args["outer_lr"], args["outer_grad_clip"]) == ("sgd", 1.0, 0.0)
+    assert train_meta.meta_config(args).method == "average"
+    with pytest.raises(ValueError, match="average"):
+        train_meta.meta_config(train_meta.parse_args(["--method=average", "--outer_lr=0.5"]))
 
 
 @pytest.mark.parametrize("method", ["fomaml", "reptile"])

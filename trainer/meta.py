@@ -8,6 +8,8 @@ parameters; a stock optimizer (`outer_optimizer`: AdamW or SGD) updates it. Ever
   the adapted weights; θ.grad = mean over tasks.
 - "reptile": same stage 1; θ.grad = mean over tasks of (θ − θ_i), so a step moves θ towards the adapted
   weights.
+- "average": Reptile with β = 1 (SGD, lr 1, no clip): θ ← mean θ_i, the seed's parameter averaging, named so
+  that runs and reports say which it was.
 - "multitask": plain joint LoRA training on the same tasks for the same compute: (K + 1) optimizer steps
   per outer step, each on the mean gradient of one batch per task (a meta step costs T·(K + 1) forward/
   backward passes; so does this).
@@ -26,7 +28,7 @@ from trainer.data import EncodedExample, collate, model_device, to_device
 from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
 from trainer.precision import autocast_for
 
-META_METHODS = ("fomaml", "reptile", "multitask")
+META_METHODS = ("fomaml", "reptile", "average", "multitask")
 # adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;
 # sgd: θ ← θ − lr·g, which for Reptile with lr β is the paper's θ ← θ + β·mean(θ_i − θ).
 OUTER_OPTIMIZERS = ("adamw", "sgd")
@@ -74,7 +76,7 @@ class MetaConfig:
         # AdamW steps ~lr per coordinate, so lr stays below 1; SGD Reptile's β interpolates towards the mean adapted
         # weights (1 = onto them); an SGD gradient step is in the gradient's units, so it is only bounded loosely.
         sgd = self.outer_optimizer == "sgd"
-        high = 1e3 if sgd and self.method != "reptile" else 1.0
+        high = 1e3 if sgd and self.method not in ("reptile", "average") else 1.0
         lr_ok = (isinstance(self.outer_lr, (int, float)) and not isinstance(self.outer_lr, bool)
                  and 0 < self.outer_lr <= high and (sgd or self.outer_lr < high))
         if not lr_ok:
@@ -84,6 +86,11 @@ class MetaConfig:
             raise ValueError(f"outer_weight_decay must be >= 0, got {self.outer_weight_decay!r}")
         if not isinstance(self.outer_grad_clip, (int, float)) or self.outer_grad_clip < 0:
             raise ValueError(f"outer_grad_clip must be >= 0, got {self.outer_grad_clip!r}")
+        if self.method == "average" and (self.outer_optimizer, self.outer_lr, self.outer_grad_clip,
+                                         self.outer_weight_decay) != ("sgd", 1, 0, 0):
+            # Any other outer step lands somewhere else than the mean: that is Reptile, and should say so.
+            raise ValueError("average is θ ← mean θ_i: outer_optimizer='sgd', outer_lr=1, outer_grad_clip=0 and "
+                             "outer_weight_decay=0 (for another step use method 'reptile')")
         self.outer_lr, self.outer_weight_decay = float(self.outer_lr), float(self.outer_weight_decay)
         self.outer_grad_clip = float(self.outer_grad_clip)
 
@@ -186,7 +193,7 @@ class MetaLearner:
                     for acc, g in zip(grads, grad):
                         acc.add_(g.float(), alpha=1.0 / len(episodes))
                     query.append(loss.item())
-                else:  # reptile
+                else:  # reptile, average
                     with torch.no_grad():
                         for acc, p, n in zip(grads, self.theta, self.names):
                             acc.add_(p.detach() - params[n].detach().float(), alpha=1.0 / len(episodes))
