@@ -83,3 +83,25 @@ class StoreUnavailable(MetaloraError):
 
 class ArtifactCorrupt(MetaloraError):
     code = "adapter_artifact_corrupt"
+
+
+class JobNotCancellable(MetaloraError):
+    """Cancel asked of a job that already succeeded or failed (a cancelled one cancels again quietly)."""
+
+    code = "job_not_cancellable"
+
+    def __init__(self, job_id: str, status: str):
+        super().__init__(f"job {job_id!r} already {status}; only queued or running jobs can be cancelled")
+        self.job_id = job_id
+        self.status = status
+
+
+class IdempotencyKeyReused(MetaloraError):
+    """An Idempotency-Key sent again with a different request; nothing was written."""
+
+    code = "idempotency_key_reused"
+
+    def __init__(self, job_id: str):
+        super().__init__(f"this Idempotency-Key was used for another request (job {job_id!r}); use a new key for"
+                         " a different request")
+        self.job_id = job_id

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 FINISHED_JOB_TTL_S = 7 * 24 * 3600
 # Examples are deleted when their job finishes; this TTL only bounds what a crashed deployment leaks.
 EXAMPLES_TTL_S = 14 * 24 * 3600
+# A job's event log keeps its newest events only (both stores): enough for every step of a long job.
+JOB_EVENTS_KEPT = 1000
 
 JOBS_GROUP = "workers"
 STREAM_FIELD_JOB_ID = "job_id"
@@ -56,6 +58,24 @@ class Keys:
     def job_examples(self, job_id: str) -> str:
         """String: JSON list of examples."""
         return f"{self.prefix}:job:{job_id}:examples"
+
+    def job_events(self, job_id: str) -> str:
+        """List of JobEvent JSON, oldest first, trimmed to JOB_EVENTS_KEPT; expires with its finished job."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set: the tenant's job ids scored by created_at (job listing). Members whose job expired are
+        pruned when a listing meets them."""
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    def idempotency_key(self, tenant: str, key_digest: str) -> str:
+        """String: {"job_id", "request_hash"} for a client's Idempotency-Key; expires after the window."""
+        return f"{self.prefix}:tenant:{tenant}:idempotency:{key_digest}"
+
+    def request_dedupe(self, tenant: str, request_hash: str) -> str:
+        """String: the job id created for a request fingerprint (adapters/idempotency.py); expires after the
+        window."""
+        return f"{self.prefix}:tenant:{tenant}:request:{request_hash}"
 
     @property
     def jobs_stream(self) -> str:

@@ -17,10 +17,11 @@ class JobStatus(str, Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class VersionStatus(str, Enum):
@@ -29,6 +30,28 @@ class VersionStatus(str, Enum):
     RUNNING = "running"
     READY = "ready"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobErrorCode(str, Enum):
+    """Why a job failed (or was cancelled by something other than its client): stable codes for clients."""
+
+    INVALID_INPUT = "invalid_input"  # examples or options the trainer rejects: retrying cannot help
+    TIMEOUT = "job_timeout"
+    ATTEMPTS_EXHAUSTED = "max_attempts_exceeded"  # its workers kept dying (crash, OOM kill, shutdown)
+    TRAINING_ERROR = "training_error"
+    ADAPTER_DELETED = "adapter_deleted"
+
+
+class JobEventType(str, Enum):
+    QUEUED = "queued"
+    STARTED = "started"
+    REQUEUED = "requeued"  # its worker shut down mid-job; another attempt follows
+    STEP = "step"
+    EVALUATION = "evaluation"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 def now() -> float:
@@ -73,9 +96,27 @@ class Job(_Record):
     # Training options the client chose (steps, learning_rate, ...), validated by the gateway.
     options: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    error_code: str | None = None  # a JobErrorCode value, beside the human-readable `error`
+    # While running: when the worker expects the last step to end (its step time so far x steps left).
+    estimated_finish: float | None = None
+    # adapters/idempotency.py's fingerprint of the request that created the job.
+    request_hash: str | None = None
 
     def __post_init__(self):
         self.status = JobStatus(self.status)
+
+
+@dataclass
+class JobEvent(_Record):
+    """One entry of a job's event log. `id` counts from 1 per job, so `after=<id>` resumes a listing."""
+
+    id: int
+    job_id: str
+    type: str  # a JobEventType value
+    message: str
+    created_at: float = field(default_factory=now)
+    level: str = "info"  # "info" | "warning" | "error"
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import functools
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -22,13 +22,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters import keys as K
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, ApiKeyNotFound, JobNotFound, StoreUnavailable
+from adapters.errors import AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, JobNotFound, StoreUnavailable
+from adapters.idempotency import Dedupe, replays
+from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
-from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
+from adapters.records import (
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, new_job_id, now,
+)
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, finish_change,
-    owns, pick_version,
+    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -38,6 +42,8 @@ CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 3.0
 BLOCK_SLICE_MS = 1000
 _WATCH_RETRIES = 50
+# Job listings read the tenant's index in pages of this many ids while filtering.
+_LIST_SCAN_PAGE = 200
 
 
 def unavailable_on_connection_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -105,20 +111,34 @@ class RedisMetadataStore:
     @unavailable_on_connection_errors
     async def submit_job(self, tenant, adapter, num_examples, examples, options,
                          quota: TenantQuota | None = None) -> Job:
+        job, _ = await self.submit_job_once(tenant, adapter, num_examples, examples, options, quota)
+        return job
+
+    @unavailable_on_connection_errors
+    async def submit_job_once(self, tenant, adapter, num_examples, examples, options,
+                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None) -> tuple[Job, bool]:
         validate_tenant(tenant)
         validate_name(adapter)
         k = self.keys
         counter = k.next_version(tenant, adapter)
         names_key, active_key = k.adapter_names(tenant), k.active_jobs(tenant)
         examples_json = json.dumps(examples)
+        watched = [counter, names_key, active_key]
+        if dedupe is not None:
+            watched.append(k.request_dedupe(tenant, dedupe.request_hash))
+            if dedupe.key_digest:
+                watched.append(k.idempotency_key(tenant, dedupe.key_digest))
 
-        async def body(pipe) -> Job:
+        async def body(pipe) -> tuple[Job, bool]:
+            if dedupe is not None and (replayed := await self._replay(pipe, tenant, dedupe)) is not None:
+                return replayed, True
             # Quota counts are read under the same WATCH as the writes: two concurrent submits cannot both
             # take the last slot (the loser's EXEC fails and it re-reads).
             stale = await self._check_quota(pipe, tenant, adapter, quota)
             version = int(await pipe.get(counter) or 0) + 1
             job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
-                      num_examples=num_examples, options=dict(options))
+                      num_examples=num_examples, options=dict(options),
+                      request_hash=dedupe.request_hash if dedupe else None)
             record = AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
                                     num_examples=num_examples, created_at=job.created_at)
             pipe.multi()
@@ -129,11 +149,74 @@ class RedisMetadataStore:
                 pipe.srem(active_key, *stale)
             pipe.sadd(active_key, job.id)
             pipe.set(k.job(job.id), json.dumps(job.to_dict()))
+            pipe.zadd(k.tenant_jobs(tenant), {job.id: job.created_at})
+            self._queue_events(pipe, job, changed_job_events(job, None), last_id=0)
             pipe.set(k.job_examples(job.id), examples_json, ex=K.EXAMPLES_TTL_S)
             pipe.xadd(k.jobs_stream, {K.STREAM_FIELD_JOB_ID: job.id})
-            return job
+            if dedupe is not None:
+                self._remember(pipe, tenant, dedupe, job.id)
+            return job, False
 
-        return await _transaction(self.r, [counter, names_key, active_key], body)
+        return await _transaction(self.r, watched, body)
+
+    async def _replay(self, pipe, tenant: str, dedupe: Dedupe) -> Job | None:
+        """The job this request already created (adapters/idempotency.py's rule), or None. Reads under the
+        submit's WATCH, and watches the job found, so a cancel racing the replay makes the submit re-read."""
+        k = self.keys
+
+        async def lookup(key: str) -> Job | None:
+            job_id = await pipe.get(key)
+            if job_id is None:
+                return None
+            await pipe.watch(k.job(job_id))
+            try:
+                return await self._read_job(pipe, job_id)
+            except JobNotFound:
+                return None
+
+        if dedupe.key_digest:
+            raw = await pipe.get(k.idempotency_key(tenant, dedupe.key_digest))
+            if raw is not None:
+                entry = json.loads(raw)
+                await pipe.watch(k.job(entry["job_id"]))
+                try:
+                    job = await self._read_job(pipe, entry["job_id"])
+                except JobNotFound:
+                    job = None
+                if job is not None:
+                    if entry["request_hash"] != dedupe.request_hash:
+                        raise IdempotencyKeyReused(job.id)
+                    return job
+        job = await lookup(k.request_dedupe(tenant, dedupe.request_hash))
+        if job is None or not replays(job, await self._read_version(pipe, job)):
+            return None
+        if dedupe.key_digest:
+            pipe.multi()
+            self._remember(pipe, tenant, dedupe, job.id, only_key=True)
+        return job
+
+    def _remember(self, pipe, tenant: str, dedupe: Dedupe, job_id: str, only_key: bool = False) -> None:
+        ttl = max(1, int(dedupe.window_s))
+        if not only_key:
+            pipe.set(self.keys.request_dedupe(tenant, dedupe.request_hash), job_id, ex=ttl)
+        if dedupe.key_digest:
+            pipe.set(self.keys.idempotency_key(tenant, dedupe.key_digest),
+                     json.dumps({"job_id": job_id, "request_hash": dedupe.request_hash}), ex=ttl)
+
+    def _queue_events(self, pipe, job: Job, events: Sequence[JobEvent], last_id: int) -> None:
+        """Queue (after pipe.multi()) the append of `events`, numbered after `last_id`, trimmed to the newest
+        JOB_EVENTS_KEPT; the log expires with a finished job."""
+        key = self.keys.job_events(job.id)
+        if events:
+            pipe.rpush(key, *(json.dumps(e.to_dict()) for e in numbered(list(events), last_id)))
+            pipe.ltrim(key, -K.JOB_EVENTS_KEPT, -1)
+        if job.status.finished:
+            pipe.expire(key, K.FINISHED_JOB_TTL_S)
+
+    async def _last_event_id(self, reader, job_id: str) -> int:
+        # Every append happens under a WATCH of the job's key, so this read cannot race another append.
+        raw = await reader.lindex(self.keys.job_events(job_id), -1)
+        return json.loads(raw)["id"] if raw else 0
 
     async def _check_quota(self, pipe, tenant: str, adapter: str, quota: TenantQuota | None) -> list[str]:
         """Raise QuotaExceeded; return the active-set members that are in fact finished or gone (to prune)."""
@@ -172,20 +255,26 @@ class RedisMetadataStore:
             raise JobNotFound(job_id)
         return json.loads(raw)
 
-    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool]):
-        """Shared WATCH/MULTI for update/finish/fail: `change` mutates job (and the version if this job
+    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool],
+                          events: Sequence[JobEvent] = (), tenant: str | None = None):
+        """Shared WATCH/MULTI for update/finish/fail/cancel: `change` mutates job (and the version if this job
         still owns it) and returns whether to write."""
         k = self.keys
         job0 = await self._read_job(self.r, job_id)  # the version key depends on the job's identity
+        if tenant is not None and job0.tenant != tenant:
+            raise JobNotFound(job_id)
         vkey = k.versions(job0.tenant, job0.adapter)
 
         async def body(pipe):
             job = await self._read_job(pipe, job_id)
             version = await self._read_version(pipe, job)
             owned = version if owns(version, job) else None
+            previous = job.status
             if not change(job, owned):
                 return job, False
+            last_id = await self._last_event_id(pipe, job_id)
             pipe.multi()
+            self._queue_events(pipe, job, changed_job_events(job, previous, events), last_id)
             ttl = K.FINISHED_JOB_TTL_S if job.status.finished else None
             pipe.set(k.job(job_id), json.dumps(job.to_dict()), ex=ttl)
             if owned is not None:
@@ -198,15 +287,65 @@ class RedisMetadataStore:
         return await _transaction(self.r, [k.job(job_id), vkey], body)
 
     @unavailable_on_connection_errors
-    async def update_job(self, job_id: str, **changes: Any) -> Job:
+    async def update_job(self, job_id: str, *, events: Sequence[JobEvent] = (), **changes: Any) -> Job:
         def change(job: Job, version):
             if job.status.finished:
                 return False
             apply_job_changes(job, version, changes)
             return True
 
-        job, _ = await self._change_job(job_id, change)
+        job, _ = await self._change_job(job_id, change, events)
         return job
+
+    @unavailable_on_connection_errors
+    async def cancel_job(self, job_id: str, tenant: str | None = None) -> Job:
+        job, _ = await self._change_job(job_id, cancel_change, tenant=tenant)
+        return job
+
+    @unavailable_on_connection_errors
+    async def list_jobs(self, tenant: str, limit: int, after: str | None = None, adapter: str | None = None,
+                        status: JobStatus | None = None) -> JobPage:
+        k = self.keys
+        index = k.tenant_jobs(tenant)
+        top: float | str = "+inf"
+        cursor = None
+        if after is not None:
+            cursor = await self.get_job(after, tenant)
+            top = cursor.created_at
+        wanted = JobStatus(status) if status is not None else None
+        found: list[Job] = []
+        gone: list[str] = []
+        offset = 0
+        while len(found) <= limit:
+            # Same score: ZREVRANGEBYSCORE orders members descending, as SQLite's ORDER BY created_at, id DESC.
+            ids = await self.r.zrevrangebyscore(index, top, "-inf", start=offset, num=_LIST_SCAN_PAGE)
+            if not ids:
+                break
+            offset += len(ids)
+            raws = await self.r.mget([k.job(i) for i in ids])
+            for job_id, raw in zip(ids, raws):
+                if raw is None:
+                    gone.append(job_id)
+                    continue
+                job = Job.from_dict(json.loads(raw))
+                if cursor is not None and job.created_at == cursor.created_at and job.id >= cursor.id:
+                    continue
+                if (adapter is None or job.adapter == adapter) and (wanted is None or job.status is wanted):
+                    found.append(job)
+        if gone:
+            await self.r.zrem(index, *gone)
+        return JobPage(found[:limit], len(found) > limit)
+
+    @unavailable_on_connection_errors
+    async def list_job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        key = self.keys.job_events(job_id)
+        # Ids are consecutive within the list, so the index of id `after + 1` follows from the oldest one kept.
+        first = await self.r.lindex(key, 0)
+        if first is None or limit <= 0:
+            return []
+        start = max(0, after + 1 - json.loads(first)["id"])
+        raws = await self.r.lrange(key, start, start + limit - 1)
+        return [e for e in (JobEvent.from_dict(json.loads(r)) for r in raws) if e.id > after]
 
     @unavailable_on_connection_errors
     async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
@@ -217,8 +356,8 @@ class RedisMetadataStore:
         return owns(await self._read_version(self.r, job), job)
 
     @unavailable_on_connection_errors
-    async def fail_job(self, job_id: str, error: str) -> None:
-        await self._change_job(job_id, fail_change(error))
+    async def fail_job(self, job_id: str, error: str, code: str = JobErrorCode.TRAINING_ERROR.value) -> None:
+        await self._change_job(job_id, fail_change(error, code))
 
     @unavailable_on_connection_errors
     async def list_adapters(self, tenant: str) -> list[Adapter]:
@@ -250,21 +389,23 @@ class RedisMetadataStore:
             versions = _versions_from_hash(await pipe.hgetall(vkey))
             if not versions:
                 raise AdapterNotFound(name)
-            # In-flight jobs are failed in the same transaction, so a worker that claims one later sees
-            # a finished job and skips it instead of training an adapter nobody can load.
+            # In-flight jobs are cancelled in the same transaction, so a worker that claims one later sees
+            # a finished job and skips it, and one training it stops at its next progress report.
             jobs = []
             for v in versions:
                 await pipe.watch(k.job(v.job_id))
                 raw = await pipe.get(k.job(v.job_id))
                 if raw is not None:
                     job = Job.from_dict(json.loads(raw))
+                    previous = job.status
                     if not job.status.finished:
-                        apply_job_changes(job, None, {"status": JobStatus.FAILED, "error": ADAPTER_DELETED_ERROR})
-                        jobs.append(job)
+                        cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
+                        jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
             pipe.multi()
             pipe.delete(vkey)
             pipe.srem(k.adapter_names(tenant), name)
-            for job in jobs:
+            for job, events, last_id in jobs:
+                self._queue_events(pipe, job, events, last_id)
                 pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
                 pipe.delete(k.job_examples(job.id))
                 pipe.srem(k.active_jobs(tenant), job.id)

@@ -15,17 +15,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from adapters import keys as K
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, ApiKeyNotFound, JobNotFound, StoreUnavailable
+from adapters.errors import AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, JobNotFound, StoreUnavailable
+from adapters.idempotency import Dedupe, replays
+from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
-from adapters.records import Adapter, AdapterVersion, Job, JobStatus, new_job_id, now
+from adapters.records import (
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, new_job_id, now,
+)
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, LeaseLost, TenantQuota, apply_job_changes, check_quota, fail_change, finish_change,
-    owns, pick_version,
+    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, owns, pick_version,
 )
 
 T = TypeVar("T")
@@ -51,6 +55,15 @@ CREATE INDEX IF NOT EXISTS jobs_active_by_tenant ON jobs (json_extract(record, '
     WHERE expires_at IS NULL;
 CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL,
                                      record TEXT NOT NULL);
+-- The job listing's order; the expressions match list_jobs' query so SQLite uses the index.
+CREATE INDEX IF NOT EXISTS jobs_by_tenant_created ON jobs (json_extract(record, '$.tenant'),
+                                                           json_extract(record, '$.created_at'));
+CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
+                                       PRIMARY KEY (job_id, seq));
+-- kind 'key': an Idempotency-Key's digest; kind 'request': a request fingerprint (adapters/idempotency.py).
+CREATE TABLE IF NOT EXISTS job_dedupe (tenant TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+                                       job_id TEXT NOT NULL, request_hash TEXT NOT NULL, expires_at REAL NOT NULL,
+                                       PRIMARY KEY (tenant, kind, key));
 """
 
 
@@ -129,6 +142,55 @@ def _write_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
               (v.tenant, v.adapter, v.version, json.dumps(v.to_dict())))
 
 
+def _append_events(c: sqlite3.Connection, job_id: str, events: Sequence[JobEvent]) -> None:
+    if not events:
+        return
+    last = c.execute("SELECT max(seq) FROM job_events WHERE job_id = ?", (job_id,)).fetchone()[0] or 0
+    c.executemany("INSERT INTO job_events (job_id, seq, record) VALUES (?, ?, ?)",
+                  [(job_id, e.id, json.dumps(e.to_dict())) for e in numbered(list(events), last)])
+    c.execute("DELETE FROM job_events WHERE job_id = ? AND seq <= ?", (job_id, last + len(events) - K.JOB_EVENTS_KEPT))
+
+
+def _drop_expired(c: sqlite3.Connection) -> None:
+    t = now()
+    c.execute("DELETE FROM job_events WHERE job_id IN (SELECT id FROM jobs WHERE expires_at <= ?)", (t,))
+    c.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (t,))
+    c.execute("DELETE FROM job_dedupe WHERE expires_at <= ?", (t,))
+
+
+def _replay(c: sqlite3.Connection, tenant: str, dedupe: Dedupe) -> Job | None:
+    """The job this request already created (adapters/idempotency.py's rule), or None."""
+    def lookup(kind: str, key: str) -> tuple[Job, str] | None:
+        row = c.execute("SELECT job_id, request_hash FROM job_dedupe WHERE tenant = ? AND kind = ? AND key = ?",
+                        (tenant, kind, key)).fetchone()
+        if row is None:
+            return None
+        try:
+            return _read_job(c, row[0]), row[1]
+        except JobNotFound:
+            return None
+
+    if dedupe.key_digest and (found := lookup("key", dedupe.key_digest)):
+        job, request_hash = found
+        if request_hash != dedupe.request_hash:
+            raise IdempotencyKeyReused(job.id)
+        return job
+    found = lookup("request", dedupe.request_hash)
+    if found and replays(found[0], _read_version(c, found[0])):
+        _remember(c, tenant, dedupe, found[0].id, only_key=True)
+        return found[0]
+    return None
+
+
+def _remember(c: sqlite3.Connection, tenant: str, dedupe: Dedupe, job_id: str, only_key: bool = False) -> None:
+    entries = [] if only_key else [("request", dedupe.request_hash)]
+    if dedupe.key_digest:
+        entries.append(("key", dedupe.key_digest))
+    c.executemany("INSERT OR REPLACE INTO job_dedupe (tenant, kind, key, job_id, request_hash, expires_at)"
+                  " VALUES (?, ?, ?, ?, ?, ?)",
+                  [(tenant, kind, key, job_id, dedupe.request_hash, now() + dedupe.window_s) for kind, key in entries])
+
+
 class SqliteMetadataStore:
     def __init__(self, db: _Db):
         self.db = db
@@ -138,12 +200,19 @@ class SqliteMetadataStore:
 
     async def submit_job(self, tenant, adapter, num_examples, examples, options,
                          quota: TenantQuota | None = None) -> Job:
+        job, _ = await self.submit_job_once(tenant, adapter, num_examples, examples, options, quota)
+        return job
+
+    async def submit_job_once(self, tenant, adapter, num_examples, examples, options,
+                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None) -> tuple[Job, bool]:
         validate_tenant(tenant)
         validate_name(adapter)
         examples_json = json.dumps(examples)
 
-        def tx(c: sqlite3.Connection) -> Job:
-            c.execute("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now(),))
+        def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
+            _drop_expired(c)
+            if dedupe is not None and (replayed := _replay(c, tenant, dedupe)) is not None:
+                return replayed, True
             if quota is not None:  # inside BEGIN IMMEDIATE: no other writer between this count and the insert
                 check_quota(quota, tenant, adapter, **_quota_counts(c, tenant, adapter))
             row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
@@ -152,15 +221,55 @@ class SqliteMetadataStore:
             c.execute("INSERT OR REPLACE INTO counters (tenant, adapter, last_version) VALUES (?, ?, ?)",
                       (tenant, adapter, version))
             job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
-                      num_examples=num_examples, options=dict(options))
+                      num_examples=num_examples, options=dict(options),
+                      request_hash=dedupe.request_hash if dedupe else None)
             _write_version(c, AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
                                              num_examples=num_examples, created_at=job.created_at))
             _write_job(c, job)
+            _append_events(c, job.id, changed_job_events(job, None))
             c.execute("INSERT INTO examples (job_id, data) VALUES (?, ?)", (job.id, examples_json))
             c.execute("INSERT INTO queue (job_id) VALUES (?)", (job.id,))
-            return job
+            if dedupe is not None:
+                _remember(c, tenant, dedupe, job.id)
+            return job, False
 
         return await self.db.call(tx, write=True)
+
+    async def list_jobs(self, tenant: str, limit: int, after: str | None = None, adapter: str | None = None,
+                        status: JobStatus | None = None) -> JobPage:
+        created = "json_extract(record, '$.created_at')"
+
+        def read(c: sqlite3.Connection) -> JobPage:
+            where = ["json_extract(record, '$.tenant') = ?", "(expires_at IS NULL OR expires_at > ?)"]
+            args: list[Any] = [tenant, now()]
+            if after is not None:
+                cursor = _read_job(c, after)
+                if cursor.tenant != tenant:
+                    raise JobNotFound(after)
+                where.append(f"({created} < ? OR ({created} = ? AND id < ?))")
+                args += [cursor.created_at, cursor.created_at, cursor.id]
+            if adapter is not None:
+                where.append("json_extract(record, '$.adapter') = ?")
+                args.append(adapter)
+            if status is not None:
+                where.append("json_extract(record, '$.status') = ?")
+                args.append(JobStatus(status).value)
+            rows = c.execute(f"SELECT record FROM jobs WHERE {' AND '.join(where)} ORDER BY {created} DESC, id DESC"
+                             " LIMIT ?", (*args, limit + 1)).fetchall()
+            jobs = [Job.from_dict(json.loads(r[0])) for r in rows]
+            return JobPage(jobs[:limit], len(jobs) > limit)
+
+        return await self.db.call(read)
+
+    async def cancel_job(self, job_id: str, tenant: str | None = None) -> Job:
+        job, _, _ = await self._change_job(job_id, cancel_change, tenant=tenant)
+        return job
+
+    async def list_job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        rows = await self.db.call(lambda c: c.execute(
+            "SELECT record FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, after, limit)).fetchall())
+        return [JobEvent.from_dict(json.loads(r[0])) for r in rows]
 
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         job = await self.db.call(lambda c: _read_job(c, job_id))
@@ -175,36 +284,41 @@ class SqliteMetadataStore:
             raise JobNotFound(job_id)
         return json.loads(row[0])
 
-    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool]):
+    async def _change_job(self, job_id: str, change: Callable[[Job, AdapterVersion | None], bool],
+                          events: Sequence[JobEvent] = (), tenant: str | None = None):
         def tx(c: sqlite3.Connection):
             job = _read_job(c, job_id)
+            if tenant is not None and job.tenant != tenant:
+                raise JobNotFound(job_id)
             version = _read_version(c, job)
             owned = version if owns(version, job) else None
+            previous = job.status
             if not change(job, owned):
                 return job, owned, False
             _write_job(c, job)
             if owned is not None:
                 _write_version(c, owned)
+            _append_events(c, job_id, changed_job_events(job, previous, events))
             return job, owned, True
 
         return await self.db.call(tx, write=True)
 
-    async def update_job(self, job_id: str, **changes: Any) -> Job:
+    async def update_job(self, job_id: str, *, events: Sequence[JobEvent] = (), **changes: Any) -> Job:
         def change(job: Job, version):
             if job.status.finished:
                 return False
             apply_job_changes(job, version, changes)
             return True
 
-        job, _, _ = await self._change_job(job_id, change)
+        job, _, _ = await self._change_job(job_id, change, events)
         return job
 
     async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
         job, owned, written = await self._change_job(job_id, finish_change(metrics))
         return written or (job.status is JobStatus.SUCCEEDED and owned is not None)
 
-    async def fail_job(self, job_id: str, error: str) -> None:
-        await self._change_job(job_id, fail_change(error))
+    async def fail_job(self, job_id: str, error: str, code: str = JobErrorCode.TRAINING_ERROR.value) -> None:
+        await self._change_job(job_id, fail_change(error, code))
 
     async def list_adapters(self, tenant: str) -> list[Adapter]:
         def read(c: sqlite3.Connection) -> list[Adapter]:
@@ -233,15 +347,17 @@ class SqliteMetadataStore:
             versions = _read_versions(c, tenant, name)
             if not versions:
                 raise AdapterNotFound(name)
-            # Fail in-flight jobs too, so a worker that claims one later skips it (see redis_store).
+            # Cancel in-flight jobs too, so a worker that claims one later skips it (see redis_store).
             for v in versions:
                 try:
                     job = _read_job(c, v.job_id)
                 except JobNotFound:
                     continue
+                previous = job.status
                 if not job.status.finished:
-                    apply_job_changes(job, None, {"status": JobStatus.FAILED, "error": ADAPTER_DELETED_ERROR})
+                    cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
                     _write_job(c, job)
+                    _append_events(c, job.id, changed_job_events(job, previous))
             c.execute("DELETE FROM versions WHERE tenant = ? AND adapter = ?", (tenant, name))
             return versions
 

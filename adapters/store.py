@@ -8,11 +8,15 @@ failed validation never leaves half a job registered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, AdapterNotReady, MetaloraError, QuotaExceeded
-from adapters.records import Adapter, AdapterVersion, Job, JobStatus, VersionStatus, now
+from adapters.errors import AdapterNotFound, AdapterNotReady, JobNotCancellable, MetaloraError, QuotaExceeded
+from adapters.idempotency import Dedupe
+from adapters.job_events import status_event
+from adapters.records import (
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, VersionStatus, now,
+)
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,15 @@ class TenantQuota:
 
     max_active_jobs: int | None = None  # jobs queued or running
     max_adapters: int | None = None  # adapter names with at least one version
+
+
+@dataclass
+class JobPage:
+    """One page of a tenant's jobs, newest first; `has_more`: older ones match too (pass the last id as
+    `after`)."""
+
+    jobs: list[Job]
+    has_more: bool
 
 
 class MetadataStore(Protocol):
@@ -35,19 +48,42 @@ class MetadataStore(Protocol):
         (tenant, adapter), create the version record (queued), the job record (queued), store the
         examples, and enqueue the job id."""
 
+    async def submit_job_once(
+        self, tenant: str, adapter: str, num_examples: int, examples: list[dict[str, str]],
+        options: dict[str, Any], quota: TenantQuota | None = None, dedupe: Dedupe | None = None,
+    ) -> tuple[Job, bool]:
+        """submit_job, unless `dedupe` finds the job this request already created (adapters/idempotency.py):
+        then (that job, True) and nothing is written; a replay needs no quota. Raise IdempotencyKeyReused when
+        the key was used for another request. Otherwise (new job, False), remembering key and fingerprint."""
+
+    async def list_jobs(self, tenant: str, limit: int, after: str | None = None, adapter: str | None = None,
+                        status: JobStatus | None = None) -> JobPage:
+        """The tenant's jobs newest first (created_at, then id), those older than job `after` (JobNotFound
+        when it is not the tenant's), only `adapter`'s / in `status` when given."""
+
+    async def cancel_job(self, job_id: str, tenant: str | None = None) -> Job:
+        """Queued or running -> cancelled (its version too); the worker running it stops at its next progress
+        report. A cancelled job is returned as it is; a succeeded or failed one raises JobNotCancellable."""
+
+    async def list_job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """The job's events with id > `after`, oldest first (the newest keys.JOB_EVENTS_KEPT are kept).
+        Callers check the tenant with get_job first."""
+
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         """Raise JobNotFound, also for another tenant's job. tenant=None is internal (worker) access."""
 
     async def get_job_examples(self, job_id: str) -> list[dict[str, str]]: ...
 
-    async def update_job(self, job_id: str, **changes: Any) -> Job:
-        """Partial update (status, step, loss, metrics, ...); keeps the version record's status in step."""
+    async def update_job(self, job_id: str, *, events: Sequence[JobEvent] = (), **changes: Any) -> Job:
+        """Partial update (status, step, loss, metrics, ...); keeps the version record's status in step and
+        appends `events` (and the status event of a status change) to the job's log. A finished job is left
+        as it is and returned: a worker learns from the result that its job was cancelled."""
 
     async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
         """Mark job succeeded and its version ready. Returns False (and changes nothing) when the
         adapter was deleted meanwhile, so a deleted adapter is never resurrected."""
 
-    async def fail_job(self, job_id: str, error: str) -> None: ...
+    async def fail_job(self, job_id: str, error: str, code: str = JobErrorCode.TRAINING_ERROR.value) -> None: ...
 
     async def list_adapters(self, tenant: str) -> list[Adapter]: ...
 
@@ -59,7 +95,8 @@ class MetadataStore(Protocol):
         AdapterNotReady naming the newest version's status when none is ready."""
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
-        """Remove the name and all its versions; return what was removed. Raise AdapterNotFound."""
+        """Remove the name and all its versions; return what was removed. Its queued and running jobs are
+        cancelled (code adapter_deleted) in the same transaction. Raise AdapterNotFound."""
 
     # --- API keys (records only; plaintext keys never reach a store) ---
     async def create_api_key(self, key: ApiKey) -> None: ...
@@ -115,7 +152,8 @@ class LeaseLost(MetaloraError):
 
 # Fields a caller may change with update_job; identity fields are fixed at submit.
 UPDATABLE_JOB_FIELDS = frozenset(
-    {"status", "step", "total_steps", "loss", "error", "attempts", "metrics", "started_at", "finished_at"}
+    {"status", "step", "total_steps", "loss", "error", "attempts", "metrics", "started_at", "finished_at",
+     "error_code", "estimated_finish"}
 )
 
 _VERSION_STATUS_OF = {
@@ -123,6 +161,7 @@ _VERSION_STATUS_OF = {
     JobStatus.RUNNING: VersionStatus.RUNNING,
     JobStatus.SUCCEEDED: VersionStatus.READY,
     JobStatus.FAILED: VersionStatus.FAILED,
+    JobStatus.CANCELLED: VersionStatus.CANCELLED,
 }
 
 ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
@@ -142,16 +181,35 @@ def finish_change(metrics: dict[str, Any]):
     return change
 
 
-def fail_change(error: str):
+def fail_change(error: str, code: str):
     """The change both stores apply in fail_job: a finished job stays as it is (failing is idempotent)."""
 
     def change(job, version) -> bool:
         if job.status.finished:
             return False
-        apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error})
+        apply_job_changes(job, version, {"status": JobStatus.FAILED, "error": error, "error_code": code})
         return True
 
     return change
+
+
+def cancel_change(job: Job, version: AdapterVersion | None, error: str | None = None,
+                  code: str | None = None) -> bool:
+    """cancel_job's change (and delete_adapter's, with a reason): whether to write. Raise JobNotCancellable
+    for a job that succeeded or failed."""
+    if job.status is JobStatus.CANCELLED:
+        return False
+    if job.status.finished:
+        raise JobNotCancellable(job.id, job.status.value)
+    apply_job_changes(job, version, {"status": JobStatus.CANCELLED, "error": error, "error_code": code})
+    return True
+
+
+def changed_job_events(job: Job, previous: JobStatus | None, extra: Sequence[JobEvent] = ()) -> list[JobEvent]:
+    """What a write appends to the job's log: the events given, then the status event of a status change (so a
+    terminal event is always the last)."""
+    event = status_event(job, previous)
+    return [*extra, *([event] if event else [])]
 
 
 def apply_job_changes(job: Job, version: AdapterVersion | None, changes: dict[str, Any]) -> None:
@@ -169,11 +227,13 @@ def apply_job_changes(job: Job, version: AdapterVersion | None, changes: dict[st
         job.started_at = t
     if job.status.finished and job.finished_at is None:
         job.finished_at = t
+    if job.status is not JobStatus.RUNNING:
+        job.estimated_finish = None
     if version is not None:
         version.status = _VERSION_STATUS_OF[job.status]
         if job.status is JobStatus.SUCCEEDED and version.ready_at is None:
             version.ready_at = t
-        if job.status is JobStatus.FAILED:
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             version.error = job.error
 
 

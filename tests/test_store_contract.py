@@ -147,7 +147,7 @@ async def test_delete_never_resurrected_by_inflight_job(backend: Backend):
         await s.get_adapter("acme", "adp")
     assert await s.list_adapters("acme") == []
     job = await s.get_job(inflight.id)
-    assert job.status is JobStatus.FAILED and job.step == 0  # a worker claiming it later skips it
+    assert job.status is JobStatus.CANCELLED and job.step == 0  # a worker claiming it later skips it
 
     # Version numbers are never reused: vLLM caches LoRAs by name, so v1 must never mean two things.
     again = await submit(backend)
