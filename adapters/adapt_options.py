@@ -30,14 +30,17 @@ class OptionSpec:
     doc: str
     min_exclusive: bool = False
     max_exclusive: bool = False
+    words: tuple[str, ...] = ()  # values the option takes besides numbers (steps: "auto")
 
     def describe(self) -> str:
         kind = "an integer" if self.type is int else "a number"
         low, high = "(" if self.min_exclusive else "[", ")" if self.max_exclusive else "]"
-        return f"{kind} in {low}{self.min}, {self.max}{high}"
+        return f"{kind} in {low}{self.min}, {self.max}{high}" + "".join(f" or {w!r}" for w in self.words)
 
-    def check(self, value: object) -> int | float:
+    def check(self, value: object) -> int | float | str:
         """`value` as this option's type, or InvalidOption. Booleans are not numbers here, NaN is no float."""
+        if isinstance(value, str) and value in self.words:
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float) if self.type is float else int):
             raise InvalidOption(self.name, value, self.describe())
         if self.type is float:
@@ -51,10 +54,27 @@ class OptionSpec:
         return value
 
 
+STEPS_AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoKRule:
+    """`"steps": "auto"`: up to `max_steps`, the held-out loss measured every `eval_every` steps (and at step 0),
+    stopping after `patience` measurements without improvement; the best measured weights are kept."""
+    max_steps: int = 60
+    eval_every: int = 5
+    patience: int = 3
+
+
+AUTO_K = AutoKRule()
+
 OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     # A job brings ~100 examples: 2,000 steps of batch 8 are 160 epochs of them, far past any use; more would
     # only hold a worker until the job timeout.
-    OptionSpec("steps", int, 30, 1, 2000, "K: optimizer steps of the inner loop"),
+    # "auto": the worker measures the held-out slice every few steps and keeps the best adapter, up to a step
+    # budget (trainer/selection.py), so it needs holdout_fraction > 0.
+    OptionSpec("steps", int, 30, 1, 2000, "K: optimizer steps of the inner loop, or 'auto' (chosen on the held-out "
+               "slice)", words=(STEPS_AUTO,)),
     OptionSpec("learning_rate", float, 2e-3, 0.0, 1.0, "AdamW learning rate of the LoRA weights",
                min_exclusive=True, max_exclusive=True),
     OptionSpec("batch_size", int, 8, 1, 64, "examples per step (fewer when the job has fewer)"),
@@ -71,3 +91,9 @@ OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
 )}
 
 DEFAULTS: dict[str, int | float] = {name: spec.default for name, spec in OPTIONS.items()}
+
+
+def check_together(options: dict) -> None:
+    """Rules between options (each option alone is checked by its spec). `options` may omit any option."""
+    if options.get("steps") == STEPS_AUTO and options.get("holdout_fraction", DEFAULTS["holdout_fraction"]) == 0:
+        raise InvalidOption("holdout_fraction", 0, "> 0 with steps='auto', which chooses K on the held-out slice")

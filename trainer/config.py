@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from adapters.adapt_options import DEFAULTS, OPTIONS
+from adapters.adapt_options import AUTO_K, DEFAULTS, OPTIONS, STEPS_AUTO, check_together
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -15,7 +15,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class AdaptConfig:
     """The job options of adapters/adapt_options.py (defaults and bounds from there), plus the LoRA targets."""
 
-    steps: int = DEFAULTS["steps"]  # K inner steps
+    steps: int | str = DEFAULTS["steps"]  # K inner steps, or "auto" (chosen on the held-out slice)
     learning_rate: float = DEFAULTS["learning_rate"]
     batch_size: int = DEFAULTS["batch_size"]
     rank: int = DEFAULTS["rank"]
@@ -36,6 +36,16 @@ class AdaptConfig:
             raise ValueError(f"target_modules must be non-empty module names, got {self.target_modules!r}")
         for name, spec in OPTIONS.items():
             setattr(self, name, spec.check(getattr(self, name)))
+        check_together({name: getattr(self, name) for name in OPTIONS})
+
+    @property
+    def auto_steps(self) -> bool:
+        return self.steps == STEPS_AUTO
+
+    @property
+    def step_budget(self) -> int:
+        """The most steps this config can run: K, or the auto rule's budget."""
+        return AUTO_K.max_steps if self.auto_steps else self.steps
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -13,7 +13,7 @@ import copy
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +23,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.adapt_options import AUTO_K
 from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
 from trainer.precision import resolve_device
+from trainer.selection import adapt_selecting_k
 
 _ADAPTER = "default"  # peft's adapter name inside the wrapper; one adapter is ever active
 # What a shared init dictates to the jobs that start from it: the procedure it was meta-learned for.
@@ -164,15 +166,29 @@ class AdaptEngine:
             train_set, holdout = split_holdout(encoded, config)
             init, note = self.reset_lora(config)
             eval_set = holdout or train_set
-            loss_before = mean_loss(self.model, eval_set, config.batch_size)
-            train_losses = adapt(self.model, train_set, config, on_step=on_step)
-            loss_after = mean_loss(self.model, eval_set, config.batch_size)
+            auto: dict[str, Any] = {}
+            if config.auto_steps:
+                if not holdout:
+                    raise ValueError(f"steps='auto' chooses K on the held-out slice, and {len(encoded)} examples at "
+                                     f"holdout_fraction={config.holdout_fraction} hold none out: send more examples")
+                chosen = adapt_selecting_k(self.model, train_set, holdout, config, on_step=on_step)
+                loss_before, loss_after, train_losses = chosen.curve[0][1], chosen.loss, chosen.train_losses
+                steps, steps_run = chosen.k, chosen.steps_run
+                auto = {"auto_k": {"chosen_k": chosen.k, "steps_run": chosen.steps_run, "holdout_curve": chosen.curve,
+                                   "rule": asdict(AUTO_K)}}
+            else:
+                loss_before = mean_loss(self.model, eval_set, config.batch_size)
+                train_losses = adapt(self.model, train_set, config, on_step=on_step)
+                loss_after = mean_loss(self.model, eval_set, config.batch_size)
+                steps, steps_run = config.steps, config.steps
             metrics: dict[str, Any] = {
                 "loss_before": loss_before,
                 "loss_after": loss_after,
                 "eval_on": "holdout" if holdout else "train",
                 "train_losses": train_losses,
-                "steps": config.steps,
+                "steps": steps,  # K of the adapter written
+                "steps_run": steps_run,
+                **auto,
                 "num_train": len(train_set),
                 "num_holdout": len(holdout),
                 "seconds": time.perf_counter() - started,

@@ -40,7 +40,8 @@ from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
 from trainer.provenance import git_commit, machine_record
 from trainer.scoring import DEFAULT_SCORING, SCORING_RULES, answer_items
-from trainer.selection import AUTO_K, adapt_selecting_k
+from adapters.adapt_options import AUTO_K
+from trainer.selection import adapt_selecting_k
 from trainer.tasks.fetch import default_cache_dir
 from trainer.tasks.format import Task, load_task
 
@@ -160,8 +161,7 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
         procedure = replace(h.procedures[h.auto_init], seed=seed)
         train, held = split_holdout(enc, procedure)
         set_lora_state(h.model, h.inits[h.auto_init])
-        chosen = adapt_selecting_k(h.model, train, held, procedure, max_steps=AUTO_K.max_steps,
-                                   eval_every=AUTO_K.eval_every, patience=AUTO_K.patience)
+        chosen = adapt_selecting_k(h.model, train, held, procedure)  # the worker's rule, AUTO_K
         record("auto_k", 0, h.answers(task, test), chosen_k=chosen.k, steps_run=chosen.steps_run,
                init=h.auto_init, curve=chosen.curve)
     if "full_data" in methods:

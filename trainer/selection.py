@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from adapters.adapt_options import AUTO_K
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, mean_loss
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
@@ -23,24 +24,13 @@ class SelectedK:
     train_losses: list[float] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class AutoKRule:
-    """`"steps": "auto"`: up to `max_steps`, the held-out loss measured every `eval_every` steps, stopping after
-    `patience` measurements without improvement."""
-    max_steps: int = 60
-    eval_every: int = 5
-    patience: int = 3
-
-
-AUTO_K = AutoKRule()
-
-
 class _Stop(Exception):
     pass
 
 
 def adapt_selecting_k(model, train: list[EncodedExample], held: list[EncodedExample], config: AdaptConfig, *,
-                      max_steps: int, eval_every: int, patience: int,
+                      max_steps: int = AUTO_K.max_steps, eval_every: int = AUTO_K.eval_every,
+                      patience: int = AUTO_K.patience,
                       on_step: Callable[[int, float], None] | None = None,
                       on_eval: Callable[[int, float], None] | None = None) -> SelectedK:
     """Leaves the model holding the best weights seen (the start counts). `on_step` is passed to `adapt` (it may

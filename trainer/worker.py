@@ -166,14 +166,15 @@ class Worker:
     async def _train_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str], started: float) -> dict:
         config = self.engine.default_config.merged(job.options or {})
         examples = await self.store.get_job_examples(job.id)
-        await self.store.update_job(job.id, total_steps=config.steps)
-        log.info("job %s start %s: attempt %d/%d, %d examples, %d steps", job.id, name, lease.delivery_count,
+        # With steps="auto" the total is the budget; the job ends at the K it chose.
+        await self.store.update_job(job.id, total_steps=config.step_budget)
+        log.info("job %s start %s: attempt %d/%d, %d examples, %s steps", job.id, name, lease.delivery_count,
                  self.settings.max_job_attempts, len(examples), config.steps)
-        on_step, pending = self._progress_reporter(job.id, config.steps, abort, started)
+        on_step, pending = self._progress_reporter(job.id, config.step_budget, abort, started)
         outcome = await asyncio.to_thread(self.engine.train, examples, config, on_step)
         if pending:  # let the last throttled report land before the final one
             await asyncio.wrap_future(pending[-1])
-        await self.store.update_job(job.id, step=config.steps, loss=outcome.metrics["train_losses"][-1])
+        await self.store.update_job(job.id, step=outcome.metrics["steps_run"], loss=outcome.metrics["train_losses"][-1])
         await asyncio.to_thread(self._write, job, name)
         return outcome.metrics
 
