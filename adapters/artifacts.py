@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from adapters.errors import InvalidAdapterName
+from adapters.errors import ArtifactCorrupt, InvalidAdapterName
+from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -35,6 +38,12 @@ class ArtifactStore(Protocol):
 
     def read_json(self, vllm_name: str, filename: str) -> dict | None:
         """A small JSON file of a stored version (its job record, its metrics); None when absent."""
+
+    def read_bytes(self, vllm_name: str, filename: str) -> bytes:
+        """One file of a stored version; ArtifactCorrupt when it is missing (the records say it exists)."""
+
+    def serving_path(self, vllm_name: str) -> str:
+        """Where vLLM loads the version from (its filesystem resolver reads the same folder)."""
 
     def delete(self, vllm_name: str) -> bool: ...
 
@@ -68,6 +77,15 @@ class LocalArtifactStore:
             return json.loads((self.path(vllm_name) / _check_name(filename)).read_text())
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
+
+    def read_bytes(self, vllm_name: str, filename: str) -> bytes:
+        try:
+            return (self.path(vllm_name) / _check_name(filename)).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactCorrupt(f"the stored files of {vllm_name!r} lack {filename}") from None
+
+    def serving_path(self, vllm_name: str) -> str:
+        return str(self.path(vllm_name))
 
     @contextlib.contextmanager
     def staging(self, vllm_name: str) -> Iterator[Path]:
@@ -121,6 +139,21 @@ class LocalArtifactStore:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         return removed
+
+
+def pack_peft(store: ArtifactStore, vllm_name: str, folder: str, base_model_name: str) -> bytes:
+    """A version's PEFT files as one zip, under `folder/` (what `POST /v1/adapters/{name}/versions` takes back,
+    and what PEFT's `from_pretrained` reads once unpacked). `base_model_name_or_path` names the served model
+    rather than this machine's path to it."""
+    config = json.loads(store.read_bytes(vllm_name, ADAPTER_CONFIG))
+    config["base_model_name_or_path"] = base_model_name
+    weights = store.read_bytes(vllm_name, ADAPTER_WEIGHTS)
+    buffer = io.BytesIO()
+    # Stored, not deflated: safetensors of floats barely compress, and the gateway should not spend CPU on it.
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(f"{folder}/{ADAPTER_CONFIG}", json.dumps(config, indent=2, sort_keys=True))
+        archive.writestr(f"{folder}/{ADAPTER_WEIGHTS}", weights)
+    return buffer.getvalue()
 
 
 # Chosen by configuration like the metadata backends; an object-store implementation registers here.

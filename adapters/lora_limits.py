@@ -1,0 +1,24 @@
+"""The serving engine's LoRA rank limit, once: the vLLM command line (metalora/vllm_command.py) starts vLLM with
+`max_lora_rank(settings)`, and every rank the gateway accepts (adapt options, uploaded adapters) is checked with
+`rank_problem`, so a version the gateway accepted is one vLLM can load."""
+from __future__ import annotations
+
+from adapters.settings import Settings
+
+# vLLM's LoRAConfig accepts only these values for --max-lora-rank.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank(settings: Settings) -> int:
+    rank = settings.vllm_max_lora_rank
+    if rank not in VLLM_MAX_LORA_RANKS:
+        raise ValueError(f"METALORA_VLLM_MAX_LORA_RANK={rank}: vLLM accepts only {VLLM_MAX_LORA_RANKS}")
+    return rank
+
+
+def rank_problem(rank: int, settings: Settings) -> str | None:
+    """Why an adapter of this rank cannot be served, or None when it can."""
+    limit = max_lora_rank(settings)
+    if rank > limit:
+        return f"rank {rank} exceeds the serving engine's max LoRA rank {limit} (METALORA_VLLM_MAX_LORA_RANK)"
+    return None
