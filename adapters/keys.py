@@ -84,3 +84,8 @@ class Keys:
     @property
     def jobs_group(self) -> str:
         return JOBS_GROUP
+
+    @property
+    def stats(self) -> str:
+        """Hash: job metric counter name (adapters/job_stats.py) -> value; kept forever, like any counter."""
+        return f"{self.prefix}:stats"

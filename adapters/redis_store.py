@@ -32,7 +32,7 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version,
+    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth,
 )
 
 T = TypeVar("T")
@@ -453,6 +453,41 @@ class RedisMetadataStore:
 
         return await _transaction(self.r, [k.api_keys], body)
 
+    # ------------------------------------------------------------ uploaded versions
+    @unavailable_on_connection_errors
+    async def allocate_version(self, tenant: str, adapter: str) -> int:
+        validate_tenant(tenant)
+        validate_name(adapter)
+        return int(await self.r.incr(self.keys.next_version(tenant, adapter)))
+
+    @unavailable_on_connection_errors
+    async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
+        k = self.keys
+        names_key = k.adapter_names(version.tenant)
+
+        async def body(pipe) -> None:
+            # Only max_adapters applies (an upload is no job), read under the same WATCH as the write.
+            check_quota(quota, version.tenant, version.adapter, active_jobs=0,
+                        adapter_exists=bool(await pipe.sismember(names_key, version.adapter)),
+                        adapter_count=int(await pipe.scard(names_key)))
+            pipe.multi()
+            pipe.hset(k.versions(version.tenant, version.adapter), str(version.version), json.dumps(version.to_dict()))
+            pipe.sadd(names_key, version.adapter)
+
+        await _transaction(self.r, [names_key], body)
+
+    # ------------------------------------------------------------ job metrics
+    @unavailable_on_connection_errors
+    async def add_stats(self, increments: dict[str, float]) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            for name, amount in increments.items():
+                pipe.hincrbyfloat(self.keys.stats, name, amount)
+            await pipe.execute()
+
+    @unavailable_on_connection_errors
+    async def read_stats(self) -> dict[str, float]:
+        return {name: float(value) for name, value in (await self.r.hgetall(self.keys.stats)).items()}
+
     async def close(self) -> None:
         await self.r.aclose()
 
@@ -556,6 +591,18 @@ class RedisJobQueue:
             pipe.xack(self.keys.jobs_stream, self.keys.jobs_group, lease.entry_id)
             pipe.xdel(self.keys.jobs_stream, lease.entry_id)
             await pipe.execute()
+
+    @unavailable_on_connection_errors
+    async def depth(self) -> QueueDepth:
+        # Acked entries are deleted, so the stream holds exactly the jobs not done: waiting or pending (leased).
+        total = int(await self.r.xlen(self.keys.jobs_stream))
+        try:
+            pending = int((await self.r.xpending(self.keys.jobs_stream, self.keys.jobs_group))["pending"])
+        except ResponseError as exc:
+            if _error_code(exc) != "NOGROUP":  # no worker has started yet
+                raise
+            pending = 0
+        return QueueDepth(waiting=total - pending, leased=pending)
 
     async def close(self) -> None:
         await self.r.aclose()

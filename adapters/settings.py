@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_examples: int = 2000
     min_examples: int = 1
     max_body_bytes: int = 8 * 1024 * 1024
+    # An uploaded adapter (POST /v1/adapters/{name}/versions): the request body, and its files once unpacked.
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # With auth required, GET /metrics needs `Authorization: Bearer <this token>` (it names every tenant's
+    # adapters); unset, /metrics is closed then. With auth disabled it is open.
+    metrics_token: str | None = None
 
     # --- access control ---
     # "required": every API call but /health needs `Authorization: Bearer <key>` (`metalora keys create`);

@@ -29,7 +29,7 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version,
+    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth,
 )
 
 T = TypeVar("T")
@@ -55,6 +55,7 @@ CREATE INDEX IF NOT EXISTS jobs_active_by_tenant ON jobs (json_extract(record, '
     WHERE expires_at IS NULL;
 CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, key_hash TEXT UNIQUE NOT NULL, tenant TEXT NOT NULL,
                                      record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stats (name TEXT PRIMARY KEY, value REAL NOT NULL);
 -- The job listing's order; the expressions match list_jobs' query so SQLite uses the index.
 CREATE INDEX IF NOT EXISTS jobs_by_tenant_created ON jobs (json_extract(record, '$.tenant'),
                                                            json_extract(record, '$.created_at'));
@@ -396,6 +397,38 @@ class SqliteMetadataStore:
 
         return await self.db.call(tx, write=True)
 
+    # ------------------------------------------------------------ uploaded versions
+    async def allocate_version(self, tenant: str, adapter: str) -> int:
+        validate_tenant(tenant)
+        validate_name(adapter)
+
+        def tx(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
+                            (tenant, adapter)).fetchone()
+            version = (row[0] if row else 0) + 1
+            c.execute("INSERT OR REPLACE INTO counters (tenant, adapter, last_version) VALUES (?, ?, ?)",
+                      (tenant, adapter, version))
+            return version
+
+        return await self.db.call(tx, write=True)
+
+    async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            if quota is not None:
+                check_quota(quota, version.tenant, version.adapter, **_quota_counts(c, version.tenant, version.adapter))
+            _write_version(c, version)
+
+        await self.db.call(tx, write=True)
+
+    # ------------------------------------------------------------ job metrics
+    async def add_stats(self, increments: dict[str, float]) -> None:
+        await self.db.call(lambda c: c.executemany(
+            "INSERT INTO stats (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value", list(increments.items())), write=True)
+
+    async def read_stats(self) -> dict[str, float]:
+        return dict(await self.db.call(lambda c: c.execute("SELECT name, value FROM stats").fetchall()))
+
     async def close(self) -> None:
         self.db.close()
 
@@ -455,6 +488,13 @@ class SqliteJobQueue:
 
     async def ack(self, lease: SqliteLease) -> None:
         await self.db.call(lambda c: c.execute("DELETE FROM queue WHERE job_id = ?", (lease.job_id,)), write=True)
+
+    async def depth(self) -> QueueDepth:
+        def read(c: sqlite3.Connection) -> QueueDepth:
+            leased, total = c.execute("SELECT count(*) FILTER (WHERE owner IS NOT NULL), count(*) FROM queue").fetchone()
+            return QueueDepth(waiting=total - leased, leased=leased)
+
+        return await self.db.call(read)
 
     async def close(self) -> None:
         self.db.close()

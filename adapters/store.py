@@ -110,7 +110,28 @@ class MetadataStore(Protocol):
     async def revoke_api_key(self, key_id: str) -> ApiKey:
         """Mark revoked (idempotent; the record stays for listing). Raise ApiKeyNotFound."""
 
+    # --- versions not made by a job: uploads ---
+    async def allocate_version(self, tenant: str, adapter: str) -> int:
+        """Reserve the next version number of (tenant, adapter) without creating a record, so its artifact can be
+        written under its final name before anyone can resolve it. A number is never reused, used or not."""
+
+    async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
+        """Record a version whose artifact is already in place (allocated by allocate_version), checking
+        `quota.max_adapters` in the same transaction (QuotaExceeded: nothing written)."""
+
+    # --- job metrics: counters the workers add to and /metrics reads (adapters/job_stats.py) ---
+    async def add_stats(self, increments: dict[str, float]) -> None:
+        """Add each amount to its counter, atomically."""
+
+    async def read_stats(self) -> dict[str, float]: ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    waiting: int  # not claimed by a worker yet
+    leased: int  # claimed by a worker: running (a dead worker's job counts until its lease is taken over)
 
 
 class JobLease(Protocol):
@@ -133,6 +154,9 @@ class JobQueue(Protocol):
 
     async def ack(self, lease: JobLease) -> None:
         """Remove the job from the queue for good (after finish_job or fail_job)."""
+
+    async def depth(self) -> QueueDepth:
+        """How many jobs wait to be claimed and how many are leased to a worker (for /metrics)."""
 
     async def close(self) -> None: ...
 

@@ -13,6 +13,7 @@ import sys
 from urllib.parse import urlparse
 
 from adapters.base_model import base_model_path, served_model_name
+from adapters.lora_limits import max_lora_rank
 from adapters.settings import Settings
 
 
@@ -31,7 +32,7 @@ def vllm_command(settings: Settings, host: str = "127.0.0.1", port: int | None =
         "--served-model-name", served_model_name(settings),
         "--enable-lora",
         "--max-loras", str(settings.vllm_max_loras),
-        "--max-lora-rank", str(settings.vllm_max_lora_rank),
+        "--max-lora-rank", str(max_lora_rank(settings)),
         "--max-cpu-loras", str(settings.vllm_max_cpu_loras),
         "--max-model-len", str(settings.vllm_max_model_len),
         "--disable-uvicorn-access-log",

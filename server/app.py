@@ -11,6 +11,7 @@ from adapters.backend import open_backend
 from adapters.base_model import base_model_path, served_model_name
 from adapters.logs import configure_logging
 from adapters.settings import Settings
+from server.adapter_io import body_limit
 from server.auth import Authenticator
 from server.errors import BodyLimitMiddleware, register_handlers
 from server.routes import router
@@ -34,7 +35,8 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s))
         try:
             await pool.start()
-            app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings))
+            app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings),
+                                        queue=opened.queue)
             app.state.auth = Authenticator(opened.store, settings.auth_required)
             app.state.backend = opened
             await _announce_auth(settings, opened.store)
@@ -48,7 +50,7 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
     app.state.settings = settings
     register_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, limit_for=body_limit(settings))
     return app
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import errors as domain
+from adapters.upload_check import UploadRejected
 from server.upstream import UpstreamUnavailable
 
 log = logging.getLogger("metalora.gateway")
@@ -67,6 +68,7 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.ApiKeyNotFound: (404, "not_found_error"),
     ModelNotFound: (404, "not_found_error"),
     domain.AdapterNotReady: (409, "conflict_error"),
+    UploadRejected: (400, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     domain.QuotaExceeded: (429, "rate_limit_error"),
     domain.StoreUnavailable: (503, "service_unavailable_error"),
@@ -169,13 +171,16 @@ class BodyLimitMiddleware:
     A declared Content-Length is checked up front; a chunked body is read up to the limit and replayed.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, limit_for=None):
         self.app = app
         self.max_bytes = max_bytes
+        # limit_for(scope) -> bytes: routes that take larger bodies (adapter uploads) get their own limit.
+        self.limit_for = limit_for or (lambda scope: max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
             return await self.app(scope, receive, send)
+        max_bytes = self.limit_for(scope)
         length = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -185,8 +190,8 @@ class BodyLimitMiddleware:
                     length = None
                 break
         if length is not None:
-            if length > self.max_bytes:
-                return await self._reject(send)
+            if length > max_bytes:
+                return await self._reject(send, max_bytes)
             return await self.app(scope, receive, send)
         # No Content-Length (chunked): buffer up to the limit, then replay.
         chunks, total = [], 0
@@ -196,8 +201,8 @@ class BodyLimitMiddleware:
                 break
             chunk = message.get("body", b"")
             total += len(chunk)
-            if total > self.max_bytes:
-                return await self._reject(send)
+            if total > max_bytes:
+                return await self._reject(send, max_bytes)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -213,9 +218,9 @@ class BodyLimitMiddleware:
 
         return await self.app(scope, replay, send)
 
-    async def _reject(self, send):
+    async def _reject(self, send, max_bytes: int):
         payload = json.dumps(error_body(
-            f"request body exceeds the limit of {self.max_bytes} bytes", "invalid_request_error",
+            f"request body exceeds the limit of {max_bytes} bytes", "invalid_request_error",
             PayloadTooLarge.code)).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),

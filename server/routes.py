@@ -13,6 +13,9 @@ from server.protocol import (
     JobResponse, ModelList,
 )
 from server.proxy import ProxiedStream
+from server.adapter_io import UPLOAD_REQUEST_OPENAPI, read_upload
+from server.metrics import CONTENT_TYPE
+from server.protocol import VersionResponse
 
 router = APIRouter()
 
@@ -78,6 +81,27 @@ async def get_adapter(name: str, tenant: TenantDep, gw: GatewayDep):
 async def delete_adapter(name: str, tenant: TenantDep, gw: GatewayDep):
     removed = await gw.delete_adapter(tenant, name)
     return DeleteAdapterResponse(name=name, versions=[v.version for v in removed])
+
+
+@router.get("/v1/adapters/{name}/download", response_class=Response,
+            responses={200: {"content": {"application/zip": {}}, "description": "the version's PEFT files, zipped"}})
+async def download_adapter(name: str, tenant: TenantDep, gw: GatewayDep,
+                           version: int | None = Query(default=None, ge=1)):
+    """`name` (newest ready version), `name@v2`, or `name` with `?version=2`."""
+    download = await gw.download_adapter(tenant, name, version)
+    return Response(download.content, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{download.filename}"'})
+
+
+@router.post("/v1/adapters/{name}/versions", status_code=201, response_model=VersionResponse,
+             openapi_extra=UPLOAD_REQUEST_OPENAPI)
+async def upload_adapter_version(name: str, request: Request, tenant: TenantDep, gw: GatewayDep):
+    return VersionResponse.from_version(await gw.upload_version(tenant, name, await read_upload(request)))
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request, gw: GatewayDep):
+    return Response(await gw.metrics_page(request.headers.get("authorization")), media_type=CONTENT_TYPE)
 
 
 @router.get("/health", response_model=HealthResponse)

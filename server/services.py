@@ -15,14 +15,17 @@ from tokenizers import Tokenizer
 
 from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
+from adapters.lora_limits import rank_problem
 from adapters.errors import QuotaExceeded, StoreUnavailable
 from adapters.names import parse_ref, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
-from adapters.store import MetadataStore, TenantQuota
+from adapters.store import JobQueue, MetadataStore, TenantQuota
 from adapters.token_count import example_lengths
 from server.errors import InvalidRequest, ModelNotFound
 from server.protocol import AdaptRequest, ModelList
+from server.adapter_io import AdapterFiles, Download
+from server.metrics import GatewayMetrics, check_scraper, render
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
 from server.upstream import UpstreamPool
 
@@ -61,7 +64,7 @@ class Health:
 
 class Gateway:
     def __init__(self, settings: Settings, store: MetadataStore, pool: UpstreamPool,
-                 counter: ExampleTokenCounter, base_model_name: str):
+                 counter: ExampleTokenCounter, base_model_name: str, queue: JobQueue | None = None):
         self.settings = settings
         self.store = store
         self.pool = pool
@@ -70,6 +73,9 @@ class Gateway:
         self.started_at = int(time.time())
         self.quota = TenantQuota(max_active_jobs=settings.quota_max_active_jobs,
                                  max_adapters=settings.quota_max_adapters)
+        self.queue = queue  # only /metrics reads it (queue depth)
+        self.files = AdapterFiles(settings, store, pool, base_model_name)
+        self.metrics = GatewayMetrics()
 
     # ------------------------------------------------------------ adapt jobs
     async def submit_adapt(self, tenant: str, request: AdaptRequest) -> Job:
@@ -87,10 +93,9 @@ class Gateway:
                 f"quota exceeded: the examples hold {size} bytes of text; the limit per job is"
                 f" {s.quota_max_example_bytes} bytes", quota="max_example_bytes")
         options = request.options()
-        if "rank" in options and options["rank"] > s.vllm_max_lora_rank:
-            raise InvalidRequest(
-                f"rank: {options['rank']} exceeds the serving engine's max LoRA rank {s.vllm_max_lora_rank}",
-                param="rank")
+        problem = rank_problem(options["rank"], s) if "rank" in options else None
+        if problem:
+            raise InvalidRequest(f"rank: {problem}", param="rank")
         max_seq_len = options.setdefault("max_seq_len", min(DEFAULTS["max_seq_len"], s.vllm_max_model_len))
         if max_seq_len > s.vllm_max_model_len:
             raise InvalidRequest(
@@ -152,6 +157,18 @@ class Gateway:
         except Exception:
             log.exception("could not delete the artifacts of %s", names)
 
+    # ------------------------------------------------------------ adapter files (server/adapter_io.py)
+    async def download_adapter(self, tenant: str, name: str, version: int | None) -> Download:
+        return await self.files.download(tenant, name, version)
+
+    async def upload_version(self, tenant: str, name: str, files: dict[str, bytes] | bytes) -> AdapterVersion:
+        return await self.files.upload(tenant, name, files)
+
+    # ------------------------------------------------------------ metrics (server/metrics.py)
+    async def metrics_page(self, authorization: str | None) -> bytes:
+        check_scraper(self.settings, authorization)
+        return await render(self.metrics, self.store, self.queue, self.pool)
+
     # ------------------------------------------------------------ health
     async def health(self) -> Health:
         try:
@@ -189,6 +206,8 @@ class Gateway:
 
     async def proxy(self, tenant: str, raw_body: bytes, path: str = "/v1/completions"
                     ) -> ProxiedResponse | ProxiedStream:
-        body = parse_body(raw_body)
-        target = await self.resolve_target(tenant, body)
-        return await forward(self.pool, path, body, target)
+        with self.metrics.request(tenant, path) as observed:
+            body = parse_body(raw_body)
+            target = await self.resolve_target(tenant, body)
+            observed.routed(target)
+            return observed.answered(await forward(self.pool, path, body, target))
