@@ -1,8 +1,9 @@
-"""Prompt/completion examples -> token ids with the prompt masked, batching, and held-out loss.
+"""Examples -> token ids with everything but the answers masked, batching, and held-out loss.
 
-The format is plain completion: `prompt` tokens as the tokenizer encodes them on their own (what vLLM
-sees at /v1/completions), then `completion` tokens and EOS, which are the only trained tokens. EOS is
-trained so the served adapter stops where the examples stop.
+Two formats, encoded by adapters/token_count.py's rule: prompt/completion (the completion and EOS trained, as
+vLLM's /v1/completions serves it) and OpenAI chat `messages` (rendered with the base model's chat template,
+assistant turns and their EOS trained, as vLLM's /v1/chat/completions serves it). EOS is trained so the
+served adapter stops where the examples stop.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Iterator
 
 import torch
 
-from adapters.token_count import tokenize_examples
+from adapters.chat_template import ChatTemplate, ChatTemplateError, InvalidConversation, check_conversation
+from adapters.token_count import is_chat, tokenize_examples
 from trainer.precision import autocast_for
 
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index, what HF models expect in labels
@@ -27,7 +29,7 @@ class EncodedExample:
 class ExampleTooLong(ValueError):
     def __init__(self, index: int, length: int, limit: int):
         super().__init__(
-            f"example {index} is {length} tokens long (prompt + completion + EOS); the limit is"
+            f"example {index} is {length} tokens long (with its EOS tokens); the limit is"
             f" max_seq_len={limit}: shorten it or raise max_seq_len"
         )
         self.index = index
@@ -42,28 +44,46 @@ class InvalidExample(ValueError):
 
 
 def encode_examples(tokenizer, examples: list[dict], max_seq_len: int) -> list[EncodedExample]:
-    """Token ids with the prompt masked out of the labels, by adapters/token_count.py's rule (the gateway
-    counts lengths with the same rule)."""
+    """Token ids with all but the trained tokens masked out of the labels, by adapters/token_count.py's rule
+    (the gateway counts lengths with the same rule)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; completions would never learn to stop")
-    pairs = []
     for index, example in enumerate(examples):
-        if not isinstance(example, dict):
-            raise InvalidExample(index, f"expected an object with prompt and completion, got {type(example).__name__}")
-        prompt, completion = example.get("prompt"), example.get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise InvalidExample(index, "prompt and completion must both be strings")
-        if not completion:
-            raise InvalidExample(index, "completion is empty: there would be nothing to learn from it")
-        pairs.append((prompt, completion))
+        _check_example(index, example)
+    chat = ChatTemplate.of_tokenizer(tokenizer) if any(is_chat(e) for e in examples) else None
+    try:
+        tokenized = tokenize_examples(tokenizer, examples, chat)
+    except ChatTemplateError as exc:
+        raise InvalidExample(next(i for i, e in enumerate(examples) if is_chat(e)), str(exc)) from None
     encoded = []
-    for index, tokens in enumerate(tokenize_examples(tokenizer, pairs)):
+    for index, tokens in enumerate(tokenized):
         if tokens.length > max_seq_len:
             raise ExampleTooLong(index, tokens.length, max_seq_len)
-        target = tokens.target_ids(tokenizer.eos_token_id)
-        encoded.append(EncodedExample(input_ids=tokens.prompt_ids + target,
-                                      labels=[IGNORE_INDEX] * len(tokens.prompt_ids) + target))
+        ids, trained = tokens.sequence(tokenizer.eos_token_id)
+        encoded.append(EncodedExample(input_ids=ids,
+                                      labels=[t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]))
     return encoded
+
+
+def _check_example(index: int, example) -> None:
+    if not isinstance(example, dict):
+        raise InvalidExample(index, "expected an object with prompt and completion, or messages, got"
+                                    f" {type(example).__name__}")
+    if is_chat(example):
+        messages = example["messages"]
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m["content"] for m in messages):
+            raise InvalidExample(index, "messages must be a list of {role, content} with non-empty string contents")
+        try:
+            check_conversation(messages)
+        except InvalidConversation as exc:
+            raise InvalidExample(index, f"messages: {exc}") from None
+        return
+    prompt, completion = example.get("prompt"), example.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise InvalidExample(index, "prompt and completion must both be strings")
+    if not completion:
+        raise InvalidExample(index, "completion is empty: there would be nothing to learn from it")
 
 
 def collate(batch: list[EncodedExample]) -> dict[str, torch.Tensor]:
@@ -122,7 +142,7 @@ def model_device(model) -> torch.device:
 
 @torch.no_grad()
 def mean_loss(model, encoded: list[EncodedExample], batch_size: int) -> float:
-    """Mean next-token loss over all trained (completion + EOS) tokens, each token weighted equally."""
+    """Mean next-token loss over all trained (answer + EOS) tokens, each token weighted equally."""
     if not encoded:
         raise ValueError("no examples to evaluate")
     device = model_device(model)
