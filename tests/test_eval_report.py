@@ -52,12 +52,13 @@ ROWS = [
 
 def test_paired_difference_pairs_seed_and_item_and_averages_task_means():
     p = paired_difference(cells(ROWS), ("meta_init", 5), ("standard_init", 5))
-    # Task a: per seed d = [0,1,1,0] and [0,1,-1,0] -> mean 0.25. Task b has one seed only: the joint seed draw
-    # needs one seed set, so only the tasks with the most seeds (a) are combined.
-    assert p["tasks"]["a"]["diff"] == pytest.approx(0.25) and set(p["tasks"]) == {"a"}
-    assert p["diff"] == pytest.approx(0.25) and p["lo"] <= p["diff"] <= p["hi"]
+    # Task a: per seed d = [0,1,1,0] and [0,1,-1,0] -> mean 0.25; task b (one seed) d = [0,0]: the mean of task
+    # means is 0.125, whatever the number of seeds each task ran.
+    assert p["tasks"]["a"]["diff"] == pytest.approx(0.25) and p["tasks"]["b"]["diff"] == 0.0
+    assert p["tasks"]["b"]["lo"] == p["tasks"]["b"]["hi"] == 0.0
+    assert p["diff"] == pytest.approx(0.125) and p["lo"] <= p["diff"] <= p["hi"] and p["n_seeds"] == "1-2"
     q = paired_difference(cells(ROWS), ("standard_init", 5), ("meta_init", 5))
-    assert q["diff"] == pytest.approx(-0.25)
+    assert q["diff"] == pytest.approx(-0.125)
     assert paired_difference(cells(ROWS), ("meta_init", 5), ("full_data", 0)) is None
 
 
@@ -97,7 +98,7 @@ def test_markdown_names_protocol_scoring_machine_and_shows_binary_and_paired_tab
     assert "| b (2, 50) |" in text  # the table names how many training examples a task had
     # Binary task a, gold [0,1,1,1], majority 0.75: standard seeds 0.667 and 0.833, meta seeds 1.0 and 0.833.
     assert "| a | 0.750 | 0.750 | 0.917 |" in text
-    assert "## Paired differences" in text and "meta_init+5 − standard_init+5 | +0.250 | -" in text
+    assert "## Paired differences" in text and "meta_init+5 − standard_init+5 | +0.250 | +0.000 |" in text
 
 
 def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols(tmp_path):

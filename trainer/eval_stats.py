@@ -3,9 +3,10 @@ differences between two methods with a bootstrap interval over adaptation seeds 
 
 Why both: with few seeds the spread between seeds (which 100 training examples were drawn, the data order) is as
 large as the item noise, and an interval over items alone (seeds averaged first) understates it. Each bootstrap
-replicate draws the seeds with replacement (the same draw for every task: a seed index is one whole run of the
-protocol) and, per task, the test items with replacement; the pairing keeps seed s and item i of one method against
-seed s and item i of the other, which share the training sample and the question.
+replicate draws, per task, the seeds with replacement and the test items with replacement; the pairing keeps seed s
+and item i of one method against seed s and item i of the other, which share the training sample and the question.
+Tasks are resampled independently: a seed of one task shares nothing with the same seed number of another but the
+RNG's starting value, and tasks may have been run with different numbers of seeds.
 """
 from __future__ import annotations
 
@@ -49,27 +50,29 @@ def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 def paired_bootstrap(diffs: dict[str, np.ndarray], replicates: int = BOOTSTRAP_REPLICATES,
                      seed: int = BOOTSTRAP_SEED) -> dict:
-    """`diffs[task]` is a (seeds x items) array of a[s, i] - b[s, i]; every task has the same seeds. Returns the
-    mean over tasks of each task's mean difference, and its 95 % percentile interval from resampling seeds (jointly
-    across tasks) and items (per task)."""
+    """`diffs[task]` is a (seeds x items) array of a[s, i] - b[s, i]. Returns the mean over tasks of each task's mean
+    difference, and its 95 % percentile interval from resampling, per task, seeds and items."""
     rng = np.random.default_rng(seed)
-    n_seeds = next(iter(diffs.values())).shape[0]
-    seed_draw = rng.integers(0, n_seeds, size=(replicates, n_seeds))
     totals = np.zeros(replicates)
     per_task = {}
-    for task, d in diffs.items():
-        item_draw = rng.integers(0, d.shape[1], size=(replicates, d.shape[1]))
+    for task, d in sorted(diffs.items()):
+        n_seeds, n_items = d.shape
+        seed_draw = rng.integers(0, n_seeds, size=(replicates, n_seeds))
+        item_draw = rng.integers(0, n_items, size=(replicates, n_items))
         # Mean over the drawn seeds of the mean over the drawn items: sum_s sum_i d[s*, i*] / (S * N).
         by_seed = d[seed_draw]  # (replicates, S, N)
         resampled = np.take_along_axis(by_seed, item_draw[:, None, :].repeat(n_seeds, axis=1), axis=2).mean(axis=(1, 2))
         totals += resampled
         lo, hi = np.percentile(resampled, [2.5, 97.5])
-        per_task[task] = {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n_items": int(d.shape[1])}
+        per_task[task] = {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n_items": int(n_items),
+                          "n_seeds": int(n_seeds)}
     totals /= len(diffs)
     lo, hi = np.percentile(totals, [2.5, 97.5])
     diff = float(np.mean([d.mean() for d in diffs.values()]))
+    seeds = sorted({v["n_seeds"] for v in per_task.values()})
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "resolved": bool(lo > 0 or hi < 0),
-            "n_seeds": int(n_seeds), "n_items": sum(v["n_items"] for v in per_task.values()), "tasks": per_task}
+            "n_seeds": seeds[0] if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}",
+            "n_items": sum(v["n_items"] for v in per_task.values()), "tasks": per_task}
 
 
 def paired_difference(by_cell: dict[tuple, list[dict]], column: tuple[str, int], reference: tuple[str, int],
@@ -88,13 +91,7 @@ def paired_difference(by_cell: dict[tuple, list[dict]], column: tuple[str, int],
         if a.shape != b.shape:
             continue
         diffs[task] = a - b
-    if not diffs:
-        return None
-    seed_counts = {d.shape[0] for d in diffs.values()}
-    if len(seed_counts) != 1:  # joint seed resampling needs one seed set: keep the tasks with the most seeds
-        most = max(seed_counts)
-        diffs = {t: d for t, d in diffs.items() if d.shape[0] == most}
-    return paired_bootstrap(diffs)
+    return paired_bootstrap(diffs) if diffs else None
 
 
 def mean_accuracy_table(rows: list[dict]) -> dict[tuple, float]:
