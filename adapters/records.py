@@ -40,6 +40,7 @@ class JobErrorCode(str, Enum):
     TIMEOUT = "job_timeout"
     ATTEMPTS_EXHAUSTED = "max_attempts_exceeded"  # its workers kept dying (crash, OOM kill, shutdown)
     TRAINING_ERROR = "training_error"
+    NON_FINITE_LOSS = "non_finite_loss"  # training diverged (NaN / inf); a lower learning rate or alpha may help
     ADAPTER_DELETED = "adapter_deleted"
 
 

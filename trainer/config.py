@@ -7,8 +7,21 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from adapters.adapt_options import AUTO_K, DEFAULTS, OPTIONS, STEPS_AUTO, check_together
+from adapters.records import JobErrorCode
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class NonFiniteLoss(ValueError):
+    """Training diverged: a loss became NaN or inf, so the weights are garbage and nothing may be written.
+    A ValueError because the job's options or data caused it (retrying the same job diverges again)."""
+
+    code = JobErrorCode.NON_FINITE_LOSS.value
+
+    def __init__(self, what: str, value: float):
+        super().__init__(f"training diverged: the {what} is not finite ({value}); lower learning_rate or alpha")
+        self.what = what
+        self.value = value
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.adapt_options import AUTO_K
 from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META
-from trainer.config import AdaptConfig
+from trainer.config import AdaptConfig, NonFiniteLoss
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
 from trainer.precision import resolve_device
@@ -181,6 +182,10 @@ class AdaptEngine:
                 train_losses = adapt(self.model, train_set, config, on_step=on_step)
                 loss_after = mean_loss(self.model, eval_set, config.batch_size)
                 steps, steps_run = config.steps, config.steps
+            # The training losses are checked in `adapt`; these catch a broken start or a last step's bad update.
+            for what, value in (("loss before training", loss_before), ("loss after training", loss_after)):
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(what, value)
             metrics: dict[str, Any] = {
                 "loss_before": loss_before,
                 "loss_after": loss_after,

@@ -2,11 +2,12 @@
 for exactly the procedure that serves adapters: change it here and the shared init must be retrained."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from trainer.config import AdaptConfig
+from trainer.config import AdaptConfig, NonFiniteLoss
 from trainer.data import EncodedExample, iterate_batches, model_device, only_labelled_logits, to_device
 from trainer.precision import autocast_for
 
@@ -42,7 +43,8 @@ def adapt(
     A fresh optimizer per call (no state leaks between jobs) and a reseeded RNG (LoRA dropout, batch
     order) make the result a function of (init, examples, config) alone. `on_step(step, loss)` is called
     after each step with step counting from 1; it may raise to abort (the worker's timeout and shutdown).
-    Returns the per-step training losses.
+    Returns the per-step training losses; raises NonFiniteLoss if one is NaN or inf (at that step when someone
+    listens, else at the end), so a diverged adapter is never returned as trained.
     """
     params = lora_parameters(model)
     if not params:
@@ -68,8 +70,15 @@ def adapt(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             if on_step is not None:
-                on_step(step, loss.item())  # the one host sync per step, only when someone listens
+                value = loss.item()  # the one host sync per step, only when someone listens
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"training loss at step {step}", value)
+                on_step(step, value)
     finally:
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).float().tolist()
+    values = torch.stack(losses).float().tolist()
+    for step, value in enumerate(values, 1):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"training loss at step {step}", value)
+    return values

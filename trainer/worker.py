@@ -30,9 +30,10 @@ from adapters.errors import JobNotFound, StoreUnavailable
 from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
-from adapters.records import Job, JobStatus, now
+from adapters.records import Job, JobErrorCode, JobStatus, now
 from adapters.settings import Settings
 from adapters.store import JobLease, LeaseLost
+from trainer.config import NonFiniteLoss
 from trainer.model_prep import ensure_base_model
 
 log = logging.getLogger("metalora.worker")
@@ -147,8 +148,9 @@ class Worker:
         except Exception as exc:  # bad data, bad options, errors inside training: not worth retrying
             if not isinstance(exc, ValueError):
                 log.exception("job %s: training error", job.id)
+            code = exc.code if isinstance(exc, NonFiniteLoss) else JobErrorCode.TRAINING_ERROR.value
             await self._fail(job, lease, f"{exc}" if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}",
-                             abort)
+                             abort, code)
             return
         finally:
             heartbeat.cancel()
@@ -214,12 +216,13 @@ class Worker:
         record = self.artifacts.read_json(name, JOB_RECORD)
         return record is not None and record.get("job_id") == job_id
 
-    async def _fail(self, job: Job, lease: JobLease, message: str, abort: list[str] | None = None) -> None:
+    async def _fail(self, job: Job, lease: JobLease, message: str, abort: list[str] | None = None,
+                    code: str = JobErrorCode.TRAINING_ERROR.value) -> None:
         if abort and abort[0].startswith("lease lost"):
             # Another worker holds the job now; failing it here would void that worker's result.
             log.warning("job %s: %s after losing its lease; left to the new holder", job.id, message)
             return
-        await self.store.fail_job(job.id, message)
+        await self.store.fail_job(job.id, message, code)
         await self.queue.ack(lease)
         log.info("job %s failed: %s", job.id, message)
 
