@@ -76,7 +76,8 @@ class ApiKeyNotFound(MetaloraError):
 
 
 class StoreUnavailable(MetaloraError):
-    """The metadata store (Redis) cannot be reached; callers should retry later."""
+    """The metadata store cannot be reached (Redis down, SQLite file locked) or could not commit a write (the
+    write was rolled back); callers should retry later."""
 
     code = "store_unavailable"
 

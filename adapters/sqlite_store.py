@@ -88,10 +88,19 @@ class _Db:
             try:
                 result = fn(self.conn)
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # A failed COMMIT leaves the transaction open, and every later BEGIN on this connection would fail.
+                self._rollback()
+                raise StoreUnavailable(f"SQLite store could not commit: {exc}") from exc
             return result
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     async def call(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         try:
