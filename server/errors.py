@@ -36,14 +36,6 @@ class InvalidRequest(domain.MetaloraError):
             self.code = code
 
 
-class ModelNotFound(domain.MetaloraError):
-    code = "model_not_found"
-
-    def __init__(self, message: str, param: str | None = "model"):
-        super().__init__(message)
-        self.param = param
-
-
 class PayloadTooLarge(domain.MetaloraError):
     code = "request_too_large"
 
@@ -66,7 +58,6 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.AdapterNotFound: (404, "not_found_error"),
     domain.JobNotFound: (404, "not_found_error"),
     domain.ApiKeyNotFound: (404, "not_found_error"),
-    ModelNotFound: (404, "not_found_error"),
     domain.AdapterNotReady: (409, "conflict_error"),
     UploadRejected: (400, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),

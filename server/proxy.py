@@ -1,4 +1,5 @@
-"""The completion proxy: forward a request body to a vLLM replica and relay its answer, streamed or not.
+"""The inference proxy: forward a completion or chat body to a vLLM replica and relay its answer, streamed
+or not.
 
 The body is forwarded, not modelled, so every OpenAI/vLLM field reaches vLLM untouched; the only change on the
 way back is the `model` field (vLLM's internal adapter name -> the name the client asked for), in plain
@@ -18,6 +19,10 @@ from server.errors import InvalidRequest, UpstreamError, error_body
 from server.upstream import UpstreamPool
 
 log = logging.getLogger("metalora.gateway")
+
+# The OpenAI inference endpoints, served by vLLM under the same paths.
+COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
 
 SSE_DATA = b"data:"
 SSE_DONE = b"[DONE]"

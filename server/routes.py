@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import GatewayDep, TenantDep
 from server.protocol import (
-    COMPLETION_REQUEST_OPENAPI, AdapterList, AdapterResponse, AdaptRequest, DeleteAdapterResponse, HealthResponse,
-    JobResponse, ModelList,
+    CHAT_REQUEST_OPENAPI, COMPLETION_REQUEST_OPENAPI, AdapterList, AdapterResponse, AdaptRequest,
+    DeleteAdapterResponse, HealthResponse, JobResponse, ModelList,
 )
-from server.proxy import ProxiedStream
+from server.proxy import CHAT_COMPLETIONS, COMPLETIONS, ProxiedStream
 from server.adapter_io import UPLOAD_REQUEST_OPENAPI, read_upload
 from server.metrics import CONTENT_TYPE
 from server.protocol import VersionResponse
@@ -52,10 +52,19 @@ async def get_adapt_job(
     return JobResponse.from_job(job)
 
 
-@router.post("/v1/completions", openapi_extra=COMPLETION_REQUEST_OPENAPI)
+@router.post(COMPLETIONS, openapi_extra=COMPLETION_REQUEST_OPENAPI)
 async def completions(request: Request, tenant: TenantDep, gw: GatewayDep):
+    return await _inference(request, tenant, gw, COMPLETIONS)
+
+
+@router.post(CHAT_COMPLETIONS, openapi_extra=CHAT_REQUEST_OPENAPI)
+async def chat_completions(request: Request, tenant: TenantDep, gw: GatewayDep):
+    return await _inference(request, tenant, gw, CHAT_COMPLETIONS)
+
+
+async def _inference(request: Request, tenant: str, gw, path: str) -> Response:
     # The body is forwarded, not modelled: every OpenAI/vLLM field reaches vLLM untouched.
-    result = await gw.proxy(tenant, await request.body(), "/v1/completions")
+    result = await gw.proxy(tenant, await request.body(), path)
     if isinstance(result, ProxiedStream):
         return StreamingResponse(result.chunks, media_type=result.media_type,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -11,19 +11,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
 from adapters.lora_limits import rank_problem
-from adapters.errors import QuotaExceeded, StoreUnavailable
-from adapters.names import parse_ref, validate_name, version_label, vllm_name
+from adapters.chat_template import ChatTemplate, ChatTemplateError
+from adapters.errors import InvalidAdapterName, QuotaExceeded, StoreUnavailable
+from adapters.names import AdapterRef, parse_ref, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job
 from adapters.settings import Settings
 from adapters.store import JobQueue, MetadataStore, TenantQuota
-from adapters.token_count import example_lengths
-from server.errors import InvalidRequest, ModelNotFound
-from server.protocol import AdaptRequest, ModelList
+from adapters.token_count import example_lengths, is_chat
+from server.errors import InvalidRequest
+from server.protocol import AdaptRequest, InferenceRouting, ModelList
 from server.adapter_io import AdapterFiles, Download
 from server.metrics import GatewayMetrics, check_scraper, render
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
@@ -35,10 +37,11 @@ log = logging.getLogger("metalora.gateway")
 # ---------------------------------------------------------------- example-length validation
 class ExampleTokenCounter:
     """Counts an example's tokens by the trainer's rule (adapters/token_count.py) with the base model's
-    tokenizer.json, so the gateway needs only the `tokenizers` library."""
+    tokenizer.json and chat template, so the gateway needs only the `tokenizers` library and jinja2."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, chat: ChatTemplate | None = None):
         self.tokenizer = tokenizer
+        self.chat = chat
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> "ExampleTokenCounter":
@@ -47,10 +50,15 @@ class ExampleTokenCounter:
             raise RuntimeError(
                 f"{path} not found: the gateway needs the base model's tokenizer.json to validate example"
                 " lengths (run `metalora prepare-model`, or set METALORA_BASE_MODEL to a model folder)")
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(Tokenizer.from_file(str(path)), ChatTemplate.from_model_dir(model_dir))
 
-    def lengths(self, examples: list[tuple[str, str]]) -> list[int]:
-        return example_lengths(self.tokenizer, examples)
+    def lengths(self, examples: list[dict]) -> list[int]:
+        """Token counts of prompt/completion or messages examples; InvalidRequest when messages cannot be
+        rendered with the base model's chat template."""
+        try:
+            return example_lengths(self.tokenizer, examples, self.chat)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(f"examples: {exc}", param="examples", code="chat_template_unsupported") from None
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,7 @@ class Gateway:
             raise InvalidRequest(
                 f"examples: got {n} examples; between {s.min_examples} and {s.max_examples} are required",
                 param="examples")
-        size = sum(len(e.prompt.encode()) + len(e.completion.encode()) for e in request.examples)
+        size = sum(e.text_bytes() for e in request.examples)
         if size > s.quota_max_example_bytes:
             raise QuotaExceeded(
                 f"quota exceeded: the examples hold {size} bytes of text; the limit per job is"
@@ -101,15 +109,16 @@ class Gateway:
             raise InvalidRequest(
                 f"max_seq_len: {max_seq_len} exceeds the model context of {s.vllm_max_model_len} tokens",
                 param="max_seq_len")
-        pairs = [(e.prompt, e.completion) for e in request.examples]
-        lengths = await asyncio.to_thread(self.counter.lengths, pairs)
+        examples = [e.model_dump() for e in request.examples]
+        lengths = await asyncio.to_thread(self.counter.lengths, examples)
         for index, length in enumerate(lengths):
             if length > max_seq_len:
+                what = ("the conversation in the chat template" if is_chat(examples[index])
+                        else "prompt + completion + EOS")
                 raise InvalidRequest(
-                    f"examples.{index}: prompt + completion + EOS is {length} tokens; the limit is"
+                    f"examples.{index}: {what} is {length} tokens; the limit is"
                     f" max_seq_len={max_seq_len} (model context {s.vllm_max_model_len})",
                     param=f"examples.{index}", code="example_too_long")
-        examples = [{"prompt": p, "completion": c} for p, c in pairs]
         return await self.store.submit_job(tenant, name, n, examples, options, quota=self.quota)
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
@@ -183,29 +192,46 @@ class Gateway:
 
     # ------------------------------------------------------------ OpenAI-compatible inference
     async def resolve_target(self, tenant: str, body: dict) -> Target:
-        model = body.get("model")
-        adapter = body.pop("adapter", None)
-        if adapter is not None:
-            if not isinstance(adapter, str):
-                raise InvalidRequest("adapter: must be a string like 'name' or 'name@v2'", param="adapter")
-            if model is not None and model != self.base_model_name:
-                raise ModelNotFound(
-                    f"completion request for another base model: {model!r} (this server serves"
-                    f" {self.base_model_name!r}; pass that as model, or the adapter name alone)")
-            ref = parse_ref(adapter)
-        else:
-            if not isinstance(model, str) or not model:
-                raise InvalidRequest("model: required, the base model name or an adapter ('name' or"
-                                     " 'name@v2')", param="model")
-            if model == self.base_model_name:
-                return Target(model, model, None)
-            ref = parse_ref(model)
+        """Where an inference body goes; pops `adapter`, the one field vLLM must not see."""
+        try:
+            routing = InferenceRouting.model_validate(body)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(p) for p in error["loc"])
+            raise InvalidRequest(f"{field}: {error['msg']}", param=field) from None
+        body.pop("adapter", None)
+        ref = self._adapter_ref(routing.model, routing.adapter)
+        if ref is None:
+            return Target(self.base_model_name, self.base_model_name, None)
         version = await self.store.resolve(tenant, ref.name, ref.version)
         served = vllm_name(tenant, version.adapter, version.version)
         return Target(served, version_label(version.adapter, version.version), served)
 
-    async def proxy(self, tenant: str, raw_body: bytes, path: str = "/v1/completions"
-                    ) -> ProxiedResponse | ProxiedStream:
+    def _adapter_ref(self, model: str | None, adapter: str | None) -> AdapterRef | None:
+        """The adapter a request names, or None for the base model. `model` may be left out, the base model,
+        or an adapter; `adapter` names an adapter, and with `model` both may name it (a pin in either holds)."""
+        base = self.base_model_name
+        if adapter is None:
+            return None if model is None or model == base else parse_ref(model)
+        ref = parse_ref(adapter)
+        if model is None or model == base:
+            return ref
+        try:
+            other = parse_ref(model)
+        except InvalidAdapterName:
+            other = None
+        same = other is not None and other.name == ref.name and (
+            other.version is None or ref.version is None or other.version == ref.version)
+        if not same:
+            raise InvalidRequest(
+                f"model {model!r} and adapter {adapter!r} name different models: name the adapter in one of them"
+                f" (model may also be the base model {base!r}, or left out)", param="adapter",
+                code="model_adapter_mismatch")
+        return AdapterRef(ref.name, ref.version or other.version)
+
+    async def proxy(self, tenant: str, raw_body: bytes, path: str) -> ProxiedResponse | ProxiedStream:
+        """One path for every inference endpoint (proxy.COMPLETIONS, proxy.CHAT_COMPLETIONS): vLLM renders a
+        chat with the base model's template, the same one adapters trained on messages saw."""
         with self.metrics.request(tenant, path) as observed:
             body = parse_body(raw_body)
             target = await self.resolve_target(tenant, body)

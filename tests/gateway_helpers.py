@@ -1,9 +1,9 @@
 """Gateway test helpers (under tests/, so they never ship in the wheel).
 
 - `ServerThread`: serve an ASGI app with a real uvicorn server on a free port, in a background thread.
-- `fake_replica(name)`: a tiny stand-in for a vLLM OpenAI server (/health, /v1/completions incl. SSE,
-  /v1/unload_lora_adapter) that records what it received. For pool/proxy unit tests only; end-to-end
-  tests use the real vLLM.
+- `fake_replica(name)`: a tiny stand-in for a vLLM OpenAI server (/health, /v1/completions and
+  /v1/chat/completions incl. SSE, /v1/unload_lora_adapter) that records what it received. For pool/proxy
+  unit tests only; end-to-end tests use the real vLLM.
 - `write_wordlevel_tokenizer(folder)`: a tiny whitespace `tokenizers` tokenizer.json (1 token per word).
 """
 from __future__ import annotations
@@ -73,22 +73,28 @@ def fake_replica(name: str):
 
     async def completions(request: Request):
         body = await request.json()
-        request.app.state.calls.append(("/v1/completions", body))
+        request.app.state.calls.append((request.url.path, body))
         model = body.get("model")
         if body.get("prompt") == "error":
             return JSONResponse({"error": {"message": f"The model `{model}` rejected this", "type": "BadRequestError",
                                            "param": None, "code": 400}}, status_code=400)
-        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
-                 "choices": [{"index": 0, "text": f"from {name}", "finish_reason": None}]}
+        chat = request.url.path == "/v1/chat/completions"
+        chunk = {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion", "created": 1,
+                 "model": model, "choices": [{"index": 0, "text": f"from {name}", "finish_reason": None}]}
         if body.get("stream") is True:
             async def events():
                 for i in range(3):
                     chunk["choices"][0]["text"] = f"{name}:{i} \"model\": {model}"
+                    if chat:  # an OpenAI chat chunk carries its text as a delta
+                        chunk["object"] = "chat.completion.chunk"
+                        chunk["choices"][0]["delta"] = {"content": chunk["choices"][0]["text"]}
                     yield ("data: " + json.dumps(chunk, separators=(",", ":")) + "\n\n").encode()
                     await asyncio.sleep(0.01)
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
+        if chat:
+            chunk["choices"][0]["message"] = {"role": "assistant", "content": f"from {name}"}
         chunk["served_by"] = name
         chunk["echo"] = {k: v for k, v in body.items() if k not in ("model", "prompt")}
         return Response(json.dumps(chunk, separators=(",", ":")), media_type="application/json")
@@ -102,6 +108,7 @@ def fake_replica(name: str):
     app = Starlette(routes=[
         Route("/health", health),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
     ])
     app.state.healthy = True

@@ -165,6 +165,9 @@ async def test_odd_json_values(env):
         response = await client.post("/adapt", content=content, headers={"content-type": "application/json"})
         assert_clean_4xx(response, (400,))
         response = await client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+        if content == "\ufeff{}":  # a BOM-prefixed {}: a request for the base model (model may be left out)
+            assert response.status_code == 200, response.text
+            continue
         assert_clean_4xx(response, (400, 404))
     await assert_still_up(client, backend)
 

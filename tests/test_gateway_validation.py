@@ -219,8 +219,8 @@ async def test_invalid_model_ref_is_400(env):
     for model in ("../etc", "a/b", "x@v0", "x@vfoo"):
         assert_error(await client.post("/v1/completions", json={"model": model, "prompt": "hi"}), 400,
                      "invalid_adapter_name")
-    assert_error(await client.post("/v1/completions", json={"prompt": "hi"}), 400, "invalid_request", ("model",))
-    assert_error(await client.post("/v1/completions", json={"model": 3, "prompt": "hi"}), 400, "invalid_request")
+    assert_error(await client.post("/v1/completions", json={"model": 3, "prompt": "hi"}), 400, "invalid_request",
+                 ("model",))
 
 
 async def test_adapter_with_only_a_queued_version_is_409_naming_its_status(env):
@@ -233,12 +233,13 @@ async def test_adapter_with_only_a_queued_version_is_409_naming_its_status(env):
                  "adapter_not_found")
 
 
-async def test_completion_for_another_base_model_is_404(env):
+async def test_model_and_adapter_naming_different_models_is_400(env):
     client, backend, _ = env
     await backend.store.submit_job(DEFAULT_TENANT, "sentiment", 1, GOOD, {})
-    assert_error(await client.post("/v1/completions", json={"model": "gpt-4", "adapter": "sentiment",
-                                                            "prompt": "hi"}),
-                 404, "model_not_found", ("another base model",))
+    for model in ("gpt-4", "other", "org/model", "sentiment@v1"):
+        assert_error(await client.post("/v1/completions", json={"model": model, "adapter": "sentiment@v2",
+                                                                "prompt": "hi"}),
+                     400, "model_adapter_mismatch", (repr(model), "'sentiment@v2'"))
     assert_error(await client.post("/v1/completions", json={"adapter": 5, "prompt": "hi"}), 400,
                  "invalid_request", ("adapter",))
 
