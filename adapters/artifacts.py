@@ -3,11 +3,16 @@
 Folders appear and disappear only by rename (atomic on one filesystem), so vLLM never reads half a
 folder: writes go to `.tmp-*` and are renamed into place; deletes are renamed to `.trash-*` first.
 Versions are immutable: a folder that exists is never replaced.
+
+Durability: before the rename every file and the staging folder are fsynced, and after it the root, so a power
+loss never leaves a version in place whose files are not on disk. Each version records the sha256 of its files
+(CHECKSUMS), written at staging; reads for a download and a reuse by the worker verify them.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from adapters.errors import ArtifactCorrupt, InvalidAdapterName
-from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKSUMS
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -40,7 +45,11 @@ class ArtifactStore(Protocol):
         """A small JSON file of a stored version (its job record, its metrics); None when absent."""
 
     def read_bytes(self, vllm_name: str, filename: str) -> bytes:
-        """One file of a stored version; ArtifactCorrupt when it is missing (the records say it exists)."""
+        """One file of a stored version; ArtifactCorrupt when it is missing (the records say it exists) or does
+        not match the checksum recorded at write."""
+
+    def verify(self, vllm_name: str) -> None:
+        """Every file recorded at write is there with its checksum; ArtifactCorrupt otherwise."""
 
     def serving_path(self, vllm_name: str) -> str:
         """Where vLLM loads the version from (its filesystem resolver reads the same folder)."""
@@ -80,9 +89,37 @@ class LocalArtifactStore:
 
     def read_bytes(self, vllm_name: str, filename: str) -> bytes:
         try:
-            return (self.path(vllm_name) / _check_name(filename)).read_bytes()
+            content = (self.path(vllm_name) / _check_name(filename)).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise ArtifactCorrupt(f"the stored files of {vllm_name!r} lack {filename}") from None
+        expected = self._checksums(vllm_name).get(filename)
+        if expected is not None and hashlib.sha256(content).hexdigest() != expected:
+            raise _mismatch(vllm_name, filename)
+        return content
+
+    def verify(self, vllm_name: str) -> None:
+        folder = self.path(vllm_name)
+        for filename, expected in self._checksums(vllm_name).items():
+            try:
+                actual = _sha256(folder / _check_name(filename))
+            except (FileNotFoundError, NotADirectoryError):
+                raise ArtifactCorrupt(f"the stored files of {vllm_name!r} lack {filename}") from None
+            if actual != expected:
+                raise _mismatch(vllm_name, filename)
+
+    def _checksums(self, vllm_name: str) -> dict[str, str]:
+        """{file: sha256} recorded at write; empty for a version written before checksums were recorded."""
+        try:
+            text = (self.path(vllm_name) / CHECKSUMS).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        try:
+            sums = json.loads(text)["sha256"]
+            if not isinstance(sums, dict):
+                raise TypeError(type(sums).__name__)
+            return sums
+        except (ValueError, KeyError, TypeError):
+            raise ArtifactCorrupt(f"the checksums of {vllm_name!r} ({CHECKSUMS}) are unreadable") from None
 
     def serving_path(self, vllm_name: str) -> str:
         return str(self.path(vllm_name))
@@ -98,6 +135,7 @@ class LocalArtifactStore:
         tmp.mkdir()
         try:
             yield tmp
+            _seal(tmp)
             # rename(2) would silently replace an *empty* folder, hence the check; a writer racing us
             # past the check leaves a non-empty folder, which rename refuses (ENOTEMPTY/EEXIST).
             if final.exists():
@@ -111,6 +149,7 @@ class LocalArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync(self.root)  # the rename itself
 
     def delete(self, vllm_name: str) -> bool:
         """Remove a version's folder; False when it was not there."""
@@ -139,6 +178,40 @@ class LocalArtifactStore:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         return removed
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only too, which is all fsync needs
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mismatch(vllm_name: str, filename: str) -> ArtifactCorrupt:
+    return ArtifactCorrupt(f"{filename} of {vllm_name!r} does not match the sha256 recorded when it was written"
+                           " (truncated or modified since)")
+
+
+def _seal(folder: Path) -> None:
+    """Record the sha256 of each file of a staged (flat) version folder, and put the files, the record and the
+    folder on disk."""
+    sums = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CHECKSUMS:
+            sums[path.name] = _sha256(path)
+            _fsync(path)
+    (folder / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=2, sort_keys=True))
+    _fsync(folder / CHECKSUMS)
+    _fsync(folder)
 
 
 def pack_peft(store: ArtifactStore, vllm_name: str, folder: str, base_model_name: str) -> bytes:

@@ -14,7 +14,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPT_RECORD = "metalora_adapt.json"
 # Which job wrote an adapter version, so a retry of that job recognises its own folder.
 JOB_RECORD = "metalora_job.json"
-ADAPTER_VERSION_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPT_RECORD, JOB_RECORD)
+# {"sha256": {file: hex digest}} of the other files, recorded when the version is written and verified on reads.
+CHECKSUMS = "metalora_checksums.json"
+ADAPTER_VERSION_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPT_RECORD, JOB_RECORD, CHECKSUMS)
 
 # {"adapt_config": AdaptConfig.to_dict(), ...what meta-training records}: the procedure an init was learned for.
 SHARED_INIT_META = "metalora_meta.json"

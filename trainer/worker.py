@@ -26,7 +26,7 @@ from pathlib import Path
 from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
-from adapters.errors import JobNotFound, StoreUnavailable
+from adapters.errors import ArtifactCorrupt, JobNotFound, StoreUnavailable
 from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
@@ -127,7 +127,7 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(lease, abort))
         watch_stop = asyncio.create_task(self._on_stop(abort))
         try:
-            if self._written_by(name, job.id):
+            if self._written_by(name, job.id) and await asyncio.to_thread(self._intact, name):
                 # A previous attempt wrote the folder and died before marking it ready.
                 metrics = self.artifacts.read_json(name, ADAPT_RECORD)["metrics"]
                 log.info("job %s start %s: adapter already written by attempt before, finishing", job.id, name)
@@ -211,6 +211,17 @@ class Worker:
             if not self._written_by(name, job.id):
                 raise
             # Another attempt of this job (a worker whose lease we took over) wrote the same adapter first.
+
+    def _intact(self, name: str) -> bool:
+        """Whether a folder an earlier attempt wrote still matches its checksums; a damaged one is removed so
+        this attempt trains and writes it again."""
+        try:
+            self.artifacts.verify(name)
+            return True
+        except ArtifactCorrupt as exc:
+            log.warning("%s; removing it and training again", exc)
+            self.artifacts.delete(name)
+            return False
 
     def _written_by(self, name: str, job_id: str) -> bool:
         record = self.artifacts.read_json(name, JOB_RECORD)
