@@ -165,7 +165,9 @@ class AdaptEngine:
             started = time.perf_counter()
             encoded = encode_examples(self.tokenizer, examples, config.max_seq_len)
             train_set, holdout = split_holdout(encoded, config)
+            timings = {"encode_s": time.perf_counter() - started}
             init, note = self.reset_lora(config)
+            timings["reset_s"] = time.perf_counter() - started - timings["encode_s"]
             eval_set = holdout or train_set
             auto: dict[str, Any] = {}
             if config.auto_steps:
@@ -178,9 +180,13 @@ class AdaptEngine:
                 auto = {"auto_k": {"chosen_k": chosen.k, "steps_run": chosen.steps_run, "holdout_curve": chosen.curve,
                                    "rule": asdict(AUTO_K)}}
             else:
+                t0 = time.perf_counter()
                 loss_before = mean_loss(self.model, eval_set, config.batch_size)
+                t1 = time.perf_counter()
                 train_losses = adapt(self.model, train_set, config, on_step=on_step)
+                t2 = time.perf_counter()
                 loss_after = mean_loss(self.model, eval_set, config.batch_size)
+                timings.update(eval_s=t1 - t0 + time.perf_counter() - t2, steps_s=t2 - t1)
                 steps, steps_run = config.steps, config.steps
             # The training losses are checked in `adapt`; these catch a broken start or a last step's bad update.
             for what, value in (("loss before training", loss_before), ("loss after training", loss_after)):
@@ -197,6 +203,8 @@ class AdaptEngine:
                 "num_train": len(train_set),
                 "num_holdout": len(holdout),
                 "seconds": time.perf_counter() - started,
+                # Where `seconds` went: encoding, LoRA reset, held-out loss before + after, the K steps.
+                "timings": timings,
                 "init": init,
                 "device": self.device.type,
             }

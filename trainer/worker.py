@@ -23,16 +23,20 @@ import uuid
 from concurrent.futures import Future
 from pathlib import Path
 
+import httpx
+
 from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
 from adapters.errors import ArtifactCorrupt, JobNotFound, StoreUnavailable
+from adapters.job_stats import StepClock, job_observation
 from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
 from adapters.records import Job, JobErrorCode, JobStatus, now
 from adapters.settings import Settings
 from adapters.store import JobLease, LeaseLost
+from adapters.warmup import load_everywhere, unload_everywhere
 from trainer.config import NonFiniteLoss
 from trainer.model_prep import ensure_base_model
 
@@ -114,6 +118,7 @@ class Worker:
                        " before finishing (crash, out of memory, or shutdown)")
             await self.store.fail_job(job.id, message)
             await self.queue.ack(lease)
+            await self._observe(job.id)
             log.info("job %s failed: %s", job.id, message)
             return
         await self._run_job(job, lease)
@@ -155,12 +160,17 @@ class Worker:
         finally:
             heartbeat.cancel()
             watch_stop.cancel()
+        # Before the job reports succeeded: the first request for the version finds it loaded (adapters/warmup.py).
+        metrics["warm"] = await self._warm(name)
         if await self.store.finish_job(job.id, metrics):
             await self.queue.ack(lease)
+            await self._observe(job.id, metrics.get("step_seconds", []))
             log.info("job %s succeeded: %s in %.1fs, loss %.3f -> %.3f (%s init)", job.id, name,
                      time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
         else:
-            # The adapter was deleted while training; its folder must not outlive it.
+            # The adapter was deleted while training; its folder must not outlive it, nor its load.
+            async with httpx.AsyncClient() as client:
+                await unload_everywhere(client, self.settings.vllm_urls, name)
             await asyncio.to_thread(self.artifacts.delete, name)
             await self.queue.ack(lease)
             log.info("job %s discarded: adapter deleted while it trained", job.id)
@@ -173,12 +183,16 @@ class Worker:
         log.info("job %s start %s: attempt %d/%d, %d examples, %s steps", job.id, name, lease.delivery_count,
                  self.settings.max_job_attempts, len(examples), config.steps)
         on_step, pending = self._progress_reporter(job.id, config.step_budget, abort, started)
-        outcome = await asyncio.to_thread(self.engine.train, examples, config, on_step)
+        clock = StepClock()
+        outcome = await asyncio.to_thread(self.engine.train, examples, config, clock.wrap(on_step))
         if pending:  # let the last throttled report land before the final one
             await asyncio.wrap_future(pending[-1])
         await self.store.update_job(job.id, step=outcome.metrics["steps_run"], loss=outcome.metrics["train_losses"][-1])
+        t_write = time.perf_counter()
         await asyncio.to_thread(self._write, job, name)
-        return outcome.metrics
+        metrics = dict(outcome.metrics, step_seconds=clock.times)
+        metrics["timings"] = {**metrics.get("timings", {}), "write_s": time.perf_counter() - t_write}
+        return metrics
 
     def _progress_reporter(self, job_id: str, total: int, abort: list[str], started: float):
         loop = asyncio.get_running_loop()
@@ -235,7 +249,27 @@ class Worker:
             return
         await self.store.fail_job(job.id, message, code)
         await self.queue.ack(lease)
+        await self._observe(job.id)
         log.info("job %s failed: %s", job.id, message)
+
+    async def _warm(self, name: str) -> dict:
+        """Load the written version into every vLLM replica (METALORA_VLLM_URLS); replicas that are down are
+        skipped and load it on first use. The result goes into the job's metrics (`warm`)."""
+        async with httpx.AsyncClient() as client:
+            result = await load_everywhere(client, self.settings.vllm_urls, name, self.artifacts.serving_path(name))
+        if not result.warm:
+            log.warning("%s is not loaded on every replica: refused %s, unreachable %s", name, result.refused,
+                        result.unreachable)
+        return result.to_dict()
+
+    async def _observe(self, job_id: str, step_seconds: list[float] = ()) -> None:
+        """Add the finished job to the store's job counters (adapters/job_stats.py, read by GET /metrics)."""
+        try:
+            job = await self.store.get_job(job_id)
+            duration = job.finished_at - job.started_at if job.finished_at and job.started_at else None
+            await self.store.add_stats(job_observation(job.status.value, duration, list(step_seconds), job.error_code))
+        except Exception as exc:  # metrics must never fail a job
+            log.warning("job %s: could not record its metrics: %s", job_id, exc)
 
     async def _heartbeat(self, lease: JobLease, abort: list[str]) -> None:
         while True:
