@@ -5,11 +5,14 @@ rows of JSON) serialise them the same way; wire models in `server/protocol.py` c
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
+
+from adapters.errors import JobNotFound
 
 
 class JobStatus(str, Enum):
@@ -59,8 +62,19 @@ def now() -> float:
     return time.time()
 
 
+JOB_ID_PATTERN = re.compile(r"job-[0-9a-f]{20}")
+
+
 def new_job_id() -> str:
     return "job-" + uuid.uuid4().hex[:20]
+
+
+def check_job_id(job_id: object) -> str:
+    """A job id as new_job_id makes it, else JobNotFound: no job has another id, and a store must never build a
+    key from one (on Redis, `<id>:examples` would name the job's examples)."""
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+        raise JobNotFound(str(job_id)[:100])
+    return job_id
 
 
 class _Record:

@@ -27,7 +27,7 @@ from adapters.idempotency import Dedupe, replays
 from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, new_job_id, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, check_job_id, new_job_id, now,
 )
 from adapters.settings import Settings
 from adapters.store import (
@@ -232,7 +232,7 @@ class RedisMetadataStore:
         return stale
 
     async def _read_job(self, reader, job_id: str) -> Job:
-        raw = await reader.get(self.keys.job(job_id))
+        raw = await reader.get(self.keys.job(check_job_id(job_id)))
         if raw is None:
             raise JobNotFound(job_id)
         return Job.from_dict(json.loads(raw))
@@ -250,7 +250,7 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def get_job_examples(self, job_id: str) -> list[dict[str, str]]:
-        raw = await self.r.get(self.keys.job_examples(job_id))
+        raw = await self.r.get(self.keys.job_examples(check_job_id(job_id)))
         if raw is None:
             raise JobNotFound(job_id)
         return json.loads(raw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -24,6 +25,8 @@ log = logging.getLogger("metalora.gateway")
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 
+# A JSON \u escape of a UTF-16 surrogate: json.loads accepts a lone one, which no UTF-8 text can carry.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SSE_DATA = b"data:"
 SSE_DONE = b"[DONE]"
 
@@ -87,6 +90,12 @@ def parse_body(raw_body: bytes) -> dict:
         raise InvalidRequest("malformed JSON body: nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw_body):  # rare, so only then the full check (a pair is one character)
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest("malformed JSON body: a string holds a lone UTF-16 surrogate (\\ud800-\\udfff"
+                                 " not in a pair), which is not text", code="invalid_json") from None
     return body
 
 
