@@ -37,7 +37,8 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             await pool.start()
             app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings),
                                         queue=opened.queue)
-            app.state.auth = Authenticator(opened.store, settings.auth_required)
+            app.state.auth = Authenticator(opened.store, settings.auth_required,
+                                           open_until_keys=settings.auth == "auto")
             app.state.backend = opened
             await _announce_auth(settings, opened.store)
             yield
