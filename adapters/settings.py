@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # UTF-8 bytes of prompts + completions in one job: what the store keeps until the job finishes.
     quota_max_example_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
 
+    # How long POST /adapt remembers an Idempotency-Key, and an identical request (same base model, adapter,
+    # examples and options) that then gets the existing job instead of training again. 0 turns both off.
+    idempotency_window_s: float = Field(default=24 * 3600.0, ge=0)
+
     # --- worker / queue ---
     job_timeout_s: float = 1800.0
     max_job_attempts: int = 3

@@ -59,6 +59,9 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     domain.JobNotFound: (404, "not_found_error"),
     domain.ApiKeyNotFound: (404, "not_found_error"),
     domain.AdapterNotReady: (409, "conflict_error"),
+    domain.JobNotCancellable: (409, "conflict_error"),
+    # 422, as the IETF Idempotency-Key draft asks for a key reused with another payload.
+    domain.IdempotencyKeyReused: (422, "invalid_request_error"),
     UploadRejected: (400, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     domain.QuotaExceeded: (429, "rate_limit_error"),

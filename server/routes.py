@@ -4,13 +4,18 @@ Errors are raised as typed exceptions and turned into responses by the handlers 
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from adapters.records import JobStatus
 from server.deps import GatewayDep, TenantDep
+from server.job_stream import sse_frames
 from server.protocol import (
     CHAT_REQUEST_OPENAPI, COMPLETION_REQUEST_OPENAPI, AdapterList, AdapterResponse, AdaptRequest,
-    DeleteAdapterResponse, HealthResponse, JobResponse, ModelList,
+    DeleteAdapterResponse, HealthResponse,
+    JobEventList, JobEventResponse, JobList, JobResponse, ModelList, SubmittedJobResponse,
 )
 from server.proxy import CHAT_COMPLETIONS, COMPLETIONS, ProxiedStream
 from server.adapter_io import UPLOAD_REQUEST_OPENAPI, read_upload
@@ -22,7 +27,7 @@ router = APIRouter()
 MAX_WAIT_S = 3600.0
 
 
-@router.post("/adapt", status_code=202, response_model=JobResponse)
+@router.post("/adapt", status_code=202, response_model=SubmittedJobResponse)
 async def create_adapt_job(
     body: AdaptRequest,
     response: Response,
@@ -30,14 +35,55 @@ async def create_adapt_job(
     gw: GatewayDep,
     wait: bool = False,
     timeout: float = Query(default=300.0, ge=0.0, le=MAX_WAIT_S),
+    idempotency_key: Annotated[str | None, Header(
+        description="the same key again (within METALORA_IDEMPOTENCY_WINDOW_S) returns the job it created")] = None,
 ):
-    job = await gw.submit_adapt(tenant, body)
+    job, replayed = await gw.submit_adapt(tenant, body, idempotency_key)
     if wait:
         job = await gw.wait_job(tenant, job.id, timeout)
     response.headers["Location"] = f"/adapt/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
     if job.status.finished:
         response.status_code = 200
-    return JobResponse.from_job(job)
+    return SubmittedJobResponse.from_job(job, idempotent_replay=replayed)
+
+
+@router.get("/adapt", response_model=JobList)
+async def list_adapt_jobs(
+    tenant: TenantDep,
+    gw: GatewayDep,
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = Query(default=None, description="a job id: list the jobs older than it"),
+    adapter: str | None = None,
+    status: JobStatus | None = None,
+):
+    return JobList.from_page(await gw.list_jobs(tenant, limit, after, adapter, status))
+
+
+@router.post("/adapt/{job_id}/cancel", response_model=JobResponse)
+async def cancel_adapt_job(job_id: str, tenant: TenantDep, gw: GatewayDep):
+    return JobResponse.from_job(await gw.cancel_job(tenant, job_id))
+
+
+@router.get("/adapt/{job_id}/events", response_model=JobEventList)
+async def adapt_job_events(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    gw: GatewayDep,
+    after: int = Query(default=0, ge=0, description="an event id: list the events after it"),
+    limit: int = Query(default=100, ge=1, le=1000),
+    stream: bool = Query(default=False, description="Server-Sent Events until the job ends"),
+    last_event_id: Annotated[int | None, Header(ge=0)] = None,
+):
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        # An EventSource reconnecting sends the last id it saw.
+        batches = await gw.follow_job_events(tenant, job_id, max(after, last_event_id or 0))
+        return StreamingResponse(sse_frames(batches), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    events, has_more = await gw.job_events(tenant, job_id, after, limit)
+    return JobEventList(data=[JobEventResponse.from_event(e) for e in events], has_more=has_more)
 
 
 @router.get("/adapt/{job_id}", response_model=JobResponse)

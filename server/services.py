@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator
 
 from pydantic import ValidationError
 from tokenizers import Tokenizer
@@ -18,13 +19,15 @@ from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
 from adapters.lora_limits import rank_problem
 from adapters.chat_template import ChatTemplate, ChatTemplateError
-from adapters.errors import InvalidAdapterName, QuotaExceeded, StoreUnavailable
+from adapters.errors import InvalidAdapterName, JobNotFound, QuotaExceeded, StoreUnavailable
+from adapters.idempotency import Dedupe, InvalidIdempotencyKey, key_digest, request_fingerprint
 from adapters.names import AdapterRef, parse_ref, validate_name, version_label, vllm_name
-from adapters.records import Adapter, AdapterVersion, Job
+from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobStatus
 from adapters.settings import Settings
-from adapters.store import JobQueue, MetadataStore, TenantQuota
+from adapters.store import JobPage, JobQueue, MetadataStore, TenantQuota
 from adapters.token_count import example_lengths, is_chat
 from server.errors import InvalidRequest
+from server.job_stream import follow
 from server.protocol import AdaptRequest, InferenceRouting, ModelList
 from server.adapter_io import AdapterFiles, Download
 from server.metrics import GatewayMetrics, check_scraper, render
@@ -86,8 +89,11 @@ class Gateway:
         self.metrics = GatewayMetrics()
 
     # ------------------------------------------------------------ adapt jobs
-    async def submit_adapt(self, tenant: str, request: AdaptRequest) -> Job:
-        """Validate everything, THEN write: a rejected request leaves no trace in the store."""
+    async def submit_adapt(self, tenant: str, request: AdaptRequest,
+                           idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Validate everything, THEN write: a rejected request leaves no trace in the store. Returns (job,
+        replayed): replayed is the job an identical request or the same Idempotency-Key already created
+        (adapters/idempotency.py)."""
         name = validate_name(request.adapter)
         s = self.settings
         n = len(request.examples)
@@ -119,10 +125,43 @@ class Gateway:
                     f"examples.{index}: {what} is {length} tokens; the limit is"
                     f" max_seq_len={max_seq_len} (model context {s.vllm_max_model_len})",
                     param=f"examples.{index}", code="example_too_long")
-        return await self.store.submit_job(tenant, name, n, examples, options, quota=self.quota)
+        dedupe = self._dedupe(name, examples, options, idempotency_key)
+        return await self.store.submit_job_once(tenant, name, n, examples, options, quota=self.quota, dedupe=dedupe)
+
+    def _dedupe(self, name: str, examples: list[dict], options: dict, idempotency_key: str | None) -> Dedupe | None:
+        window = self.settings.idempotency_window_s
+        if window <= 0:
+            return None
+        try:
+            digest = key_digest(idempotency_key) if idempotency_key is not None else None
+        except InvalidIdempotencyKey as exc:
+            raise InvalidRequest(str(exc), param="Idempotency-Key") from None
+        return Dedupe(request_fingerprint(self.base_model_name, name, examples, options), window, digest)
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return await self.store.get_job(job_id, tenant)
+
+    async def list_jobs(self, tenant: str, limit: int, after: str | None = None, adapter: str | None = None,
+                        status: JobStatus | None = None) -> JobPage:
+        try:
+            return await self.store.list_jobs(tenant, limit, after, adapter, status)
+        except JobNotFound:
+            raise InvalidRequest(f"after: no job {after!r} to list from", param="after") from None
+
+    async def cancel_job(self, tenant: str, job_id: str) -> Job:
+        return await self.store.cancel_job(job_id, tenant)
+
+    async def job_events(self, tenant: str, job_id: str, after: int, limit: int) -> tuple[list[JobEvent], bool]:
+        """(the events after `after`, oldest first, at most `limit`; whether newer ones exist)."""
+        await self.store.get_job(job_id, tenant)
+        events = await self.store.list_job_events(job_id, after, limit + 1)
+        return events[:limit], len(events) > limit
+
+    async def follow_job_events(self, tenant: str, job_id: str, after: int) -> AsyncIterator[list[JobEvent]]:
+        """The job's events after `after` as they come, until it ends (server/job_stream.py). Checks the job
+        here, so an unknown one is a 404 before any stream starts."""
+        await self.store.get_job(job_id, tenant)
+        return follow(self.store, job_id, after)
 
     async def wait_job(self, tenant: str, job_id: str, timeout_s: float) -> Job:
         """Poll the store until the job finished or `timeout_s` passed; return it either way."""

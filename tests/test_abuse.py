@@ -186,8 +186,9 @@ def test_tampered_adapter_folder_is_an_error_answer_not_an_outage(stack):
     observed = {}
     with stack.client() as client:
         for version, tamper in ((1, "safetensors"), (2, "config")):
+            # A seed per version: the same request again would get the first job back (adapters/idempotency.py).
             job = client.post("/adapt?wait=true&timeout=300", json={"adapter": name, "examples": TAMPER_EXAMPLES,
-                                                                    "steps": 2})
+                                                                    "steps": 2, "seed": version})
             assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
             folder = stack.data_dir / "adapters" / f"default~{name}@v{version}"
             assert folder.is_dir()

@@ -377,7 +377,7 @@ def test_drill_redis_outage_and_restart(drill_stack, own_redis):
     with drill.client("globex") as client:
         m3 = client.get("/v1/adapters/m3").json()
     # A new version after the restart continues the counter (a reused number would serve the wrong folder).
-    extra = submit(drill, "globex", "m3")
+    extra = submit(drill, "globex", "m3", steps=TRAIN["steps"] + 1)  # the same request would replay m3's job
     extra_done = wait_job(drill, "globex", extra["id"])
 
     outage = [r for r in rows if r[0] != "GET /health"]

@@ -128,8 +128,9 @@ def complete(client: httpx.Client, model: str, word: str = HELD_OUT[0]) -> httpx
                                                 "temperature": 0})
 
 
-def adapt(client: httpx.Client, name: str, n: int = 16) -> dict:
-    response = client.post("/adapt", json={"adapter": name, "examples": examples("square", n), **TRAIN})
+def adapt(client: httpx.Client, name: str, n: int = 16, seed: int = 0) -> dict:
+    # Jobs of the same data differ in seed: an identical request would get the first job back.
+    response = client.post("/adapt", json={"adapter": name, "examples": examples("square", n), "seed": seed, **TRAIN})
     assert response.status_code == 202, response.text
     return response.json()
 
@@ -333,7 +334,7 @@ def test_c_two_workers_train_every_job_exactly_once(cluster, two_adapters):
     worker1 = cluster.spawn("worker1", "worker")
     wait_for(lambda: " ready " in worker1.log(), 180, "worker1", cluster)
     with cluster.client() as client:
-        submitted = [adapt(client, "scale", n=12) for _ in range(NUM_JOBS)]
+        submitted = [adapt(client, "scale", n=12, seed=i) for i in range(NUM_JOBS)]
         jobs = wait_jobs(client, [j["id"] for j in submitted])
         detail = client.get("/v1/adapters/scale").json()
 

@@ -9,6 +9,8 @@ Failure policy:
 - SIGTERM: stop claiming, abort the current job at its next step and leave it un-acked (status back to
   queued), so another worker (or this one restarted) takes it once the lease expires.
 - the store is unreachable: the job is left un-acked for the same redelivery.
+- cancelled (POST /adapt/{id}/cancel, or its adapter deleted): the store marks it cancelled at once; the next
+  progress report's answer says so, training stops, nothing is written, the job is acked.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
 from adapters.errors import ArtifactCorrupt, JobNotFound, StoreUnavailable
 from adapters.job_stats import StepClock, job_observation
+from adapters.job_events import evaluation_event, step_event
 from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
@@ -48,7 +51,57 @@ ORPHAN_MAX_AGE_S = 600.0  # older `.tmp-*` folders are from dead writers (a save
 
 
 class JobAborted(Exception):
-    """Raised from the step callback to stop training: timeout, lost lease or shutdown."""
+    """Raised from the step callback to stop training: timeout, lost lease, shutdown or cancel."""
+
+
+CANCELLED = "cancelled"  # JobAborted's reason when the store says the job finished meanwhile
+
+
+class _Progress:
+    """The step callback, run in the training thread. It aborts training on a stop request or a lost lease, past
+    the job timeout, and when a progress report's answer shows the job finished meanwhile (cancelled, or its
+    adapter deleted): the job's status is checked at every report, so training stops within a step or two.
+    Reports are throttled; each carries the step events since the last one and the estimated finish."""
+
+    def __init__(self, worker: "Worker", job_id: str, total: int, abort: list[str], started: float):
+        self.worker, self.job_id, self.total, self.abort = worker, job_id, total, abort
+        self.deadline = started + worker.settings.job_timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[Future] = []  # at most one report in flight, so reports cannot overtake each other
+        self.events: list = []
+        self.last_report = 0.0
+        self.first_step_at: float | None = None
+
+    def __call__(self, step: int, loss: float) -> None:
+        if self.abort:
+            raise JobAborted(self.abort[0])
+        if self._finished_meanwhile():
+            raise JobAborted(CANCELLED)
+        t = time.monotonic()
+        if t > self.deadline:
+            raise JobAborted(f"timed out after {self.worker.settings.job_timeout_s:g}s (METALORA_JOB_TIMEOUT_S)"
+                             f" at step {step}/{self.total}")
+        self.events.append(step_event(self.job_id, step, self.total, loss))
+        if self.first_step_at is None:
+            self.first_step_at = t
+        if (step == 1 or t - self.last_report >= PROGRESS_INTERVAL_S) and (not self.pending or self.pending[-1].done()):
+            self.last_report = t
+            changes = {"step": step, "total_steps": self.total, "loss": loss}
+            if step > 1:  # step 1's time includes warm-up; later steps give the pace
+                pace = (t - self.first_step_at) / (step - 1)
+                changes["estimated_finish"] = now() + max(0, self.total - step) * pace
+            self.pending[:] = [asyncio.run_coroutine_threadsafe(
+                self.worker.store.update_job(self.job_id, events=self.unreported(), **changes), self.loop)]
+
+    def _finished_meanwhile(self) -> bool:
+        report = self.pending[-1] if self.pending else None
+        if report is None or not report.done() or report.cancelled() or report.exception() is not None:
+            return False
+        return report.result().status.finished
+
+    def unreported(self) -> list:
+        events, self.events = self.events, []
+        return events
 
 
 def shared_init_path(settings: Settings, base_dir: Path) -> Path | None:
@@ -116,7 +169,7 @@ class Worker:
         if attempts > limit:
             message = (f"gave up after {limit} attempts: each time the worker training it stopped"
                        " before finishing (crash, out of memory, or shutdown)")
-            await self.store.fail_job(job.id, message)
+            await self.store.fail_job(job.id, message, JobErrorCode.ATTEMPTS_EXHAUSTED.value)
             await self.queue.ack(lease)
             await self._observe(job.id)
             log.info("job %s failed: %s", job.id, message)
@@ -126,8 +179,11 @@ class Worker:
     async def _run_job(self, job: Job, lease: JobLease) -> None:
         name = vllm_name(job.tenant, job.adapter, job.version)
         started = time.monotonic()
-        await self.store.update_job(job.id, status=JobStatus.RUNNING, attempts=lease.delivery_count,
-                                    started_at=now(), step=0, error=None)
+        running = await self.store.update_job(job.id, status=JobStatus.RUNNING, attempts=lease.delivery_count,
+                                              started_at=now(), step=0, error=None)
+        if running.status.finished:  # cancelled since it was claimed
+            await self.queue.ack(lease)
+            return
         abort: list[str] = []  # set by the heartbeat or a stop request; read by the training thread
         heartbeat = asyncio.create_task(self._heartbeat(lease, abort))
         watch_stop = asyncio.create_task(self._on_stop(abort))
@@ -141,7 +197,10 @@ class Worker:
         except JobAborted as exc:
             reason = str(exc)
             if reason.startswith("timed out"):
-                await self._fail(job, lease, reason, abort)
+                await self._fail(job, lease, reason, abort, JobErrorCode.TIMEOUT.value)
+            elif reason == CANCELLED:
+                await self.queue.ack(lease)
+                log.info("job %s cancelled: training stopped, nothing written", job.id)
             elif reason == "shutdown":
                 await self.store.update_job(job.id, status=JobStatus.QUEUED, step=0)
                 log.info("job %s released on shutdown; it is redelivered when its lease expires", job.id)
@@ -173,7 +232,7 @@ class Worker:
                 await unload_everywhere(client, self.settings.vllm_urls, name)
             await asyncio.to_thread(self.artifacts.delete, name)
             await self.queue.ack(lease)
-            log.info("job %s discarded: adapter deleted while it trained", job.id)
+            log.info("job %s discarded: cancelled or its adapter deleted while it was written", job.id)
 
     async def _train_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str], started: float) -> dict:
         config = self.engine.default_config.merged(job.options or {})
@@ -187,7 +246,11 @@ class Worker:
         outcome = await asyncio.to_thread(self.engine.train, examples, config, clock.wrap(on_step))
         if pending:  # let the last throttled report land before the final one
             await asyncio.wrap_future(pending[-1])
-        await self.store.update_job(job.id, step=outcome.metrics["steps_run"], loss=outcome.metrics["train_losses"][-1])
+        reported = await self.store.update_job(job.id, step=outcome.metrics["steps_run"],
+                                               loss=outcome.metrics["train_losses"][-1],
+                                               events=[*on_step.unreported(), evaluation_event(job.id, outcome.metrics)])
+        if reported.status.finished:  # cancelled during the last steps or the evaluation: write nothing
+            raise JobAborted(CANCELLED)
         t_write = time.perf_counter()
         await asyncio.to_thread(self._write, job, name)
         metrics = dict(outcome.metrics, step_seconds=clock.times)
@@ -195,25 +258,8 @@ class Worker:
         return metrics
 
     def _progress_reporter(self, job_id: str, total: int, abort: list[str], started: float):
-        loop = asyncio.get_running_loop()
-        deadline = started + self.settings.job_timeout_s
-        pending: list[Future] = []
-        last = [0.0]
-
-        def on_step(step: int, loss: float) -> None:  # runs in the training thread
-            if abort:
-                raise JobAborted(abort[0])
-            if time.monotonic() > deadline:
-                raise JobAborted(f"timed out after {self.settings.job_timeout_s:g}s (METALORA_JOB_TIMEOUT_S)"
-                                 f" at step {step}/{total}")
-            t = time.monotonic()
-            # At most one write in flight, so reports cannot overtake each other.
-            if (step == 1 or t - last[0] >= PROGRESS_INTERVAL_S) and (not pending or pending[-1].done()):
-                last[0] = t
-                pending[:] = [asyncio.run_coroutine_threadsafe(
-                    self.store.update_job(job_id, step=step, total_steps=total, loss=loss), loop)]
-
-        return on_step, pending
+        progress = _Progress(self, job_id, total, abort, started)
+        return progress, progress.pending
 
     def _write(self, job: Job, name: str) -> None:
         try:
