@@ -40,7 +40,7 @@ meta_batch_tasks = 3  # tasks per outer step
 # A job brings ~100 examples, so K = 5 steps of batch 8 see 40 fresh ones; a 16-example support set would show each
 # 2.5 times, a regime the service never runs.
 support_size = 96
-query_size = 16
+query_size = 16  # examples per task the adapted weights are judged on, disjoint from the support set
 # The outer step's defaults depend on the method, since the pseudo-gradients differ in kind: Reptile's is a weight
 # difference, which SGD with β = 0.5 moves halfway along (the paper's θ ← θ + β·mean(θ_i − θ)) and `average` moves
 # all the way (β = 1: θ ← mean θ_i); fomaml's and multitask's are loss gradients, which take AdamW's bounded
@@ -53,32 +53,32 @@ OUTER_DEFAULTS = {
 }
 meta_params = "all"  # all | lora_A (learn only A; B stays zero, so the init leaves the base model's outputs as they are)
 inner_steps = 5  # K during meta-training (serving may use more: the init is evaluated at several K)
-inner_lr = 2e-3
-inner_batch_size = 8
-rank = 8
-alpha = 16
+inner_lr = 2e-3  # AdamW learning rate of the inner loop
+inner_batch_size = 8  # examples per inner step
+rank = 8  # LoRA rank of the init (jobs starting from it use the same)
+alpha = 16  # LoRA alpha
 max_seq_len = 96  # tokens; longer examples are skipped (cost grows with length; most option items fit)
-seed = 0
-tasks_dir = str(Path.home() / ".cache" / "metalora" / "tasks" / "bigbench")
+seed = 0  # seeds the standard init, the task sampler and every episode
+tasks_dir = str(Path.home() / ".cache" / "metalora" / "tasks" / "bigbench")  # from `metalora prepare-tasks`
 # multiple_choice: only tasks scored by option likelihood, the kind every held-out task is; all: generative too.
 pool = "multiple_choice"
 # family: pick a BIG-bench parent task uniformly, then one of its subtasks; task: every subtask equally.
 sample_by = "family"
 n_val_tasks = 8  # meta-train tasks held out of the pool, used only for the periodic validation
 val_examples = 32  # per validation task, from its validation split
-eval_interval = 10
+eval_interval = 10  # outer steps between validations
 eval_at_start = True  # step 0 = the standard init's baseline; the same for every run with this seed and split
 # best: export the θ with the lowest validation loss after K steps (the outer update is noisy and can get worse
 # between evaluations); last: the θ the run ended with.
 export_theta = "best"
-log_interval = 1
-ckpt_interval = 5
-out_dir = "runs/meta"
+log_interval = 1  # outer steps between log lines
+ckpt_interval = 5  # outer steps between checkpoints (out_dir/ckpt.pt)
+out_dir = "runs/meta"  # checkpoint, log and (by default) the exported init
 export_dir = ""  # "" = out_dir/shared_init
 model_dir = ""  # "" = the converted default base model (trainer.model_prep.ensure_base_model)
-device = "auto"
+device = "auto"  # auto | cpu | cuda
 threads = 0  # 0 = torch default; 1 to leave the other core to colleagues
-resume = False
+resume = False  # continue from out_dir/ckpt.pt when it exists
 # Only the validation of the standard init (or, with --resume, of the checkpoint's θ), then stop: nothing is trained,
 # checkpointed or exported. For diagnostics such as comparing inner learning rates on the validation tasks.
 validate_only = False
@@ -88,16 +88,38 @@ DEFAULTS = {k: v for k, v in dict(globals()).items() if k not in _NOT_FLAGS and 
 CHOICES = {"pool": POOLS, "sample_by": ("family", "task"), "export_theta": ("best", "last")}
 
 
-def parse_args(argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def flag_help() -> dict[str, str]:
+    """Each flag's --help is its comment in the defaults above (on its line, else the block right above it), so
+    the comments stay the one place a default is explained."""
+    helps, block = {}, []
+    for line in Path(__file__).read_text().splitlines():
+        if line.startswith("#"):
+            block.append(line.lstrip("# "))
+            continue
+        name, eq, rest = line.partition(" = ")
+        if eq and name in DEFAULTS:
+            helps[name] = (rest.split("  # ", 1)[1] if "  # " in rest else " ".join(block)).replace("%", "%%")
+        block = []
+    return helps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalora train-meta", description=__doc__.split("\n\n")[0])
+    helps = flag_help()
     for key, value in DEFAULTS.items():
         if isinstance(value, bool):
-            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=value, help=helps.get(key))
         else:
-            parser.add_argument(f"--{key}", type=type(value), default=value, choices=CHOICES.get(key))
-    for key, value in OUTER_DEFAULTS[method].items():
-        parser.add_argument(f"--{key}", type=type(value), default=None)  # None: the method's default
-    args = vars(parser.parse_args(argv))
+            parser.add_argument(f"--{key}", type=type(value), default=value, choices=CHOICES.get(key),
+                                help=helps.get(key))
+    for key, value in OUTER_DEFAULTS[method].items():  # None: the method's default
+        parser.add_argument(f"--{key}", type=type(value), default=None,
+                            help=f"the outer step's {key.removeprefix('outer_')} (default: the method's, OUTER_DEFAULTS)")
+    return parser
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = vars(build_parser().parse_args(argv))
     # An unknown method keeps None here and is rejected by MetaConfig, which names the methods.
     for key, value in OUTER_DEFAULTS.get(args["method"], {}).items():
         if args[key] is None:

@@ -75,11 +75,16 @@ def prepare_tasks(cache_dir: Path | str | None = None, *, force: bool = False) -
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metalora prepare-tasks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                        help=f"where the task folders go (default {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="rebuild even if summary.json exists")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     s = prepare_tasks(args.cache_dir, force=args.force)
     bb = s["bigbench"]
     print(f"BIG-bench: {bb['converted']} tasks converted, skipped {bb['skipped']}, malformed {len(bb['malformed'])}"
