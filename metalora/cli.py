@@ -11,24 +11,36 @@
     metalora prepare-tasks  # fetch BIG-bench + OLMo eval data from PyPI, convert into task folders
     metalora train-meta     # meta-train the shared LoRA init (trainer/train_meta.py; --help for options)
     metalora evaluate DIR…  # few-shot evaluation of LoRA inits on task folders (trainer/evaluate.py)
+
+Client commands, against a running gateway (METALORA_URL, default the local one; METALORA_API_KEY):
+    metalora adapt examples.jsonl --adapter NAME [--wait]   # train a new version; --wait shows step and loss
+    metalora jobs [--adapter NAME] [--status S]            # the newest adapt jobs
+    metalora adapters                                      # adapters and their versions
+    metalora complete --adapter NAME "prompt"              # stream a completion (no --adapter: the base model)
+    metalora download NAME[@vN] [-o FILE]                  # a version's PEFT files as a zip
+    metalora upload NAME PATH…                             # a PEFT LoRA (folder, files or archive) as a new version
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import get_args
 
 from pydantic import ValidationError
 
+from adapters.adapt_options import OPTIONS
 from adapters.api_keys import new_api_key
 from adapters.backend import open_backend
 from adapters.errors import MetaloraError
 from adapters.logs import LogLevel, configure_logging
 from adapters.settings import Settings
+from metalora.client import ClientError, MetaloraClient, ProgressBar, read_examples
 from metalora.supervisor import serve
 from metalora.vllm_command import vllm_command, vllm_env
 
@@ -112,6 +124,125 @@ def cmd_keys(args, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+# ---------------------------------------------------------------- client commands (metalora/client.py)
+def _client(run):
+    """Run a client command: one client from METALORA_URL / METALORA_API_KEY, gateway errors as one line."""
+    def command(args, settings: Settings) -> int:
+        try:
+            with MetaloraClient.from_env() as client:
+                return run(client, args) or 0
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    return command
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
+
+
+@_client
+def cmd_adapt(client: MetaloraClient, args) -> int:
+    options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
+    job = client.adapt(args.adapter, read_examples(args.examples), options)
+    print(f"{job['id']}: {job['model']} {job['status']}", file=sys.stderr)
+    if args.wait:
+        job = client.wait(job["id"], ProgressBar())
+        if job["status"] != "succeeded":
+            print(f"error: job {job['id']} {job['status']}: {job.get('error')}", file=sys.stderr)
+            return 1
+    print(json.dumps(job) if args.json else job["id"])
+    return 0
+
+
+@_client
+def cmd_jobs(client: MetaloraClient, args) -> None:
+    jobs = client.jobs(args.limit, args.adapter, args.status)
+    print(f"{'id':<26} {'model':<24} {'status':<10} {'step':>9} {'loss':>8}  created")
+    for j in jobs:
+        loss = f"{j['loss']:.4f}" if j.get("loss") is not None else "-"
+        print(f"{j['id']:<26} {j['model']:<24} {j['status']:<10} {j['step']:>4}/{j['total_steps']:<4} {loss:>8}"
+              f"  {_when(j['created_at'])}")
+
+
+@_client
+def cmd_adapters(client: MetaloraClient, args) -> None:
+    print(f"{'name':<32} {'ready':>6} {'latest':>7} {'status':<10} created")
+    for a in client.adapters():
+        print(f"{a['name']:<32} {a['ready_version'] or '-':>6} {a['latest_version'] or '-':>7}"
+              f" {a['status'] or '-':<10} {_when(a['created_at'])}")
+
+
+@_client
+def cmd_complete(client: MetaloraClient, args) -> None:
+    for text in client.complete(args.prompt, args.adapter, max_tokens=args.max_tokens, temperature=args.temperature):
+        print(text, end="", flush=True)
+    print()
+
+
+@_client
+def cmd_download(client: MetaloraClient, args) -> None:
+    out = Path(args.output or f"{args.name}.zip")
+    print(client.download(args.name, out))
+
+
+@_client
+def cmd_upload(client: MetaloraClient, args) -> None:
+    version = client.upload(args.name, [Path(p) for p in args.paths])
+    print(version["model"])
+
+
+def _option_value(kind: type):
+    """argparse `type` for an adapt option: a number, or a word the option also takes ("auto"); the gateway
+    checks the bounds and says which."""
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    return parse
+
+
+def add_client_commands(sub) -> None:
+    p = sub.add_parser("adapt", help="train a new adapter version from a JSONL file of examples")
+    p.add_argument("examples", type=Path, help='JSONL: one {"prompt", "completion"} or {"messages": [...]} per line')
+    p.add_argument("--adapter", required=True, help="adapter name; each run adds a version (name@v1, @v2, ...)")
+    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar (step, loss) to its end")
+    p.add_argument("--json", action="store_true", help="print the final job as JSON instead of its id")
+    for name, spec in OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_option_value(spec.type), default=None,
+                       help=f"{spec.doc} (default: the worker's)")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("jobs", help="list adapt jobs, newest first")
+    p.add_argument("--adapter", default=None, help="only this adapter's jobs")
+    p.add_argument("--status", default=None, help="only jobs in this status (queued, running, succeeded, ...)")
+    p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    p.set_defaults(func=cmd_jobs)
+
+    sub.add_parser("adapters", help="list adapters and their versions").set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("complete", help="stream a completion from an adapter (or the base model)")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--adapter", default=None, help="name or name@vN; default: the base model")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("download", help="download a version's PEFT files as a zip")
+    p.add_argument("name", help="name (newest ready version) or name@vN")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: NAME.zip)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("upload", help="upload a PEFT LoRA adapter as a new version")
+    p.add_argument("name", help="adapter name to add the version to")
+    p.add_argument("paths", nargs="+", help="an adapter folder, its adapter_config.json and"
+                   " adapter_model.safetensors, or one zip/tar archive of them")
+    p.set_defaults(func=cmd_upload)
+
+
 OFFLINE_COMMANDS = {
     "prepare-tasks": ("trainer.tasks.fetch", "fetch and convert the meta-training and evaluation tasks"),
     "train-meta": ("trainer.train_meta", "meta-train the shared LoRA init (MeTA-LoRA)"),
@@ -124,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", type=str.upper, choices=get_args(LogLevel), default=None,
                         help="default: METALORA_LOG_LEVEL (Settings.log_level), INFO when unset")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to run (COMMAND --help: its options)")
 
     p = sub.add_parser("serve", help="run the whole system on this machine (embedded default)")
     p.add_argument("--log-dir", default=None, help="write each child's output to <dir>/<child>.log")
@@ -134,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="run one adaptation worker").set_defaults(func=cmd_worker)
 
     p = sub.add_parser("engine", help="run the vLLM OpenAI server with metalora's LoRA flags")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address vLLM listens on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: the port of the first METALORA_VLLM_URLS")
     p.add_argument("--print", action="store_true", help="print the command instead of running it")
     p.set_defaults(func=cmd_engine)
@@ -148,14 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keys", help="manage API keys (in the configured metadata store)")
     p.set_defaults(func=cmd_keys)
-    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION", help="create, list or revoke")
     k = keys.add_parser("create", help="create a key bound to a tenant; prints it once")
     k.add_argument("--tenant", required=True, help="tenant id: [a-z0-9][a-z0-9_-]{0,31}")
     k.add_argument("--name", default="", help="a label for listings (who or what uses the key)")
     k = keys.add_parser("list", help="list keys without secrets")
-    k.add_argument("--tenant", default=None)
+    k.add_argument("--tenant", default=None, help="only this tenant's keys (default: every tenant's)")
     k = keys.add_parser("revoke", help="revoke a key by id (from `keys list`); takes effect at once")
-    k.add_argument("key_id")
+    k.add_argument("key_id", help="the key's id (key-...), not the key itself")
+
+    add_client_commands(sub)
     return parser
 
 
