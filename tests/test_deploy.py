@@ -263,6 +263,10 @@ def test_vllm_resolver_env_and_mounts(services, monkeypatch):
             model_mounts = [t for t in mounts(services[svc]) if model.is_relative_to(t)]
             assert model_mounts, f"{svc} must mount {expected_model}"
             assert mounts(services[svc])[model_mounts[0]][0] == "models"
+    for gateway in ("gateway", "gateway-cpu"):  # adapter uploads and downloads (server/adapter_io.py)
+        g = mounts(services[gateway])
+        assert adapter_root in g and not g[adapter_root][1], f"{gateway} writes uploaded adapters at {adapter_root}"
+        assert g[adapter_root][0] == mounts(services["worker"])[adapter_root][0], "the one adapter volume"
     # model-init writes the model into the same volume at the same path
     init_env = environment(services["model-init"])
     assert mounts(services["model-init"])[init_env["METALORA_MODEL_CACHE_DIR"]] == ("models", False)
