@@ -255,10 +255,38 @@ def write_summary(results: dict, out: Path, plots: list[str]) -> None:
         L.append(f"{g.get('status', 'not run')}; on a GPU: `{g.get('command', '')}`\n")
     L.append(f"CPU smoke check of the script (`--tiny`): {g.get('tiny_cpu_smoke', 'not run')}\n")
 
+    if results.get("first_token"):
+        L.extend(first_token_lines(results["first_token"]))
+
     if plots:
         L.append("## Plots\n")
         L.extend(f"![{p}]({p})" for p in plots)
     (out / "summary.md").write_text("\n".join(L) + "\n")
+
+
+def first_token_lines(ft: dict) -> list[str]:
+    """Part 8 (benchmarks/first_token.py): the breakdown, and the cold vs warm first request."""
+    L = ["## 8. Examples to first adapted token (POST /adapt, 100 examples, default procedure)\n"]
+    s = ft.get("summary")
+    if not s:
+        return L + [f"{ft.get('status', 'not run')}: {ft.get('error', '')}\n"]
+    c, runs = ft["config"], ft["runs"]
+    L.append(f"{c['repeats']} runs after a warm-up job; K = {runs[0]['steps']} steps on {runs[0]['num_train']} train"
+             f" examples ({runs[0]['init']} init), {runs[0]['num_holdout']} held out; first token of a"
+             f" {c['max_tokens']}-token streamed completion. Medians in seconds.\n")
+    L.append("| step | median s |\n|---|---|")
+    for key, value in s["breakdown_median_s"].items():
+        L.append(f"| {key.replace('_', ' ')} | {value:.3f} |")
+    L.append(f"| **POST /adapt -> first adapted token** | **{s['total_median_s']:.2f}** |\n")
+    verdict = "MET" if s["target_met"] else "MISSED"
+    L.append(f"- target <= {s['target_total_s']:.0f} s: {verdict}; everything but the K steps:"
+             f" {s['everything_but_k_steps_median_s']:.2f} s")
+    ft_s = s["first_token_median_s"]
+    L.append(f"- first request to a new version, time to first token: **warm {ft_s['warm_first']:.3f} s** (loaded by"
+             f" the worker before `succeeded`) vs **cold {ft_s['cold_first']:.3f} s** (loaded on demand); steady"
+             f" adapter requests {ft_s['steady']:.3f} s, base model {ft_s['base']:.3f} s; cold - warm per run, median"
+             f" {s['cold_minus_warm_first_token_median_s']:.3f} s\n")
+    return L
 
 
 def gateway_misses(variants: dict) -> list[str]:
