@@ -32,6 +32,7 @@ from adapters.base_model import base_model_path
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.settings import Settings
 from benchmarks.common import REPO, log, machine_info, write_json
+from benchmarks.first_token import first_token
 from benchmarks.meta_cost import meta_training_cost, steps_to_quality
 from benchmarks.report import write_plots, write_summary
 from trainer.provenance import git_commit
@@ -95,6 +96,9 @@ def run_stack_parts(args, parts: set[int], results: dict) -> None:
                 max_cpu_loras=settings.vllm_max_cpu_loras))
         if 3 in parts:
             results["adaptation"] = _guard(lambda: run_adaptation(args, stack, vllm_url, data_dir, tmp))
+        if 8 in parts:  # examples -> first adapted token, cold vs warm first request (benchmarks/first_token.py)
+            results["first_token"] = _guard(lambda: first_token(stack.url, vllm_url, data_dir, stack.base_model,
+                                                                1 if args.quick else args.adapt_repeats))
     finally:
         stop_stack(stack)
         results["stack"]["logs_tail"] = stack.logs()[-3000:] if any("error" in str(v) for v in results.values()) else ""
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
     def checkpoint() -> None:  # a run cut short still leaves what it measured
         write_json(out / "results.json", {**results, "partial": True})
 
-    if parts & {1, 2, 3}:
+    if parts & {1, 2, 3, 8}:
         run_stack_parts(args, parts, results)
         checkpoint()
     if 5 in parts:
