@@ -8,7 +8,6 @@ them would take most of the time budget and tells nothing about serving).
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import save_file
 from adapters.artifacts import LocalArtifactStore
 from adapters.backend import open_backend
 from adapters.base_model import base_model_path
+from adapters.model_shapes import BaseModelShapes
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.records import JobStatus
 from adapters.settings import Settings
@@ -47,19 +47,11 @@ def write_random_adapter(out_dir: Path, model_dir: Path, base_model_name_or_path
                          rank: int = 8, alpha: int = 16) -> None:
     """A PEFT LoRA folder for the base model in `model_dir` with random small A and B (B nonzero, so the
     adapter changes outputs and vLLM computes it like any trained one). Same targets as AdaptConfig."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or hidden // heads
-    shapes = {  # (in, out)
-        "self_attn.q_proj": (hidden, heads * head_dim), "self_attn.k_proj": (hidden, kv * head_dim),
-        "self_attn.v_proj": (hidden, kv * head_dim), "self_attn.o_proj": (heads * head_dim, hidden),
-        "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden),
-    }
+    base = BaseModelShapes.from_model_dir(model_dir)  # the shapes the upload check holds adapters to
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        for module, (d_in, d_out) in shapes.items():
+    for layer in range(base.num_layers):
+        for module, (d_in, d_out) in base.linear.items():
             prefix = f"base_model.model.model.layers.{layer}.{module}"
             state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * (1.0 / d_in ** 0.5)
             state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.01
