@@ -11,7 +11,10 @@ in interleaved rounds:
 then stops the stack and runs
   5. meta-training cost: one first-order outer step vs one plain LoRA step (time, peak memory);
   4. steps to quality: read from the evaluation's JSON if present, else "not run";
-  6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py).
+  6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py);
+  7. vLLM-CPU serving speed with vLLM's own client (`vllm bench serve`), base vs 1 vs 16 adapters, directly and
+     through the gateway, with the engine defaults before issue 21 and now, in one run (benchmarks/cpu_serving.py),
+     and vLLM-CPU's LoRA kernels against the base projections, prefill and decode (benchmarks/lora_cpu_ops.py).
 Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit
 (trainer.provenance).
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 from adapters.base_model import base_model_path
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.settings import Settings
+from benchmarks import cpu_serving
 from benchmarks.common import REPO, log, machine_info, write_json
 from benchmarks.first_token import first_token
 from benchmarks.meta_cost import meta_training_cost, steps_to_quality
@@ -44,7 +48,7 @@ N_ADAPTERS = 64
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--parts", default="1,2,3,4,5,6", help="comma-separated subset of 1..6")
+    p.add_argument("--parts", default="1,2,3,4,5,6,7", help="comma-separated subset of 1..7")
     p.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not for reporting")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
@@ -54,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true",
                    help="update <out>/results.json in place: replace only the parts run now (both commands are recorded)")
     p.add_argument("--gpu-json", default=None, help="part 6: gpu_inner_loop.py's JSON from a GPU run")
+    p.add_argument("--cpu-configs", default="old,new",
+                   help="part 7: engine configurations (benchmarks/cpu_serving.py CONFIGS), run in this order;"
+                   " the knobs: old,new,new-rank8,new-fp32,new-auto,new-gomp,new-maxloras1,new-mbt256,new-nochunk")
+    p.add_argument("--cpu-targets", default="direct,gateway", help="part 7: direct, gateway or both")
+    p.add_argument("--cpu-loads", default="base,1,16", help="part 7: base, 1 and/or 16 adapters")
     return p.parse_args(argv)
 
 
@@ -137,6 +146,18 @@ def run_adaptation(args, stack, vllm_url: str, data_dir: Path, tmp: Path) -> dic
                        if engine.shared is None else "shared"}}
 
 
+def cpu_serving_part(args, on_config) -> dict:
+    # vllm's client, peft-format adapters and vLLM's LoRA kernels, as in run_stack_parts
+    from benchmarks import lora_cpu_ops, serving
+
+    split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    t0 = time.perf_counter()
+    result = cpu_serving.cpu_serving(split(args.cpu_configs), split(args.cpu_targets), split(args.cpu_loads),
+                                     serving.register_random_adapters, on_config)
+    result["lora_ops"] = _guard(lambda: lora_cpu_ops.main(["--repeats", "5"]))
+    return {**result, "wall_s": time.perf_counter() - t0, "precision": "bfloat16 (vLLM-CPU's default dtype here)"}
+
+
 def _guard(fn):
     try:
         return fn()
@@ -199,6 +220,16 @@ def main(argv=None) -> None:
         results["steps_to_quality"] = steps_to_quality(args.eval_json)
     if 6 in parts:
         results["gpu_inner_loop"] = _guard(lambda: gpu_part(args.gpu_json, out))
+    if 7 in parts:
+        def partial(cpu_result: dict) -> None:
+            results["cpu_serving"] = cpu_result
+            checkpoint()
+
+        results["cpu_serving"] = _guard(lambda: cpu_serving_part(args, partial))
+        checkpoint()
+        _guard(lambda: cpu_serving.write_markdown(results["cpu_serving"], out / "cpu_serving.md", {
+            "command": command, "commit": results["git_commit"], "precision": results["cpu_serving"].get("precision"),
+            "machine": results["machine"], "wall time": f"{results['cpu_serving'].get('wall_s', 0) / 60:.1f} min"}))
     results["wall_s"] = time.time() - started
     write_json(out / "results.json", results)
     plots = _guard(lambda: write_plots(results, out))
