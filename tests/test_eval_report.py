@@ -62,6 +62,13 @@ def test_paired_difference_pairs_seed_and_item_and_averages_task_means():
     assert paired_difference(cells(ROWS), ("meta_init", 5), ("full_data", 0)) is None
 
 
+def test_pairs_on_the_seeds_both_columns_ran():
+    rows = [row("a", "standard_init", 0, 0, [1, 0, 0, 0]), row("a", "meta_init", 5, 0, [1, 1, 0, 0]),
+            row("a", "meta_init", 5, 1, [0, 0, 0, 0])]
+    p = paired_difference(cells(rows), ("meta_init", 5), ("standard_init", 0))
+    assert p["tasks"]["a"]["diff"] == pytest.approx(0.25) and p["tasks"]["a"]["n_seeds"] == 1
+
+
 def test_items_of_a_different_test_cap_are_not_paired():
     rows = ROWS + [row("d", "standard_init", 5, 0, [1, 0, 1]), row("d", "meta_init", 5, 0, [1, 0])]
     p = paired_difference(cells(rows), ("meta_init", 5), ("standard_init", 5))

@@ -77,17 +77,19 @@ def paired_bootstrap(diffs: dict[str, np.ndarray], replicates: int = BOOTSTRAP_R
 
 def paired_difference(by_cell: dict[tuple, list[dict]], column: tuple[str, int], reference: tuple[str, int],
                       metric: str = "correct") -> dict | None:
-    """`column` minus `reference` ((method, K) pairs) on every task where both were run with the same seeds on the
-    same items; None where no task qualifies."""
+    """`column` minus `reference` ((method, K) pairs) on every task where both were run on the same items, over the
+    seeds both ran; None where no task qualifies."""
     diffs = {}
     for (task, m, k), rows in by_cell.items():
         if (m, k) != column or (task, *reference) not in by_cell:
             continue
-        ref = by_cell[(task, *reference)]
-        if [r["seed"] for r in rows] != [r["seed"] for r in ref]:
+        # Paired on the seeds both ran (a part may have run a column with fewer seeds).
+        ref = {r["seed"]: r for r in by_cell[(task, *reference)]}
+        both = [r for r in rows if r["seed"] in ref]
+        if not both:
             continue
-        a = np.array([r[metric] for r in rows], dtype=float)
-        b = np.array([r[metric] for r in ref], dtype=float)
+        a = np.array([r[metric] for r in both], dtype=float)
+        b = np.array([ref[r["seed"]][metric] for r in both], dtype=float)
         if a.shape != b.shape:
             continue
         diffs[task] = a - b
