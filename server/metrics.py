@@ -108,6 +108,9 @@ class RequestObservation:
                 yield chunk
         finally:
             self.m.latency.labels(self.tenant, self.adapter, self.endpoint).observe(time.perf_counter() - self.started)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:  # a client that went away: the relay closes its upstream response now
+                await aclose()
 
     def _usage(self, payload: bytes) -> None:
         try:
