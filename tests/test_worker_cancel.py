@@ -54,7 +54,8 @@ async def stop_running_job(worker, name: str, stop) -> None:
         assert running.estimated_finish is not None and running.estimated_finish > now()
         stopped_at = time.time()
         await stop(store, job)
-        after = await store.submit_job("default", f"{name}-next", 4, EXAMPLES[:4], {"steps": 2, "holdout_fraction": 0.25})
+        after = await store.submit_job("default", f"{name}-next", 4, EXAMPLES[:4],
+                                       {"steps": 2, "holdout_fraction": 0.25})
         done, _ = await watch(store, after.id, proc)
         assert done.status is JobStatus.SUCCEEDED, done.error
 

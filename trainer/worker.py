@@ -246,9 +246,9 @@ class Worker:
         outcome = await asyncio.to_thread(self.engine.train, examples, config, clock.wrap(on_step))
         if pending:  # let the last throttled report land before the final one
             await asyncio.wrap_future(pending[-1])
+        last_events = [*on_step.unreported(), evaluation_event(job.id, outcome.metrics)]
         reported = await self.store.update_job(job.id, step=outcome.metrics["steps_run"],
-                                               loss=outcome.metrics["train_losses"][-1],
-                                               events=[*on_step.unreported(), evaluation_event(job.id, outcome.metrics)])
+                                               loss=outcome.metrics["train_losses"][-1], events=last_events)
         if reported.status.finished:  # cancelled during the last steps or the evaluation: write nothing
             raise JobAborted(CANCELLED)
         t_write = time.perf_counter()
