@@ -200,6 +200,7 @@ class Worker:
                 await self._fail(job, lease, reason, abort, JobErrorCode.TIMEOUT.value)
             elif reason == CANCELLED:
                 await self.queue.ack(lease)
+                await self._observe(job.id)
                 log.info("job %s cancelled: training stopped, nothing written", job.id)
             elif reason == "shutdown":
                 await self.store.update_job(job.id, status=JobStatus.QUEUED, step=0)
@@ -232,6 +233,7 @@ class Worker:
                 await unload_everywhere(client, self.settings.vllm_urls, name)
             await asyncio.to_thread(self.artifacts.delete, name)
             await self.queue.ack(lease)
+            await self._observe(job.id)
             log.info("job %s discarded: cancelled or its adapter deleted while it was written", job.id)
 
     async def _train_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str], started: float) -> dict:
