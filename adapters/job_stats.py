@@ -33,9 +33,10 @@ def _histogram(name: str, buckets: tuple[float, ...], values: list[float], out: 
 
 def job_observation(status: str, duration_s: float | None, step_times_s: list[float],
                     error_code: str | None = None) -> dict[str, float]:
-    """The counter increments for one finished job (store field -> amount)."""
+    """The counter increments for one finished job (store field -> amount). The duration histogram holds the
+    jobs that ran to their end (succeeded or failed), not those stopped by a cancel."""
     out: dict[str, float] = {f"{FINISHED}{_SEP}{status}": 1}
-    if duration_s is not None and duration_s >= 0:
+    if duration_s is not None and duration_s >= 0 and status in ("succeeded", "failed"):
         _histogram(DURATION, DURATION_BUCKETS, [duration_s], out)
     if step_times_s:
         _histogram(STEP, STEP_BUCKETS, step_times_s, out)

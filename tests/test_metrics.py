@@ -207,3 +207,19 @@ async def test_metrics_need_the_metrics_token_when_auth_is_required(tmp_path, ti
         assert (await client.get("/metrics", headers={"Authorization": "Bearer nope"})).status_code == 401
         ok = await client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.headers["content-type"].startswith("text/plain")
+
+
+def test_job_observation_counts_outcomes_and_keeps_cancelled_jobs_out_of_the_duration():
+    from adapters.job_stats import decode, job_observation
+
+    stats: dict[str, float] = {}
+    for increments in (job_observation("succeeded", 3.0, [0.2, 0.4]), job_observation("failed", 70.0, [], "timeout"),
+                       job_observation("cancelled", 9.0, [0.3])):
+        for key, amount in increments.items():
+            stats[key] = stats.get(key, 0) + amount
+    decoded = decode(stats)
+    assert decoded.finished == {"succeeded": 1, "failed": 1, "cancelled": 1}
+    assert decoded.failures == {"timeout": 1}
+    assert (decoded.duration.count, decoded.duration.sum) == (2, 73.0)
+    assert dict(decoded.duration.buckets)[5.0] == 1 and dict(decoded.duration.buckets)[float("inf")] == 2
+    assert decoded.step.count == 3 and dict(decoded.step.buckets)[0.25] == 1
