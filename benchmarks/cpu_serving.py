@@ -50,9 +50,10 @@ OLD_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # what vllm_env set before issue 21: 
 CONFIGS = {c.name: c for c in [
     Config("old", "before issue 21: no LD_PRELOAD (vLLM adds GNU OpenMP itself), OMP bind auto, max-lora-rank 16",
            {"vllm_max_lora_rank": 16}, OLD_ENV, tuned=False),
-    Config("new", "vllm_env now: tcmalloc + Intel OpenMP preloaded, threads bound from the machine", {}),
+    Config("new", "vllm_env now: tcmalloc + Intel OpenMP preloaded, OMP bind auto", {}),
+    Config("new-allcores", "new, but OpenMP threads bound to every allowed core",
+           {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))}),
     Config("new-rank8", "new, --max-lora-rank 8 (the rank the adapters have)", {"vllm_max_lora_rank": 8}),
-    Config("new-auto", "new, but VLLM_CPU_OMP_THREADS_BIND=auto", {}, {"VLLM_CPU_OMP_THREADS_BIND": "auto"}),
     Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False),
     Config("new-maxloras1", "new, --max-loras 1", {"vllm_max_loras": 1}),
     Config("new-mbt256", "new, --max-num-batched-tokens 256", {"vllm_extra_args": "--max-num-batched-tokens 256"}),

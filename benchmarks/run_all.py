@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-json", default=None, help="part 6: gpu_inner_loop.py's JSON from a GPU run")
     p.add_argument("--cpu-configs", default="old,new",
                    help="part 7: engine configurations (benchmarks/cpu_serving.py CONFIGS), run in this order;"
-                   " the knobs: old,new,new-rank8,new-fp32,new-auto,new-gomp,new-maxloras1,new-mbt256,new-nochunk")
+                   " the knobs: old,new,new-rank8,new-fp32,new-allcores,new-gomp,new-maxloras1,new-mbt256,new-nochunk")
     p.add_argument("--cpu-targets", default="direct,gateway", help="part 7: direct, gateway or both")
     p.add_argument("--cpu-loads", default="base,1,16", help="part 7: base, 1 and/or 16 adapters")
     return p.parse_args(argv)

@@ -83,21 +83,6 @@ def preload_libs(existing: str = "") -> list[str]:
     return libs
 
 
-def cpu_ids() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
-
-
-# From this many cores on, vLLM's "auto" binding (one core kept for its scheduler) is left as it is.
-CPU_BIND_ALL_BELOW = 4
-
-
-def omp_threads_bind(cpus: list[int]) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND: "auto" keeps one core per worker for vLLM's scheduler process, which on a
-    box of fewer than CPU_BIND_ALL_BELOW cores leaves half or less of them to the model's math; there every
-    allowed core computes (docs/cpu-serving-profile.md has the measurement)."""
-    return ",".join(map(str, cpus)) if len(cpus) < CPU_BIND_ALL_BELOW else "auto"
-
-
 def kv_cache_space_gib(memory_bytes: int) -> int:
     """VLLM_CPU_KVCACHE_SPACE: an eighth of the memory, 1 to 32 GiB (the weights, the worker's training copy and
     the other processes need the rest)."""
@@ -115,11 +100,12 @@ def memory_bytes() -> int:
 
 
 def vllm_cpu_env(env: dict[str, str]) -> dict[str, str]:
-    """LD_PRELOAD, OpenMP thread binding and KV-cache size for vLLM-CPU, from this machine; values already in
-    `env` win."""
+    """LD_PRELOAD and KV-cache size for vLLM-CPU, from this machine; values already in `env` win. OpenMP thread
+    binding stays vLLM's "auto" (from the NUMA nodes and cores, one core kept for the scheduler): binding every
+    core of a 2-core box ran 3.5x slower beside the worker and other processes (docs/cpu-serving-profile.md)."""
     existing = env.get("LD_PRELOAD", "")
     out = {
-        "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND") or omp_threads_bind(cpu_ids()),
+        "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND") or "auto",
         "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE") or str(kv_cache_space_gib(memory_bytes())),
     }
     libs = preload_libs(existing)
