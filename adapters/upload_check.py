@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import re
 import struct
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -38,6 +40,9 @@ DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # the others (PiSSA, OLoRA, LoftQ, ...) change the base weights, which vLLM does not.
 PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 PEFT_PREFIX = "base_model.model."
+# What the archive readers raise on damaged input (zlib/lzma errors escape tarfile and zipfile as they are).
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError,
+                  NotImplementedError, RuntimeError, zlib.error, lzma.LZMAError)
 
 
 class UploadRejected(MetaloraError):
@@ -67,7 +72,7 @@ def unpack(data: bytes, max_bytes: int) -> dict[str, bytes]:
         return _unzip(data, max_bytes)
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-    except (tarfile.TarError, EOFError, OSError):
+    except ARCHIVE_ERRORS:
         raise UploadRejected("the body is neither a zip nor a tar archive; send the two PEFT files as multipart"
                              " form fields or one archive of them") from None
     files, total = {}, 0
@@ -79,7 +84,9 @@ def unpack(data: bytes, max_bytes: int) -> dict[str, bytes]:
                     raise _too_large(max_bytes)
                 if member.isfile():
                     files[member.name] = archive.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError, UnicodeDecodeError) as exc:
+    except UploadRejected:
+        raise
+    except ARCHIVE_ERRORS as exc:
         raise UploadRejected(f"the tar archive is damaged: {type(exc).__name__}") from None
     return files
 
@@ -98,7 +105,9 @@ def _unzip(data: bytes, max_bytes: int) -> dict[str, bytes]:
                     raise UploadRejected(f"the zip entry {info.filename!r} is not the size its header says")
                 files[info.filename] = content
             return files
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+    except UploadRejected:
+        raise
+    except ARCHIVE_ERRORS as exc:
         raise UploadRejected(f"the zip archive is damaged or unsupported: {type(exc).__name__}") from None
 
 
@@ -169,6 +178,13 @@ def _matches(name: str, targets: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _compile(pattern: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(rf"(.*\.)?({pattern})$") if field == "rank_pattern" else re.compile(pattern)
+    except re.error as exc:
+        raise _reject_config(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
 def _layer_of(name: str) -> int:
     return int(name.split(".")[2])  # "model.layers.{i}...."
 
@@ -195,6 +211,8 @@ def check_config(raw: bytes, shapes: BaseModelShapes, settings: Settings) -> Lor
     rank_pattern = cfg.get("rank_pattern") or {}
     if not isinstance(rank_pattern, dict) or not all(_positive_int(v) for v in rank_pattern.values()):
         raise _reject_config("rank_pattern must map module patterns to positive integers")
+    for key in rank_pattern:
+        _compile(key, "rank_pattern")
     problem = rank_problem(max([rank, *rank_pattern.values()]), settings)
     if problem:
         raise UploadRejected(f"{ADAPTER_CONFIG}: {problem}", param=ADAPTER_CONFIG, code="rank_too_high")
@@ -215,10 +233,7 @@ def _targeted_modules(cfg: dict[str, Any], shapes: BaseModelShapes) -> list[str]
     if targets == "all-linear":
         targets = [path.split(".")[-1] for path in shapes.linear]
     if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise _reject_config(f"target_modules is not a valid regular expression ({exc})") from None
+        _compile(targets, "target_modules")
     elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
         raise _reject_config("target_modules must be a non-empty list of module names or a regular expression")
     else:
@@ -231,8 +246,9 @@ def _targeted_modules(cfg: dict[str, Any], shapes: BaseModelShapes) -> list[str]
     names = [n for n in all_names if _matches(n, targets)]
     exclude = cfg.get("exclude_modules")
     if exclude:
-        if not isinstance(exclude, (str, list)):
-            raise _reject_config("exclude_modules must be a list or a regular expression")
+        if not (isinstance(exclude, str) and _compile(exclude, "exclude_modules")
+                or isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+            raise _reject_config("exclude_modules must be a list of module names or a regular expression")
         names = [n for n in names if not _matches(n, exclude)]
     layers = cfg.get("layers_to_transform")
     if layers is not None:

@@ -338,3 +338,52 @@ async def test_store_allocates_numbers_that_are_never_reused(env):
         other = AdapterVersion(tenant=DEFAULT_TENANT, adapter="m", version=1, job_id="upload-y", num_examples=0,
                                status=VersionStatus.READY)
         await store.add_version(other, TenantQuota(max_adapters=0))
+
+
+def test_damaged_archives_and_odd_configs_are_rejected_never_crash():
+    """Random damage to zip/tar(.gz/.bz2/.xz) archives and odd config values: always UploadRejected (a 400),
+    never another exception (a 500)."""
+    import random
+
+    files = adapter_files()
+
+    def tar(mode: str) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode=mode) as t:
+            for name, content in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                t.addfile(info, io.BytesIO(content))
+        return out.getvalue()
+
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    blobs = [tar("w"), tar("w:gz"), tar("w:bz2"), tar("w:xz"), zipped.getvalue()]
+    rng = random.Random(7)
+
+    def damage(blob: bytes) -> bytes:
+        b = bytearray(blob)
+        for _ in range(rng.randint(1, 6)):
+            op = rng.random()
+            if op < 0.5:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            elif op < 0.8 and len(b) > 1:
+                del b[rng.randrange(1, len(b)):]
+            else:
+                b[rng.randrange(len(b) + 1):0] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 20)))
+        return bytes(b)
+
+    odd = [None, True, 0, -1, 3.5, "x", "(", [], ["("], {}, {"(": 4}, {"q_proj": 0}, [1, "a"], "all-linear", 10 ** 30]
+    fields = [*peft_config(), "layers_to_transform", "exclude_modules", "lora_bias"]
+    for _ in range(400):
+        try:
+            check(unpack(damage(rng.choice(blobs)), 10 ** 7))
+        except UploadRejected:
+            pass
+        config = peft_config(**{rng.choice(fields): rng.choice(odd) for _ in range(rng.randint(1, 3))})
+        try:
+            check(adapter_files(config, damage(files[ADAPTER_WEIGHTS]) if rng.random() < 0.5 else None))
+        except UploadRejected:
+            pass
