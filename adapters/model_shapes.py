@@ -26,7 +26,8 @@ class BaseModelShapes:
 
     def module_names(self) -> dict[str, tuple[int, int]]:
         """Every targetable module by its full name as PEFT sees it ("model.layers.0.self_attn.q_proj")."""
-        return {f"model.layers.{i}.{path}": shape for i in range(self.num_layers) for path, shape in self.linear.items()}
+        return {f"model.layers.{i}.{path}": shape
+                for i in range(self.num_layers) for path, shape in self.linear.items()}
 
     @classmethod
     def from_config(cls, config: dict) -> "BaseModelShapes":

@@ -64,7 +64,8 @@ class MetaloraClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ClientError(f"cannot reach the gateway at {self.http.base_url}: {type(exc).__name__}: {exc}") from None
+            raise ClientError(f"cannot reach the gateway at {self.http.base_url}: {type(exc).__name__}: {exc}"
+                              ) from None
         if response.status_code >= 400:
             raise _error(response)
         return response

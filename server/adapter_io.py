@@ -136,8 +136,8 @@ class AdapterFiles:
             if verdict is not None:
                 raise UploadRejected(f"the serving engine cannot load this adapter: {verdict}",
                                      code="adapter_not_loadable")
-            record = AdapterVersion(tenant=tenant, adapter=name, version=version, job_id=f"upload-{uuid.uuid4().hex[:20]}",
-                                    num_examples=0, status=VersionStatus.READY, ready_at=now(),
+            record = AdapterVersion(tenant=tenant, adapter=name, version=version, num_examples=0,
+                                    job_id=f"upload-{uuid.uuid4().hex[:20]}", status=VersionStatus.READY, ready_at=now(),
                                     metrics={**checked.summary, "warm": warm.to_dict()})
             await self.store.add_version(record, self.quota)
         except BaseException:

@@ -259,8 +259,8 @@ async def test_upload_serves_warm_and_downloads_back(env):
     assert (version["version"], version["model"], version["status"]) == (1, "byo@v1", "ready")
     assert version["metrics"]["source"] == "upload" and version["metrics"]["warm"]["warm"] is True
     loads = [body for kind, body in replica_app.state.calls if kind == "load"]
-    assert loads == [{"lora_name": "default~byo@v1", "lora_path": str(settings.adapter_root.resolve() / "default~byo@v1"),
-                      "load_inplace": True}]
+    folder = str(settings.adapter_root.resolve() / "default~byo@v1")
+    assert loads == [{"lora_name": "default~byo@v1", "lora_path": folder, "load_inplace": True}]
     assert (await backend.store.resolve(DEFAULT_TENANT, "byo", None)).status is VersionStatus.READY
 
     download = await client.get("/v1/adapters/byo/download")
