@@ -85,8 +85,10 @@ class Settings(BaseSettings):
     # A job whose worker has not heartbeated for this long is handed to another worker.
     lease_s: float = 30.0
     worker_threads: int = 0  # 0 = torch default
-    # The shared init for the base model; "auto" = the one shipped for the default model, else none.
-    shared_init: str = "auto"
+    # The shared init jobs start from: "none" = peft's standard LoRA init (the served default, chosen by the held-out
+    # protocol: results/eval/served-default.json), "auto" = the one shipped for the base model (trainer/shared_init/),
+    # or a folder.
+    shared_init: str = "none"
     # Training on a CPU (worker, train-meta, evaluate): bf16 autocast where native and measured faster ("auto"),
     # forced where native ("on"), or fp32 ("off"). trainer/precision.py decides.
     cpu_bf16: Literal["auto", "on", "off"] = "auto"
