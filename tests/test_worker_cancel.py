@@ -1,7 +1,7 @@
 """Cancel with a real worker process, on both stores: a running job cancelled (or whose adapter is deleted)
 stops within a step or two, writes nothing and ends cancelled; the worker then takes the next job, whose event
-log shows every step with its loss, the held-out evaluation and the end. The worker process of
-tests/test_worker.py on its tiny Llama: stopping is about the worker's checks, not the model."""
+log shows every step with its loss, the held-out evaluation and the end; bad options fail with a code. The
+worker process of tests/test_worker.py on its tiny Llama: stopping is about the worker's checks, not the model."""
 from __future__ import annotations
 
 import time
@@ -99,3 +99,17 @@ async def test_deleting_the_adapter_stops_its_running_job(worker):
 
     cancelled = await stop_running_job(worker, "deleted", delete)
     assert cancelled.error_code == "adapter_deleted"
+
+
+async def test_bad_options_fail_with_a_code(worker):
+    settings, proc = worker
+    backend = open_backend(settings)
+    try:
+        job = await backend.store.submit_job("default", "bad", 3, EXAMPLES[:3], {"stepz": 3})
+        done, _ = await watch(backend.store, job.id, proc)
+        assert (done.status, done.error_code) == (JobStatus.FAILED, "invalid_input") and "stepz" in done.error
+        events = await backend.store.list_job_events(job.id)
+        assert [e.type for e in events] == ["queued", "started", "failed"]
+        assert (events[-1].level, events[-1].data["code"]) == ("error", "invalid_input")
+    finally:
+        await backend.close()

@@ -213,7 +213,8 @@ class Worker:
         except Exception as exc:  # bad data, bad options, errors inside training: not worth retrying
             if not isinstance(exc, ValueError):
                 log.exception("job %s: training error", job.id)
-            code = exc.code if isinstance(exc, NonFiniteLoss) else JobErrorCode.TRAINING_ERROR.value
+            code = (exc.code if isinstance(exc, NonFiniteLoss) else JobErrorCode.INVALID_INPUT.value
+                    if isinstance(exc, ValueError) else JobErrorCode.TRAINING_ERROR.value)
             await self._fail(job, lease, f"{exc}" if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}",
                              abort, code)
             return
