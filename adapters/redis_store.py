@@ -31,8 +31,8 @@ from adapters.records import (
 )
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth,
+    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth, update_change
 )
 
 T = TypeVar("T")
@@ -288,13 +288,7 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def update_job(self, job_id: str, *, events: Sequence[JobEvent] = (), **changes: Any) -> Job:
-        def change(job: Job, version):
-            if job.status.finished:
-                return False
-            apply_job_changes(job, version, changes)
-            return True
-
-        job, _ = await self._change_job(job_id, change, events)
+        job, _ = await self._change_job(job_id, update_change(changes), events)
         return job
 
     @unavailable_on_connection_errors

@@ -28,8 +28,8 @@ from adapters.records import (
 )
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, apply_job_changes, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth,
+    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth, update_change
 )
 
 T = TypeVar("T")
@@ -314,13 +314,7 @@ class SqliteMetadataStore:
         return await self.db.call(tx, write=True)
 
     async def update_job(self, job_id: str, *, events: Sequence[JobEvent] = (), **changes: Any) -> Job:
-        def change(job: Job, version):
-            if job.status.finished:
-                return False
-            apply_job_changes(job, version, changes)
-            return True
-
-        job, _, _ = await self._change_job(job_id, change, events)
+        job, _, _ = await self._change_job(job_id, update_change(changes), events)
         return job
 
     async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:

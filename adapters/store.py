@@ -229,6 +229,16 @@ def cancel_change(job: Job, version: AdapterVersion | None, error: str | None = 
     return True
 
 
+def update_change(changes: dict[str, Any]):
+    """update_job's change for `_change_job`: whether to write. A finished job is left as it is."""
+    def change(job: Job, version: AdapterVersion | None) -> bool:
+        if job.status.finished:
+            return False
+        apply_job_changes(job, version, changes)
+        return True
+    return change
+
+
 def changed_job_events(job: Job, previous: JobStatus | None, extra: Sequence[JobEvent] = ()) -> list[JobEvent]:
     """What a write appends to the job's log: the events given, then the status event of a status change (so a
     terminal event is always the last)."""
