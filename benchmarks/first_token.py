@@ -1,5 +1,5 @@
-"""Part 8: examples to first adapted token. `POST /adapt` with 100 short examples and the default procedure (the
-shipped shared init's K), then the first streamed token of the new adapter, broken down, and the first request
+"""Part 8: examples to first adapted token. `POST /adapt` with 100 short examples and the default procedure (no
+options: the worker's defaults), then the first streamed token of the new adapter, broken down, and the first request
 to a fresh adapter cold (vLLM loads it on demand, as before versions were warmed) vs warm (loaded by the worker
 before the job reported succeeded), side by side in the same run.
 
@@ -149,7 +149,7 @@ def first_token(gateway: str, vllm: str, data_dir: Path, base_model: str, repeat
         log(f"part 8 run {r + 1}/{repeats}: POST /adapt -> first adapted token {row['total_s']:.2f}s (K steps"
             f" {row['breakdown_s']['k_steps']:.2f}s); first token warm {row['first_token_s']['warm_first']:.3f}s,"
             f" cold {row['first_token_s']['cold_first']:.3f}s")
-    return {"config": {"examples": N_EXAMPLES, "procedure": "default (no options: the shipped init's K and lr)",
+    return {"config": {"examples": N_EXAMPLES, "procedure": "default (no options: the worker's defaults)",
                        "max_tokens": MAX_TOKENS, "prompt": PROMPT, "repeats": repeats, "poll_s": POLL_S,
                        "cold": "the version unloaded from vLLM (/v1/unload_lora_adapter), then requested: vLLM's"
                                " resolver loads it on demand, as every new version's first request did before"},
