@@ -8,6 +8,8 @@ in interleaved rounds:
   1. gateway overhead: the same load straight to vLLM and through the gateway;
   2. many adapters: requests spread over 0 (base), 1, 4, 16, 64 adapters;
   3. adaptation latency: POST /adapt -> first completion, broken down, vs Trainer + peft + runtime LoRA load;
+  8. examples to first adapted token, broken down, and the first request to a new version cold vs warm
+     (benchmarks/first_token.py);
 then stops the stack and runs
   5. meta-training cost: one first-order outer step vs one plain LoRA step (time, peak memory);
   4. steps to quality: read from the evaluation's JSON if present, else "not run";
@@ -48,7 +50,7 @@ N_ADAPTERS = 64
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--parts", default="1,2,3,4,5,6,7", help="comma-separated subset of 1..7")
+    p.add_argument("--parts", default="1,2,3,4,5,6,7,8", help="comma-separated subset of 1..8")
     p.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run, not for reporting")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)
