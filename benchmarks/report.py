@@ -285,7 +285,12 @@ def first_token_lines(ft: dict) -> list[str]:
     L.append(f"- first request to a new version, time to first token: **warm {ft_s['warm_first']:.3f} s** (loaded by"
              f" the worker before `succeeded`) vs **cold {ft_s['cold_first']:.3f} s** (loaded on demand); steady"
              f" adapter requests {ft_s['steady']:.3f} s, base model {ft_s['base']:.3f} s; cold - warm per run, median"
-             f" {s['cold_minus_warm_first_token_median_s']:.3f} s\n")
+             f" {s['cold_minus_warm_first_token_median_s']:.3f} s")
+    if "warm_first_busy" in ft_s:
+        L.append(f"- under load ({c.get('busy', 'other clients keep the engine busy')}): **warm"
+                 f" {ft_s['warm_first_busy']:.3f} s** vs **cold {ft_s['cold_first_busy']:.3f} s**; cold - warm per run,"
+                 f" median {s['cold_minus_warm_first_token_busy_median_s']:.3f} s")
+    L.append("")
     return L
 
 
