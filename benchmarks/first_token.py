@@ -16,7 +16,8 @@ Where each figure comes from (one job per repeat, after one warm-up job that is 
 - first token: time to the first streamed text chunk of the first request naming the adapter.
 Cold vs warm: after the warm first request and a few steady ones, the version is unloaded from vLLM
 (/v1/unload_lora_adapter) and the next request pays the on-demand load through vLLM's resolver: the cold first
-request every new version paid before. Base-model requests are the reference.
+request every new version paid before. Base-model requests are the reference. Then the same pair while 8 clients
+keep the engine busy (cold: unloaded; warm: unloaded, then loaded ahead with the worker's own call).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import httpx
 from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.settings import Settings
+from adapters.warmup import UNLOAD_PATH, load_everywhere
 from benchmarks.common import REPO, log, machine_info, median, write_json
 from tests.stack_data import examples
 from trainer.provenance import git_commit
@@ -44,6 +46,10 @@ PROMPT = "Word: teapot\nAnswer:"
 POLL_S = 0.02
 JOB_TIMEOUT_S = 900.0
 STEADY_REQUESTS = 3
+# The first request to a new version while the engine is busy, as in part 2 where a cold load cost most.
+BUSY_CLIENTS = 8
+BUSY_MAX_TOKENS = 32
+BUSY_RAMP_S = 2.0
 
 
 async def time_to_first_token(client: httpx.AsyncClient, body: dict) -> tuple[float, float]:
@@ -60,7 +66,40 @@ async def time_to_first_token(client: httpx.AsyncClient, body: dict) -> tuple[fl
     return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0
 
 
-async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name: str) -> dict:
+async def unload(client: httpx.AsyncClient, vllm: str, served: str) -> None:
+    response = await client.post(vllm + UNLOAD_PATH, json={"lora_name": served})
+    if response.status_code != 200:
+        raise RuntimeError(f"unload for a cold request: {response.status_code} {response.text[:300]}")
+
+
+async def first_requests_under_load(client: httpx.AsyncClient, vllm: str, served: str, lora_path: str,
+                                    request: dict, adapter_request: dict, cold_first: bool) -> dict:
+    """The first request to the version while BUSY_CLIENTS stream base-model completions: cold (unloaded, so
+    loaded on demand) and warm (loaded ahead with the worker's own call), in the order given."""
+    stop = asyncio.Event()
+
+    async def background() -> None:
+        while not stop.is_set():
+            await time_to_first_token(client, {**request, "max_tokens": BUSY_MAX_TOKENS, "ignore_eos": True})
+
+    load = [asyncio.create_task(background()) for _ in range(BUSY_CLIENTS)]
+    try:
+        await asyncio.sleep(BUSY_RAMP_S)
+        out = {}
+        for kind in (("cold", "warm") if cold_first else ("warm", "cold")):
+            await unload(client, vllm, served)
+            if kind == "warm":
+                loaded = await load_everywhere(client, [vllm], served, lora_path)
+                if not loaded.warm:
+                    raise RuntimeError(f"warm load failed: {loaded.to_dict()}")
+            out[kind], _ = await time_to_first_token(client, adapter_request)
+        return out
+    finally:
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+
+
+async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name: str, run: int = 0) -> dict:
     backend = open_backend(Settings(data_dir=data_dir))
     request = {"model": base_model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     adapter_request = {**request, "adapter": name}
@@ -83,12 +122,13 @@ async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name
             warm_first, _ = await time_to_first_token(client, adapter_request)
             t_first_token = t_seen + warm_first  # wall clock at the first token
             steady = [(await time_to_first_token(client, adapter_request))[0] for _ in range(STEADY_REQUESTS)]
-            unload = await client.post(vllm + "/v1/unload_lora_adapter", json={"lora_name": vllm_name(
-                DEFAULT_TENANT, name, job.version)})
-            if unload.status_code != 200:
-                raise RuntimeError(f"unload for the cold request: {unload.status_code} {unload.text[:300]}")
+            served = vllm_name(DEFAULT_TENANT, name, job.version)
+            await unload(client, vllm, served)
             cold_first, _ = await time_to_first_token(client, adapter_request)
             base = [(await time_to_first_token(client, request))[0] for _ in range(STEADY_REQUESTS)]
+            lora_path = str(Settings(data_dir=data_dir).adapter_root.resolve() / served)
+            busy = await first_requests_under_load(client, vllm, served, lora_path, request, adapter_request,
+                                                   cold_first=run % 2 == 1)
     finally:
         await backend.close()
     m = job.metrics
@@ -116,7 +156,7 @@ async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name
         "step_seconds": m.get("step_seconds"), "warm": warm,
         "breakdown_s": breakdown, "total_s": t_first_token - t_submit,
         "first_token_s": {"warm_first": warm_first, "cold_first": cold_first, "steady": median(steady),
-                          "base": median(base)},
+                          "base": median(base), "warm_first_busy": busy["warm"], "cold_first_busy": busy["cold"]},
     }
 
 
@@ -131,10 +171,12 @@ def summarize(rows: list[dict]) -> dict:
         "breakdown_median_s": {k: med(lambda r, k=k: r["breakdown_s"][k]) for k in keys},
         "total_median_s": total,
         "everything_but_k_steps_median_s": med(lambda r: r["total_s"] - r["breakdown_s"]["k_steps"]),
-        "first_token_median_s": {k: med(lambda r, k=k: r["first_token_s"][k])
-                                 for k in ("warm_first", "cold_first", "steady", "base")},
+        "first_token_median_s": {k: med(lambda r, k=k: r["first_token_s"][k]) for k in (
+            "warm_first", "cold_first", "steady", "base", "warm_first_busy", "cold_first_busy")},
         "cold_minus_warm_first_token_median_s": med(
             lambda r: r["first_token_s"]["cold_first"] - r["first_token_s"]["warm_first"]),
+        "cold_minus_warm_first_token_busy_median_s": med(
+            lambda r: r["first_token_s"]["cold_first_busy"] - r["first_token_s"]["warm_first_busy"]),
         "target_total_s": TARGET_S, "target_met": total is not None and total <= TARGET_S,
     }
 
@@ -144,15 +186,18 @@ def first_token(gateway: str, vllm: str, data_dir: Path, base_model: str, repeat
     asyncio.run(one_job(gateway, vllm, data_dir, base_model, "ft-warmup"))
     rows = []
     for r in range(repeats):
-        rows.append(asyncio.run(one_job(gateway, vllm, data_dir, base_model, f"ft-{r}")))
-        row = rows[-1]
+        rows.append(asyncio.run(one_job(gateway, vllm, data_dir, base_model, f"ft-{r}", r)))
+        row, ft = rows[-1], rows[-1]["first_token_s"]
         log(f"part 8 run {r + 1}/{repeats}: POST /adapt -> first adapted token {row['total_s']:.2f}s (K steps"
-            f" {row['breakdown_s']['k_steps']:.2f}s); first token warm {row['first_token_s']['warm_first']:.3f}s,"
-            f" cold {row['first_token_s']['cold_first']:.3f}s")
+            f" {row['breakdown_s']['k_steps']:.2f}s); first token warm {ft['warm_first']:.3f}s, cold"
+            f" {ft['cold_first']:.3f}s; under load warm {ft['warm_first_busy']:.3f}s, cold {ft['cold_first_busy']:.3f}s")
     return {"config": {"examples": N_EXAMPLES, "procedure": "default (no options: the worker's defaults)",
                        "max_tokens": MAX_TOKENS, "prompt": PROMPT, "repeats": repeats, "poll_s": POLL_S,
                        "cold": "the version unloaded from vLLM (/v1/unload_lora_adapter), then requested: vLLM's"
-                               " resolver loads it on demand, as every new version's first request did before"},
+                               " resolver loads it on demand, as every new version's first request did before",
+                       "busy": f"{BUSY_CLIENTS} clients streaming {BUSY_MAX_TOKENS}-token base completions meanwhile;"
+                               " warm = loaded ahead with /v1/load_lora_adapter (the worker's call); cold and warm"
+                               " alternate in order run by run"},
             "runs": rows, "summary": summarize(rows)}
 
 
