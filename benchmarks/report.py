@@ -271,6 +271,8 @@ def first_token_lines(ft: dict) -> list[str]:
     if not s:
         return L + [f"{ft.get('status', 'not run')}: {ft.get('error', '')}\n"]
     c, runs = ft["config"], ft["runs"]
+    if ft.get("command"):
+        L.append(f"Run on its own: `{ft['command']}` at `{ft.get('git_commit')}`, {ft.get('started_at')}.\n")
     L.append(f"{c['repeats']} runs after a warm-up job; K = {runs[0]['steps']} steps on {runs[0]['num_train']} train"
              f" examples ({runs[0]['init']} init), {runs[0]['num_holdout']} held out; first token of a"
              f" {c['max_tokens']}-token streamed completion. Medians in seconds.\n")
@@ -286,6 +288,11 @@ def first_token_lines(ft: dict) -> list[str]:
              f" the worker before `succeeded`) vs **cold {ft_s['cold_first']:.3f} s** (loaded on demand); steady"
              f" adapter requests {ft_s['steady']:.3f} s, base model {ft_s['base']:.3f} s; cold - warm per run, median"
              f" {s['cold_minus_warm_first_token_median_s']:.3f} s")
+    load = s["breakdown_median_s"].get("load_into_vllm")
+    if load is not None:
+        L.append(f"- a load itself (the worker's /v1/load_lora_adapter) took {load:.3f} s; an adapter's steady first"
+                 f" token ({ft_s['steady']:.3f} s) against the base model's ({ft_s['base']:.3f} s) is LoRA compute, paid on"
+                 " every request whether the version was warmed or not")
     if "warm_first_busy" in ft_s:
         L.append(f"- under load ({c.get('busy', 'other clients keep the engine busy')}): **warm"
                  f" {ft_s['warm_first_busy']:.3f} s** vs **cold {ft_s['cold_first_busy']:.3f} s**; cold - warm per run,"
