@@ -237,11 +237,12 @@ def test_a_requests_for_one_adapter_land_on_one_replica(cluster, two_adapters):
         print(f"{name}: served per replica {delta}")
         assert delta == {u: per_adapter if u == expected else 0 for u in replicas}, (name, delta)
 
-    # Each replica resolved only its own adapter from the shared store.
-    for name, expected in two_adapters.items():
+    # Every replica holds every version (the worker loads a new version into each healthy replica before its job
+    # succeeds: the warm first request), yet each adapter's traffic went to its affine replica only (above).
+    for name in two_adapters:
         lora = vllm_name(DEFAULT_TENANT, name, 1)
         for url in replicas:
-            assert (lora in resolved_loras(url)) == (url == expected), (lora, url)
+            assert lora in resolved_loras(url), (lora, url)
 
 
 def test_b_sigkill_of_the_affine_replica_fails_over(cluster, two_adapters):
