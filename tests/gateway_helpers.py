@@ -26,8 +26,10 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
+from adapters.backend import open_backend
 from adapters.base_model import base_model_path
 from adapters.settings import Settings
+from helpers import drop_redis_keys
 from server.app import create_app
 
 
@@ -136,6 +138,20 @@ def tokenizer_dir(tmp_path: Path) -> Path:
     if (real / "tokenizer.json").is_file():
         return real
     return write_wordlevel_tokenizer(tmp_path / "tiny-model")
+
+
+@contextlib.asynccontextmanager
+async def gateway_env(settings):
+    """A store for `settings` (SQLite, or Redis under its own prefix) and a gateway client on it; afterwards the
+    store is closed and a Redis prefix's keys are dropped. Yields (client, backend)."""
+    backend = open_backend(settings)
+    try:
+        async with gateway_client(settings, backend) as client:
+            yield client, backend
+    finally:
+        await backend.close()
+        if settings.redis_url:
+            await drop_redis_keys(settings)
 
 
 @contextlib.asynccontextmanager

@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 
 from adapters.api_keys import new_api_key
-from adapters.backend import open_backend
-from gateway_helpers import gateway_client
-from helpers import drop_redis_keys
+from gateway_helpers import gateway_env
 from test_auth import EXAMPLES, assert_error, make_settings, replica  # noqa: F401  (replica: a fixture)
 
 PROXIED = [{"X-Forwarded-For": "203.0.113.7"}, {"Forwarded": "for=203.0.113.7;proto=https"},
@@ -20,14 +18,8 @@ async def auto_env(request, tmp_path, replica):  # noqa: F811
     _, server = replica
     settings = make_settings(request.param, tmp_path, server.url).model_copy(update={"auth": "auto"})
     assert settings.host == "127.0.0.1"
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings
 
 
 async def test_auto_refuses_proxied_requests_while_open(auto_env):

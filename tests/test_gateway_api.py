@@ -13,12 +13,11 @@ from uuid import uuid4
 import pytest
 
 from adapters.artifacts import LocalArtifactStore
-from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.records import JobStatus
 from adapters.settings import Settings
-from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
-from helpers import REDIS_URL, drop_redis_keys
+from gateway_helpers import ServerThread, fake_replica, gateway_env, tokenizer_dir
+from helpers import REDIS_URL
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}, {"prompt": "bad world", "completion": "negative"}]
 
@@ -45,14 +44,8 @@ async def env(request, tmp_path: Path, replicas):
         settings = Settings(redis_url=None, **common)
     else:
         settings = Settings(redis_url=REDIS_URL, redis_prefix=f"test-gwapi-{uuid4().hex}", **common)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings
 
 
 async def train_directly(backend, settings, name: str, loss: float = 0.5) -> str:

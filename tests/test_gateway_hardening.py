@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT
-from gateway_helpers import gateway_client
-from helpers import drop_redis_keys
+from gateway_helpers import gateway_env
 from test_gateway_validation import GOOD, assert_error, make_settings
 
 JSON = {"content-type": "application/json"}
@@ -17,14 +15,8 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(params=["sqlite", "redis"])
 async def env(request, tmp_path):
     settings = make_settings(request.param, tmp_path)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

@@ -12,11 +12,10 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT
 from adapters.settings import Settings
-from gateway_helpers import free_port, gateway_client, tokenizer_dir
-from helpers import REDIS_URL, drop_redis_keys
+from gateway_helpers import free_port, gateway_env, tokenizer_dir
+from helpers import REDIS_URL
 
 MAX_EXAMPLES = 5
 MAX_BODY = 64 * 1024
@@ -37,14 +36,8 @@ def make_settings(kind: str, tmp_path: Path, **extra) -> Settings:
 @pytest.fixture(params=["sqlite", "redis"])
 async def env(request, tmp_path):
     settings = make_settings(request.param, tmp_path)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings
 
 
 async def assert_nothing_written(backend, settings: Settings) -> None:

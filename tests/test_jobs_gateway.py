@@ -10,12 +10,11 @@ from uuid import uuid4
 
 import pytest
 
-from adapters.backend import open_backend
 from adapters.job_events import evaluation_event, step_event
 from adapters.records import JobStatus, now
 from adapters.settings import Settings
-from gateway_helpers import free_port, gateway_client, tokenizer_dir
-from helpers import REDIS_URL, drop_redis_keys
+from gateway_helpers import free_port, gateway_env, tokenizer_dir
+from helpers import REDIS_URL
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}, {"prompt": "bad world", "completion": "negative"}]
 
@@ -28,14 +27,8 @@ async def env(request, tmp_path: Path):
         settings = Settings(redis_url=None, **common)
     else:
         settings = Settings(redis_url=REDIS_URL, redis_prefix=f"test-jobs-{uuid4().hex}", **common)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend
 
 
 async def adapt(client, name: str, headers=None, **options) -> dict:

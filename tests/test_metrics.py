@@ -19,12 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from adapters.backend import open_backend
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.records import JobStatus
 from adapters.settings import Settings
-from gateway_helpers import ServerThread, gateway_client
-from helpers import REDIS_URL, drop_redis_keys
+from gateway_helpers import ServerThread, gateway_client, gateway_env
+from helpers import REDIS_URL
 from test_inner_loop import EXAMPLES, save_tiny_model
 from trainer.engine import AdaptEngine
 from trainer.worker import run_worker
@@ -101,14 +100,8 @@ async def env(request, tmp_path, replica, tiny_dir):
     extra = {"redis_url": REDIS_URL, "redis_prefix": f"test-metrics-{uuid4().hex}"} if request.param == "redis" else {}
     settings = Settings(data_dir=tmp_path / "data", base_model=str(tiny_dir), shared_init="none",
                         vllm_urls=[server.url], health_interval_s=0.2, **extra)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings, app
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings, app
 
 
 async def wait_finished(store, job_id: str, timeout_s: float = 120.0):

@@ -20,7 +20,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapters.backend import open_backend
 from adapters.errors import QuotaExceeded
 from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.model_shapes import BaseModelShapes
@@ -28,8 +27,8 @@ from adapters.names import DEFAULT_TENANT
 from adapters.records import AdapterVersion, VersionStatus
 from adapters.settings import Settings
 from adapters.upload_check import UploadRejected, check_upload, read_safetensors_header, unpack
-from gateway_helpers import ServerThread, gateway_client, write_wordlevel_tokenizer
-from helpers import REDIS_URL, drop_redis_keys
+from gateway_helpers import ServerThread, gateway_env, write_wordlevel_tokenizer
+from helpers import REDIS_URL
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 16}
@@ -228,14 +227,8 @@ async def env(request, tmp_path: Path, replica):
     if request.param == "redis":
         common.update(redis_url=REDIS_URL, redis_prefix=f"test-upload-{uuid4().hex}")
     settings = settings_for(tmp_path, **common)
-    backend = open_backend(settings)
-    try:
-        async with gateway_client(settings, backend) as client:
-            yield client, backend, settings, app
-    finally:
-        await backend.close()
-        if settings.redis_url:
-            await drop_redis_keys(settings)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend, settings, app
 
 
 def multipart(files: dict[str, bytes]) -> list:
