@@ -8,25 +8,14 @@ from types import SimpleNamespace
 import pytest
 
 from adapters import keys as K
-from adapters.backend import Backend, open_backend
+from adapters.backend import Backend
 from adapters.errors import IdempotencyKeyReused, JobNotCancellable, JobNotFound
 from adapters.idempotency import Dedupe, key_digest, request_fingerprint
 from adapters.job_events import step_event
 from adapters.records import JobErrorCode, JobStatus, VersionStatus
-from helpers import drop_redis_keys
-from test_store_contract import EXAMPLES, backend_settings
+from test_store_contract import EXAMPLES, backend  # noqa: F401 (backend: the two-store fixture)
 
 WINDOW_S = 60.0
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-async def backend(request, tmp_path):
-    settings = backend_settings(request.param, tmp_path)
-    b = open_backend(settings)
-    yield b
-    await b.close()
-    if settings.redis_url:
-        await drop_redis_keys(settings)
 
 
 async def submit(b: Backend, name="adp", tenant="acme", options=None):
