@@ -5,10 +5,12 @@ so an adapter always lands on the same replica (its LoRA stays warm in that repl
 only when that replica goes unhealthy; the other adapters do not move. Requests without an affinity key
 (the base model) are spread round-robin.
 
-Failover: a request is retried on the next replica in the adapter's rendezvous order on transport errors
-that happen before the gateway has sent any byte to its client (connection refused/reset, the replica
-closing the connection before answering). A replica that fails that way is marked unhealthy at once; the
-background checker marks it healthy again once its `/health` answers 200.
+Failover: a request is retried on the next replica in the adapter's rendezvous order only when it never
+reached the first one (connection refused or timed out, no pooled connection free). Once it was sent, a
+failure (the replica closing the connection or resetting it, a read timeout) is not replayed elsewhere: the
+request itself may be what killed the replica, and replaying it would take the next one down too. A replica
+that fails either way is marked unhealthy at once; the background checker marks it healthy again once its
+`/health` answers 200.
 """
 from __future__ import annotations
 
@@ -37,16 +39,17 @@ class UpstreamUnavailable(MetaloraError):
         self.retry_after_s = retry_after_s
 
 
-# Errors that mean the replica never produced an answer, so the (side-effect-free) completion can be
-# sent to another replica. Timeouts while reading are not retried: the replica may be busy, not dead.
-RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
+class UpstreamFailed(UpstreamUnavailable):
+    """The replica failed after the request reached it; it was not replayed on another replica."""
 
+    code = "upstream_failed"
+
+
+# Errors raised before any byte of the request left the gateway: no replica saw it, so another may take it.
+# (So may httpx.PoolTimeout, but it means this replica's connections are all busy, not that it is dead.)
+NOT_SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
+# Transport errors once the request was (maybe partly) sent: the replica broke while holding it.
+SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 @dataclass(frozen=True)
 class UpstreamTimeouts:
@@ -100,7 +103,9 @@ class UpstreamPool:
         self.health_interval_s = health_interval_s
         self.timeouts = timeouts or UpstreamTimeouts()
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                              keepalive_expiry=30.0)
+                              # Below vLLM's 5 s keep-alive: a request sent on a connection the replica has just
+                              # closed fails after sending, and is then not retried.
+                              keepalive_expiry=4.0)
         # ONE client for all proxied traffic: connection pooling and keep-alive to every replica.
         self.client = httpx.AsyncClient(timeout=self.timeouts.httpx(), limits=limits)
         # Health checks use their own small client so a saturated proxy pool cannot starve them.
@@ -187,7 +192,7 @@ class UpstreamPool:
     # ---------------------------------------------------------------- requests
     async def post(self, path: str, content: bytes, adapter_key: str | None, *, stream: bool = False
                    ) -> httpx.Response:
-        """POST a JSON body to the affine replica, failing over on transport errors.
+        """POST a JSON body to the affine replica, failing over while the request has not been sent.
 
         With stream=True the response is returned with its body unread: the caller must
         `aclose()` it. Nothing has been sent to the gateway's client yet at this point, so a
@@ -199,9 +204,16 @@ class UpstreamPool:
                 "POST", upstream.url + path, content=content, headers={"content-type": "application/json"})
             try:
                 return await self.client.send(request, stream=stream)
-            except RETRYABLE_ERRORS as exc:
+            except httpx.PoolTimeout as exc:
+                last_exc = exc
+            except NOT_SENT_ERRORS as exc:
                 self.mark_failed(upstream, exc)
                 last_exc = exc
+            except SENT_ERRORS as exc:
+                self.mark_failed(upstream, exc)
+                raise UpstreamFailed(
+                    f"the inference replica failed while handling this request ({type(exc).__name__}); it was"
+                    " not retried on another replica", retry_after_s=self.retry_after_s) from exc
         raise UpstreamUnavailable(
             f"no inference replica could be reached ({type(last_exc).__name__})",
             retry_after_s=self.retry_after_s) from last_exc

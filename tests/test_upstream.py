@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 
 from gateway_helpers import ServerThread, fake_replica, free_port
-from server.upstream import Upstream, UpstreamPool, UpstreamTimeouts, UpstreamUnavailable
+from server.errors import response_for
+from server.upstream import Upstream, UpstreamFailed, UpstreamPool, UpstreamTimeouts, UpstreamUnavailable
 
 NAMES = [f"default~adapter-{i}@v1" for i in range(600)]
 
@@ -104,18 +105,24 @@ async def test_failover_skips_a_dead_replica_and_marks_it_unhealthy():
             await pool.close()
 
 
-async def test_replica_dying_with_the_request_in_flight_is_retried_on_the_next():
-    """A SIGKILLed replica resets connections it had already accepted: the request it was reading fails over too
-    (tests/test_scaleout.py does the same against real vLLM processes)."""
-    received = []
+@pytest.mark.parametrize("death", ["close", "reset"])
+async def test_a_request_that_killed_its_replica_is_not_replayed_on_the_next(death):
+    """A replica that reads the request and then dies (closing the connection, or resetting it as a SIGKILLed
+    process does) may have been killed by that request: the next replica never sees it, the client gets a 503
+    upstream_failed, and the dead replica leaves the rotation."""
+    hits = []
 
-    async def accept_then_die(reader, writer):
-        received.append(await reader.read(65536))  # the request arrived...
-        writer.transport.abort()  # ...and the process died: RST, no answer
+    async def read_then_die(reader, writer):
+        hits.append(await reader.read(65536))  # the request arrived...
+        if death == "reset":
+            writer.transport.abort()  # ...and the process died: RST, no answer
+        else:
+            writer.close()  # ...and the server went away: FIN, no answer
 
-    dying_server = await asyncio.start_server(accept_then_die, "127.0.0.1", 0)
+    dying_server = await asyncio.start_server(read_then_die, "127.0.0.1", 0)
     dying_url = f"http://127.0.0.1:{dying_server.sockets[0].getsockname()[1]}"
-    with ServerThread(fake_replica("live")) as live:
+    live_app = fake_replica("live")
+    with ServerThread(live_app) as live:
         pool = pool_of([dying_url, live.url])
         try:
             for u in pool.upstreams:
@@ -124,18 +131,37 @@ async def test_replica_dying_with_the_request_in_flight_is_retried_on_the_next()
             key = next(n for n in NAMES if routed_to(pool, n) is dying)
             for stream in (False, True):
                 dying.healthy = True
-                response = await pool.post("/v1/completions", json.dumps(
-                    {"model": key, "prompt": "hi", "stream": stream}).encode(), key, stream=stream)
-                try:
-                    body = (await response.aread()).decode()
-                finally:
-                    await response.aclose()
-                assert response.status_code == 200 and ("live:0" in body if stream else '"served_by":"live"' in body)
-                assert dying.healthy is False and "RemoteProtocolError" in dying.last_error
-            assert len(received) == 2
+                with pytest.raises(UpstreamFailed) as caught:
+                    await pool.post("/v1/completions", json.dumps(
+                        {"model": key, "prompt": "hi", "stream": stream}).encode(), key, stream=stream)
+                assert caught.value.code == "upstream_failed"
+                assert dying.healthy is False and dying.last_error
+            assert len(hits) == 2 and all(h.startswith(b"POST /v1/completions") for h in hits)
+            assert live_app.state.calls == []  # never replayed
+            response = response_for(caught.value)
+            assert response.status_code == 503 and response.headers["Retry-After"]
+            assert json.loads(response.body)["error"]["code"] == "upstream_failed"
         finally:
             await pool.close()
             dying_server.close()
+
+
+async def test_a_request_that_never_reached_its_replica_goes_to_the_next():
+    """Connection refused: the request was never sent, so the next replica in the order serves it, once."""
+    live_app = fake_replica("live")
+    with ServerThread(live_app) as live:
+        pool = pool_of([f"http://127.0.0.1:{free_port()}", live.url])
+        try:
+            for u in pool.upstreams:
+                u.healthy = True
+            dead = pool.upstreams[0]
+            key = next(n for n in NAMES if routed_to(pool, n) is dead)
+            response = await pool.post("/v1/completions", json.dumps({"model": key, "prompt": "hi"}).encode(), key)
+            assert response.status_code == 200 and response.json()["served_by"] == "live"
+            assert len(live_app.state.calls) == 1
+            assert dead.healthy is False and "ConnectError" in dead.last_error
+        finally:
+            await pool.close()
 
 
 async def test_all_replicas_dead_is_upstream_unavailable_fast():
