@@ -97,3 +97,25 @@ def check_together(options: dict) -> None:
     """Rules between options (each option alone is checked by its spec). `options` may omit any option."""
     if options.get("steps") == STEPS_AUTO and options.get("holdout_fraction", DEFAULTS["holdout_fraction"]) == 0:
         raise InvalidOption("holdout_fraction", 0, "> 0 with steps='auto', which chooses K on the held-out slice")
+
+
+# --- init families (POST /v1/inits): a tenant meta-learns a shared LoRA from its own tasks (trainer/family.py) ---
+# Each task's examples obey exactly the limits of one /adapt job (Settings.min_examples / max_examples, the example
+# bytes quota, max_seq_len); these bound only what is new: how many tasks, and the meta-training's own knobs.
+MIN_FAMILY_TASKS = 2  # one task has nothing to share: that is an /adapt job
+MAX_FAMILY_TASKS = 64
+
+# Sized so a family of 4 tasks x 100 examples trains in minutes on a CPU worker: every task in every outer step
+# (meta_batch = all tasks), few outer steps, a small K. A GPU worker runs the same defaults, only faster.
+FAMILY_OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
+    OptionSpec("outer_steps", int, 4, 1, 1000, "N: meta-training outer steps (each adapts on every task)"),
+    OptionSpec("steps", int, 5, 1, 200, "K: inner-loop steps per task in meta-training; also the K of adapt jobs that "
+               "start from the init, and of the task adapters"),
+    OptionSpec("outer_lr", float, 1e-3, 0.0, 1.0, "AdamW learning rate of the outer (meta) update",
+               min_exclusive=True, max_exclusive=True),
+    OptionSpec("support_size", int, 16, 1, 256, "examples of a task the inner loop adapts on per outer step"),
+    OptionSpec("query_size", int, 16, 1, 256, "disjoint examples of a task the adapted weights are judged on"),
+    *(OPTIONS[name] for name in ("learning_rate", "batch_size", "rank", "alpha", "seed", "holdout_fraction")),
+)}
+
+FAMILY_DEFAULTS: dict[str, int | float] = {name: spec.default for name, spec in FAMILY_OPTIONS.items()}

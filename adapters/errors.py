@@ -36,6 +36,25 @@ class AdapterNotReady(MetaloraError):
         self.status = status
 
 
+class InitNotFound(AdapterNotFound):
+    """An init (POST /v1/inits) the tenant does not have: unknown, deleted, or another tenant's."""
+
+    code = "init_not_found"
+
+    def __init__(self, ref: str):
+        MetaloraError.__init__(self, f"init {ref!r} not found")
+        self.ref = ref
+
+
+class InitNotReady(AdapterNotReady):
+    code = "init_not_ready"
+
+    def __init__(self, ref: str, status: str):
+        MetaloraError.__init__(self, f"init {ref!r} has no ready version yet (newest version is {status})")
+        self.ref = ref
+        self.status = status
+
+
 class JobNotFound(MetaloraError):
     code = "job_not_found"
 

@@ -35,6 +35,18 @@ class Keys:
         """Set of the tenant's adapter names that have at least one version."""
         return f"{self.prefix}:adapters:{tenant}"
 
+    def init_versions(self, tenant: str, name: str) -> str:
+        """Hash: version number -> AdapterVersion JSON (kind init) of a tenant's init (POST /v1/inits)."""
+        return f"{self.prefix}:init:{tenant}:{name}:versions"
+
+    def init_next_version(self, tenant: str, name: str) -> str:
+        """Counter of an init's last allocated version; kept on delete, like next_version."""
+        return f"{self.prefix}:init:{tenant}:{name}:next_version"
+
+    def init_names(self, tenant: str) -> str:
+        """Set of the tenant's init names that have at least one version."""
+        return f"{self.prefix}:inits:{tenant}"
+
     def active_jobs(self, tenant: str) -> str:
         """Set of the tenant's job ids that may still be queued or running (the in-flight quota). Members are
         removed when a job finishes; submit_job also prunes finished/expired ones it finds, so a member left

@@ -59,6 +59,12 @@ def version_label(name: str, version: int) -> str:
     return f"{name}@v{version}"
 
 
+def init_folder_name(tenant: str, name: str, version: int) -> str:
+    """An init version's folder in the adapter store. Two separators, so it never equals a vllm_name (whose
+    name part holds none): no adapter request can resolve to an init's folder."""
+    return f"{validate_tenant(tenant)}{_TENANT_SEPARATOR}init{_TENANT_SEPARATOR}{validate_name(name)}@v{int(version)}"
+
+
 def vllm_name(tenant: str, name: str, version: int) -> str:
     """The LoRA name vLLM serves, and the folder name in the adapter store (flat, one level)."""
     return f"{validate_tenant(tenant)}{_TENANT_SEPARATOR}{validate_name(name)}@v{int(version)}"

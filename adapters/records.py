@@ -36,6 +36,14 @@ class VersionStatus(str, Enum):
     CANCELLED = "cancelled"
 
 
+class JobKind(str, Enum):
+    """What a job trains. Both kinds share the queue, the workers and every job rule; the kind says which
+    namespace its version record lives in (an adapter's versions, or an init's)."""
+
+    ADAPT = "adapt"  # POST /adapt: one adapter version
+    INIT = "init"  # POST /v1/inits: one version of a tenant's meta-learned init (trainer/family.py)
+
+
 class JobErrorCode(str, Enum):
     """Why a job failed (or was cancelled by something other than its client): stable codes for clients."""
 
@@ -116,9 +124,11 @@ class Job(_Record):
     estimated_finish: float | None = None
     # adapters/idempotency.py's fingerprint of the request that created the job.
     request_hash: str | None = None
+    kind: JobKind = JobKind.ADAPT  # INIT: `adapter` and `version` name an init version
 
     def __post_init__(self):
         self.status = JobStatus(self.status)
+        self.kind = JobKind(self.kind)
 
 
 @dataclass
@@ -146,9 +156,11 @@ class AdapterVersion(_Record):
     ready_at: float | None = None
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    kind: JobKind = JobKind.ADAPT  # INIT: a version of an init (`adapter` is the init's name)
 
     def __post_init__(self):
         self.status = VersionStatus(self.status)
+        self.kind = JobKind(self.kind)
 
 
 @dataclass

@@ -22,17 +22,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters import keys as K
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, JobNotFound, StoreUnavailable
+from adapters.errors import (
+    AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, InitNotFound, JobNotFound, StoreUnavailable,
+)
 from adapters.idempotency import Dedupe, replays
 from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, check_job_id, new_job_id, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, check_job_id, new_job_id, now,
 )
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth, update_change
+    ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
+    update_change
 )
 
 T = TypeVar("T")
@@ -237,8 +240,14 @@ class RedisMetadataStore:
             raise JobNotFound(job_id)
         return Job.from_dict(json.loads(raw))
 
+    def _versions_key(self, job: Job) -> str:
+        """The hash holding the job's version record: an adapter's versions, or an init's."""
+        if job.kind is JobKind.INIT:
+            return self.keys.init_versions(job.tenant, job.adapter)
+        return self.keys.versions(job.tenant, job.adapter)
+
     async def _read_version(self, reader, job: Job) -> AdapterVersion | None:
-        raw = await reader.hget(self.keys.versions(job.tenant, job.adapter), str(job.version))
+        raw = await reader.hget(self._versions_key(job), str(job.version))
         return AdapterVersion.from_dict(json.loads(raw)) if raw else None
 
     @unavailable_on_connection_errors
@@ -263,7 +272,7 @@ class RedisMetadataStore:
         job0 = await self._read_job(self.r, job_id)  # the version key depends on the job's identity
         if tenant is not None and job0.tenant != tenant:
             raise JobNotFound(job_id)
-        vkey = k.versions(job0.tenant, job0.adapter)
+        vkey = self._versions_key(job0)
 
         async def body(pipe):
             job = await self._read_job(pipe, job_id)
@@ -469,6 +478,91 @@ class RedisMetadataStore:
             pipe.sadd(names_key, version.adapter)
 
         await _transaction(self.r, [names_key], body)
+
+    # ------------------------------------------------------------ inits
+    @unavailable_on_connection_errors
+    async def submit_init_job(self, tenant, name, num_examples, tasks, options,
+                              quota: TenantQuota | None = None) -> Job:
+        validate_tenant(tenant)
+        validate_name(name)
+        k = self.keys
+        counter, names_key, active_key = k.init_next_version(tenant, name), k.init_names(tenant), k.active_jobs(tenant)
+        tasks_json = json.dumps(tasks)
+
+        async def body(pipe) -> Job:
+            stale = await self._check_quota(pipe, tenant, name, init_quota(quota))
+            version = int(await pipe.get(counter) or 0) + 1
+            job = Job(id=new_job_id(), tenant=tenant, adapter=name, version=version, num_examples=num_examples,
+                      options=dict(options), kind=JobKind.INIT)
+            record = AdapterVersion(tenant=tenant, adapter=name, version=version, job_id=job.id,
+                                    num_examples=num_examples, created_at=job.created_at, kind=JobKind.INIT)
+            pipe.multi()
+            pipe.incr(counter)
+            pipe.hset(k.init_versions(tenant, name), str(version), json.dumps(record.to_dict()))
+            pipe.sadd(names_key, name)
+            if stale:
+                pipe.srem(active_key, *stale)
+            pipe.sadd(active_key, job.id)
+            pipe.set(k.job(job.id), json.dumps(job.to_dict()))
+            pipe.zadd(k.tenant_jobs(tenant), {job.id: job.created_at})
+            self._queue_events(pipe, job, changed_job_events(job, None), last_id=0)
+            pipe.set(k.job_examples(job.id), tasks_json, ex=K.EXAMPLES_TTL_S)
+            pipe.xadd(k.jobs_stream, {K.STREAM_FIELD_JOB_ID: job.id})
+            return job
+
+        return await _transaction(self.r, [counter, names_key, active_key], body)
+
+    @unavailable_on_connection_errors
+    async def list_inits(self, tenant: str) -> list[Adapter]:
+        names = sorted(await self.r.smembers(self.keys.init_names(tenant)))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.init_versions(tenant, name))
+            hashes = await pipe.execute()
+        return [Adapter(tenant, name, _versions_from_hash(h)) for name, h in zip(names, hashes) if h]
+
+    @unavailable_on_connection_errors
+    async def get_init(self, tenant: str, name: str) -> Adapter:
+        versions = _versions_from_hash(await self.r.hgetall(self.keys.init_versions(tenant, name)))
+        if not versions:
+            raise InitNotFound(name)
+        return Adapter(tenant, name, versions)
+
+    @unavailable_on_connection_errors
+    async def resolve_init(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
+        versions = _versions_from_hash(await self.r.hgetall(self.keys.init_versions(tenant, name)))
+        return pick_init_version(name, versions, version)
+
+    @unavailable_on_connection_errors
+    async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
+        k = self.keys
+        vkey = k.init_versions(tenant, name)
+
+        async def body(pipe) -> list[AdapterVersion]:
+            versions = _versions_from_hash(await pipe.hgetall(vkey))
+            if not versions:
+                raise InitNotFound(name)
+            jobs = []
+            for v in versions:
+                await pipe.watch(k.job(v.job_id))
+                raw = await pipe.get(k.job(v.job_id))
+                if raw is not None:
+                    job = Job.from_dict(json.loads(raw))
+                    previous = job.status
+                    if not job.status.finished:
+                        cancel_change(job, None, INIT_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
+                        jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
+            pipe.multi()
+            pipe.delete(vkey)
+            pipe.srem(k.init_names(tenant), name)
+            for job, events, last_id in jobs:
+                self._queue_events(pipe, job, events, last_id)
+                pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
+                pipe.delete(k.job_examples(job.id))
+                pipe.srem(k.active_jobs(tenant), job.id)
+            return versions
+
+        return await _transaction(self.r, [vkey], body)
 
     # ------------------------------------------------------------ job metrics
     @unavailable_on_connection_errors

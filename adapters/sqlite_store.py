@@ -19,17 +19,20 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from adapters import keys as K
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, JobNotFound, StoreUnavailable
+from adapters.errors import (
+    AdapterNotFound, ApiKeyNotFound, IdempotencyKeyReused, InitNotFound, JobNotFound, StoreUnavailable,
+)
 from adapters.idempotency import Dedupe, replays
 from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, new_job_id, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, new_job_id, now,
 )
 from adapters.settings import Settings
 from adapters.store import (
-    ADAPTER_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, owns, pick_version, QueueDepth, update_change
+    ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
+    check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
+    update_change
 )
 
 T = TypeVar("T")
@@ -61,6 +64,11 @@ CREATE INDEX IF NOT EXISTS jobs_by_tenant_created ON jobs (json_extract(record, 
                                                            json_extract(record, '$.created_at'));
 CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, seq INTEGER NOT NULL, record TEXT NOT NULL,
                                        PRIMARY KEY (job_id, seq));
+-- Inits (POST /v1/inits): versioned like adapters, in their own namespace.
+CREATE TABLE IF NOT EXISTS init_counters (tenant TEXT, name TEXT, last_version INTEGER NOT NULL,
+                                          PRIMARY KEY (tenant, name));
+CREATE TABLE IF NOT EXISTS init_versions (tenant TEXT, name TEXT, version INTEGER, record TEXT NOT NULL,
+                                          PRIMARY KEY (tenant, name, version));
 -- kind 'key': an Idempotency-Key's digest; kind 'request': a request fingerprint (adapters/idempotency.py).
 CREATE TABLE IF NOT EXISTS job_dedupe (tenant TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
                                        job_id TEXT NOT NULL, request_hash TEXT NOT NULL, expires_at REAL NOT NULL,
@@ -134,6 +142,8 @@ def _read_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[Adapte
 
 
 def _read_version(c: sqlite3.Connection, job: Job) -> AdapterVersion | None:
+    if job.kind is JobKind.INIT:
+        return _read_init_version(c, job)
     row = c.execute("SELECT record FROM versions WHERE tenant = ? AND adapter = ? AND version = ?",
                     (job.tenant, job.adapter, job.version)).fetchone()
     return AdapterVersion.from_dict(json.loads(row[0])) if row else None
@@ -148,7 +158,27 @@ def _write_job(c: sqlite3.Connection, job: Job) -> None:
 
 
 def _write_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
+    if v.kind is JobKind.INIT:
+        _write_init_version(c, v)
+        return
     c.execute("INSERT OR REPLACE INTO versions (tenant, adapter, version, record) VALUES (?, ?, ?, ?)",
+              (v.tenant, v.adapter, v.version, json.dumps(v.to_dict())))
+
+
+def _read_init_version(c: sqlite3.Connection, job: Job) -> AdapterVersion | None:
+    row = c.execute("SELECT record FROM init_versions WHERE tenant = ? AND name = ? AND version = ?",
+                    (job.tenant, job.adapter, job.version)).fetchone()
+    return AdapterVersion.from_dict(json.loads(row[0])) if row else None
+
+
+def _read_init_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[AdapterVersion]:
+    rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? AND name = ? ORDER BY version",
+                     (tenant, name)).fetchall()
+    return [AdapterVersion.from_dict(json.loads(r[0])) for r in rows]
+
+
+def _write_init_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
+    c.execute("INSERT OR REPLACE INTO init_versions (tenant, name, version, record) VALUES (?, ?, ?, ?)",
               (v.tenant, v.adapter, v.version, json.dumps(v.to_dict())))
 
 
@@ -422,6 +452,77 @@ class SqliteMetadataStore:
             _write_version(c, version)
 
         await self.db.call(tx, write=True)
+
+    # ------------------------------------------------------------ inits
+    async def submit_init_job(self, tenant, name, num_examples, tasks, options,
+                              quota: TenantQuota | None = None) -> Job:
+        validate_tenant(tenant)
+        validate_name(name)
+        tasks_json = json.dumps(tasks)
+
+        def tx(c: sqlite3.Connection) -> Job:
+            _drop_expired(c)
+            if quota is not None:
+                check_quota(init_quota(quota), tenant, name, **_quota_counts(c, tenant, name))
+            row = c.execute("SELECT last_version FROM init_counters WHERE tenant = ? AND name = ?",
+                            (tenant, name)).fetchone()
+            version = (row[0] if row else 0) + 1
+            c.execute("INSERT OR REPLACE INTO init_counters (tenant, name, last_version) VALUES (?, ?, ?)",
+                      (tenant, name, version))
+            job = Job(id=new_job_id(), tenant=tenant, adapter=name, version=version, num_examples=num_examples,
+                      options=dict(options), kind=JobKind.INIT)
+            _write_init_version(c, AdapterVersion(tenant=tenant, adapter=name, version=version, job_id=job.id,
+                                                  num_examples=num_examples, created_at=job.created_at,
+                                                  kind=JobKind.INIT))
+            _write_job(c, job)
+            _append_events(c, job.id, changed_job_events(job, None))
+            c.execute("INSERT INTO examples (job_id, data) VALUES (?, ?)", (job.id, tasks_json))
+            c.execute("INSERT INTO queue (job_id) VALUES (?)", (job.id,))
+            return job
+
+        return await self.db.call(tx, write=True)
+
+    async def list_inits(self, tenant: str) -> list[Adapter]:
+        def read(c: sqlite3.Connection) -> list[Adapter]:
+            rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? ORDER BY name, version",
+                             (tenant,)).fetchall()
+            by_name: dict[str, list[AdapterVersion]] = {}
+            for (record,) in rows:
+                v = AdapterVersion.from_dict(json.loads(record))
+                by_name.setdefault(v.adapter, []).append(v)
+            return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
+
+        return await self.db.call(read)
+
+    async def get_init(self, tenant: str, name: str) -> Adapter:
+        versions = await self.db.call(lambda c: _read_init_versions(c, tenant, name))
+        if not versions:
+            raise InitNotFound(name)
+        return Adapter(tenant, name, versions)
+
+    async def resolve_init(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
+        versions = await self.db.call(lambda c: _read_init_versions(c, tenant, name))
+        return pick_init_version(name, versions, version)
+
+    async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
+        def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
+            versions = _read_init_versions(c, tenant, name)
+            if not versions:
+                raise InitNotFound(name)
+            for v in versions:
+                try:
+                    job = _read_job(c, v.job_id)
+                except JobNotFound:
+                    continue
+                previous = job.status
+                if not job.status.finished:
+                    cancel_change(job, None, INIT_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
+                    _write_job(c, job)
+                    _append_events(c, job.id, changed_job_events(job, previous))
+            c.execute("DELETE FROM init_versions WHERE tenant = ? AND name = ?", (tenant, name))
+            return versions
+
+        return await self.db.call(tx, write=True)
 
     # ------------------------------------------------------------ job metrics
     async def add_stats(self, increments: dict[str, float]) -> None:

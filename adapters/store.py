@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from adapters.api_keys import ApiKey
-from adapters.errors import AdapterNotFound, AdapterNotReady, JobNotCancellable, MetaloraError, QuotaExceeded
+from adapters.errors import (
+    AdapterNotFound, AdapterNotReady, InitNotFound, InitNotReady, JobNotCancellable, MetaloraError, QuotaExceeded,
+)
 from adapters.idempotency import Dedupe
 from adapters.job_events import status_event
 from adapters.records import (
@@ -119,6 +121,26 @@ class MetadataStore(Protocol):
         """Record a version whose artifact is already in place (allocated by allocate_version), checking
         `quota.max_adapters` in the same transaction (QuotaExceeded: nothing written)."""
 
+    # --- inits (POST /v1/inits): versioned like adapters, in their own namespace (records of kind INIT) ---
+    async def submit_init_job(
+        self, tenant: str, name: str, num_examples: int, tasks: list[dict[str, Any]], options: dict[str, Any],
+        quota: TenantQuota | None = None,
+    ) -> Job:
+        """submit_job for an init family, atomically: check `quota.max_active_jobs` (init jobs count like adapt
+        jobs; nothing written on QuotaExceeded), allocate init `name`'s next version, create its version record and
+        a job of kind INIT (both queued), store `tasks` as the job's examples, enqueue the job on the same queue."""
+
+    async def list_inits(self, tenant: str) -> list[Adapter]: ...
+
+    async def get_init(self, tenant: str, name: str) -> Adapter:
+        """Raise InitNotFound."""
+
+    async def resolve_init(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
+        """resolve() for inits: InitNotFound, or InitNotReady when none is ready."""
+
+    async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
+        """delete_adapter() for inits: its queued and running jobs are cancelled in the same transaction."""
+
     # --- job metrics: counters the workers add to and /metrics reads (adapters/job_stats.py) ---
     async def add_stats(self, increments: dict[str, float]) -> None:
         """Add each amount to its counter, atomically."""
@@ -189,6 +211,7 @@ _VERSION_STATUS_OF = {
 }
 
 ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
+INIT_DELETED_ERROR = "init was deleted before the job finished"  # code adapter_deleted too: its record is gone
 
 
 def finish_change(metrics: dict[str, Any]):
@@ -294,6 +317,21 @@ def pick_version(name: str, versions: list[AdapterVersion], version: int | None)
     if ready is None:
         raise AdapterNotReady(name, versions[-1].status.value)
     return ready
+
+
+def pick_init_version(name: str, versions: list[AdapterVersion], version: int | None) -> AdapterVersion:
+    """resolve_init()'s rule: pick_version's, with the init errors."""
+    try:
+        return pick_version(name, versions, version)
+    except AdapterNotReady as exc:
+        raise InitNotReady(exc.ref, exc.status) from None
+    except AdapterNotFound as exc:
+        raise InitNotFound(exc.ref) from None
+
+
+def init_quota(quota: TenantQuota | None) -> TenantQuota | None:
+    """What limits an init job: the jobs in flight (the workers' queue is shared); an init is no adapter name."""
+    return None if quota is None else TenantQuota(max_active_jobs=quota.max_active_jobs)
 
 
 def check_quota(quota: TenantQuota | None, tenant: str, adapter: str, active_jobs: int, adapter_exists: bool,
