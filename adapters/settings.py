@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     vllm_max_model_len: int = 1024
     vllm_extra_args: str = ""
     upstream_timeout_s: float = 300.0
+    # Connections from one gateway to all replicas together, and how long a request waits for a free one before
+    # it is a 503: short, so a saturated pool sheds load instead of queueing it for a whole read timeout.
+    upstream_max_connections: int = Field(default=1024, ge=1)
+    upstream_pool_timeout_s: float = Field(default=5.0, gt=0)
     health_interval_s: float = 2.0
 
     # --- gateway ---
@@ -74,6 +78,14 @@ class Settings(BaseSettings):
     quota_max_adapters: int = Field(default=500, ge=1)
     # UTF-8 bytes of prompts + completions in one job: what the store keeps until the job finishes.
     quota_max_example_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+
+    # --- per-tenant inference limits (completions and chats; each gateway process counts its own; 429
+    # rate_limited with Retry-After, server/limits.py). 0 turns a limit off. ---
+    # Requests a tenant may have in flight at once (a stream counts until its last byte).
+    tenant_max_inflight: int = Field(default=64, ge=0)
+    # Sustained requests per second per tenant, and the burst allowed above it (a token bucket).
+    tenant_requests_per_s: float = Field(default=50.0, ge=0)
+    tenant_request_burst: int = Field(default=100, ge=1)
 
     # How long POST /adapt remembers an Idempotency-Key, and an identical request (same base model, adapter,
     # examples and options) that then gets the existing job instead of training again. 0 turns both off.

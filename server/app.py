@@ -32,7 +32,9 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
         opened = open_backend(settings) if owned else backend
         pool = UpstreamPool(
             settings.vllm_urls, settings.health_interval_s,
-            UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s))
+            UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s,
+                             pool_s=settings.upstream_pool_timeout_s),
+            max_connections=settings.upstream_max_connections)
         try:
             await pool.start()
             app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings),

@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import errors as domain
 from adapters.upload_check import UploadRejected
-from server.upstream import UpstreamUnavailable
+from server.limits import TenantLimited, retry_after_header
+from server.upstream import UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("metalora.gateway")
 
@@ -65,8 +66,10 @@ STATUS_TABLE: dict[type[BaseException], tuple[int, str]] = {
     UploadRejected: (400, "invalid_request_error"),
     PayloadTooLarge: (413, "invalid_request_error"),
     domain.QuotaExceeded: (429, "rate_limit_error"),
+    TenantLimited: (429, "rate_limit_error"),
     domain.StoreUnavailable: (503, "service_unavailable_error"),
     UpstreamUnavailable: (503, "service_unavailable_error"),
+    UpstreamTimeout: (504, "timeout_error"),
     domain.ArtifactCorrupt: (500, "server_error"),
     domain.MetaloraError: (500, "server_error"),
 }
@@ -99,11 +102,13 @@ def response_for(exc: domain.MetaloraError) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
     elif isinstance(exc, domain.StoreUnavailable):
         headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+    elif isinstance(exc, TenantLimited):
+        headers = {"Retry-After": retry_after_header(exc.retry_after_s)}
     elif isinstance(exc, domain.AuthenticationFailed):
         headers = {"WWW-Authenticate": 'Bearer realm="metalora"'}
     if status >= 500:
         log.warning("%s: %s", type(exc).__name__, exc)
-    param = getattr(exc, "param", None) or getattr(exc, "quota", None)
+    param = getattr(exc, "param", None) or getattr(exc, "quota", None) or getattr(exc, "limit", None)
     return error_response(status, str(exc), err_type, exc.code, param, headers)
 
 

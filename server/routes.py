@@ -30,6 +30,7 @@ MAX_WAIT_S = 3600.0
 @router.post("/adapt", status_code=202, response_model=SubmittedJobResponse)
 async def create_adapt_job(
     body: AdaptRequest,
+    request: Request,
     response: Response,
     tenant: TenantDep,
     gw: GatewayDep,
@@ -40,7 +41,7 @@ async def create_adapt_job(
 ):
     job, replayed = await gw.submit_adapt(tenant, body, idempotency_key)
     if wait:
-        job = await gw.wait_job(tenant, job.id, timeout)
+        job = await gw.wait_job(tenant, job.id, timeout, request.is_disconnected)
     response.headers["Location"] = f"/adapt/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -89,12 +90,14 @@ async def adapt_job_events(
 @router.get("/adapt/{job_id}", response_model=JobResponse)
 async def get_adapt_job(
     job_id: str,
+    request: Request,
     tenant: TenantDep,
     gw: GatewayDep,
     wait: bool = False,
     timeout: float = Query(default=300.0, ge=0.0, le=MAX_WAIT_S),
 ):
-    job = await (gw.wait_job(tenant, job_id, timeout) if wait else gw.get_job(tenant, job_id))
+    job = await (gw.wait_job(tenant, job_id, timeout, request.is_disconnected) if wait
+                 else gw.get_job(tenant, job_id))
     return JobResponse.from_job(job)
 
 

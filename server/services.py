@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from pydantic import ValidationError
 from tokenizers import Tokenizer
@@ -30,6 +30,7 @@ from server.errors import InvalidRequest
 from server.job_stream import follow
 from server.protocol import AdaptRequest, InferenceRouting, ModelList
 from server.adapter_io import AdapterFiles, Download
+from server.limits import Slot, TenantLimiter
 from server.metrics import GatewayMetrics, check_scraper, render
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
 from server.upstream import UpstreamPool
@@ -87,6 +88,8 @@ class Gateway:
         self.queue = queue  # only /metrics reads it (queue depth)
         self.files = AdapterFiles(settings, store, pool, base_model_name)
         self.metrics = GatewayMetrics()
+        self.limiter = TenantLimiter(settings.tenant_max_inflight, settings.tenant_requests_per_s,
+                                     settings.tenant_request_burst)
 
     # ------------------------------------------------------------ adapt jobs
     async def submit_adapt(self, tenant: str, request: AdaptRequest,
@@ -163,14 +166,16 @@ class Gateway:
         await self.store.get_job(job_id, tenant)
         return follow(self.store, job_id, after)
 
-    async def wait_job(self, tenant: str, job_id: str, timeout_s: float) -> Job:
-        """Poll the store until the job finished or `timeout_s` passed; return it either way."""
+    async def wait_job(self, tenant: str, job_id: str, timeout_s: float,
+                       gone: Callable[[], Awaitable[bool]] | None = None) -> Job:
+        """Poll the store until the job finished, `timeout_s` passed, or `gone()` says the client left (a wait
+        nobody reads any more must not keep polling the store for up to an hour); return the job either way."""
         deadline = time.monotonic() + timeout_s
         delay = 0.1
         job = await self.store.get_job(job_id, tenant)
         while not job.status.finished:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (gone is not None and await gone()):
                 break
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 1.5, 1.0)
@@ -272,7 +277,29 @@ class Gateway:
         """One path for every inference endpoint (proxy.COMPLETIONS, proxy.CHAT_COMPLETIONS): vLLM renders a
         chat with the base model's template, the same one adapters trained on messages saw."""
         with self.metrics.request(tenant, path) as observed:
-            body = parse_body(raw_body)
-            target = await self.resolve_target(tenant, body)
-            observed.routed(target)
-            return observed.answered(await forward(self.pool, path, body, target))
+            slot = self.limiter.admit(tenant)  # before the store or vLLM sees anything of an over-limit tenant
+            try:
+                body = parse_body(raw_body)
+                target = await self.resolve_target(tenant, body)
+                observed.routed(target)
+                result = observed.answered(await forward(self.pool, path, body, target))
+            except BaseException:
+                slot.release()
+                raise
+            if isinstance(result, ProxiedStream):
+                result.chunks = _holding(slot, result.chunks)
+            else:
+                slot.release()
+            return result
+
+
+async def _holding(slot: Slot, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream keeps its tenant's in-flight slot until its last byte, or until its client goes away."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        slot.release()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -51,16 +51,24 @@ NOT_SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.Connec
 # Transport errors once the request was (maybe partly) sent: the replica broke while holding it.
 SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
+class UpstreamTimeout(MetaloraError):
+    """The replica took the request but did not answer within the read timeout (METALORA_UPSTREAM_TIMEOUT_S)."""
+
+    code = "upstream_timeout"
+
+
 @dataclass(frozen=True)
 class UpstreamTimeouts:
     connect_s: float = 2.0
     read_s: float = 300.0
     write_s: float = 30.0
     health_s: float = 2.0
+    # Waiting for a free pooled connection: short, so a saturated pool answers 503 at once instead of holding
+    # every request for a whole read timeout.
+    pool_s: float = 5.0
 
     def httpx(self) -> httpx.Timeout:
-        # Waiting for a free pooled connection is bounded by the read timeout: the pool is sized large.
-        return httpx.Timeout(connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.read_s)
+        return httpx.Timeout(connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.pool_s)
 
 
 @dataclass
@@ -203,7 +211,7 @@ class UpstreamPool:
             request = self.client.build_request(
                 "POST", upstream.url + path, content=content, headers={"content-type": "application/json"})
             try:
-                return await self.client.send(request, stream=stream)
+                return await self._send(request, stream)
             except httpx.PoolTimeout as exc:
                 last_exc = exc
             except NOT_SENT_ERRORS as exc:
@@ -217,6 +225,16 @@ class UpstreamPool:
         raise UpstreamUnavailable(
             f"no inference replica could be reached ({type(last_exc).__name__})",
             retry_after_s=self.retry_after_s) from last_exc
+
+    async def _send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        """client.send, with a read or write timeout as UpstreamTimeout (504): the replica holds the request and
+        is slow, not gone, so no other replica is tried. Every other error passes through to the failover."""
+        try:
+            return await self.client.send(request, stream=stream)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            raise UpstreamTimeout(
+                f"the inference replica did not answer within {self.timeouts.read_s:g}s"
+                " (METALORA_UPSTREAM_TIMEOUT_S)") from exc
 
     async def broadcast(self, path: str, json_body: dict, timeout_s: float = 5.0) -> dict[str, int | str]:
         """POST to every replica (healthy or not), best effort: {url: status code or error text}."""

@@ -40,10 +40,10 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, lifespan: str = "off"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan,
                                 access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
