@@ -193,6 +193,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--model_dir", default="", help="default: MODEL_DIR, else GGUF converted, else train_meta's")
     p.add_argument("--resume", action="store_true", help="continue runs already in --out from their checkpoints")
     p.add_argument("--smoke", action="store_true", help="2 outer steps, 1 method, 1 seed, tiny validation")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: summarize the runs already in --out (<method>-s<seed>, each with its "
+                        "shared_init export and a wall_s file), e.g. runs made one after another on a CPU")
     args = p.parse_args(argv)
     if args.smoke:
         args.methods, args.seeds, args.outer_steps, args.eval_interval = "fomaml", "0", 2, 1
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     deadline = t_start + args.budget_s - args.reserve_s
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out = Path(args.out)
+    if args.collect:
+        jobs, meta, commit = collected(out, args.methods.split(","), [int(x) for x in args.seeds.split(",")])
+        return summarize(out, jobs, meta, [], args, argv, started_at, t_start, commit=commit)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     model_dir = base_model(args, out)
@@ -242,7 +248,43 @@ def main(argv: list[str] | None = None) -> dict:
             exports.append(Job(job.name, command, meta[job.name]["dir"] / "export.log"))
     run_parallel(exports, t_start + args.budget_s - 15, parallel)  # the rest: provenance, plot and bundle
 
-    commit = git_commit()
+    return summarize(out, jobs, meta, exports, args, argv, started_at, t_start)
+
+
+def collected(out: Path, methods: list[str], seeds: list[int]) -> tuple[list[Job], dict, str]:
+    """The runs already in `out`, as jobs that ran: command and commit from each export's metalora_meta.json, wall
+    time from the run's wall_s file (whoever ran it measured it). One commit for all, or the summary says mixed."""
+    jobs, meta, commits = [], {}, set()
+    for method in methods:
+        for seed in seeds:
+            name, run_dir = f"{method}-s{seed}", out / f"{method}-s{seed}"
+            init_meta = json.loads((run_dir / "shared_init" / "metalora_meta.json").read_text())
+            commits.add(init_meta["git_commit"])
+            wall = run_dir / "wall_s"
+            jobs.append(Job(name, shlex.split(init_meta["command"]), run_dir / "stdout.log", exit_code=0,
+                            wall_s=float(wall.read_text()) if wall.is_file() else 0.0))
+            meta[name] = {"method": method, "seed": seed, "dir": run_dir}
+    return jobs, meta, commits.pop() if len(commits) == 1 else "mixed: " + ", ".join(sorted(commits))
+
+
+def with_shared_baseline(runs: dict[str, dict]) -> None:
+    """Step 0 validates the standard init, the same for every run of one seed and validation split, so a run
+    started with --no-eval_at_start borrows it from a run of its seed that has it (marked as borrowed)."""
+    for r in runs.values():
+        if r["validations"] and r["validations"][0]["step"] == 0:
+            continue
+        donor = next((d for d in runs.values() if d["seed"] == r["seed"] and d["validations"]
+                      and d["validations"][0]["step"] == 0), None)
+        if donor:
+            r["validations"] = [{**donor["validations"][0], "borrowed_from": donor["run"]}, *r["validations"]]
+
+
+def summarize(out: Path, jobs: list[Job], meta: dict, exports: list[Job], args, argv: list[str], started_at: str,
+              t_start: float, commit: str | None = None) -> dict:
+    """Provenance per run, then summary.json, summary.md, the plot and the bundle over all runs."""
+    device = resolve_device(args.device)
+    methods = args.methods.split(",")
+    commit = commit or git_commit()
     if commit == "unknown":  # not run from a git checkout (a copied tree): the caller may name the commit
         commit = os.environ.get("GIT_COMMIT", "unknown")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -268,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         (run_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
         runs[job.name] = {**provenance, "validations": vals,
                           "median_step_s": seconds[len(seconds) // 2] if seconds else None}
+    with_shared_baseline(runs)
     validated = [{v["step"] for v in r["validations"]} for r in runs.values()]
     common_steps = set.intersection(*validated) if validated else set()
     common_step = max(common_steps, default=None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
-from benchmarks.meta_compare import BUNDLE, Job, run_parallel
+from benchmarks.meta_compare import BUNDLE, Job, main as meta_compare, run_parallel
 from tests.test_inner_loop import save_tiny_model
 from tests.test_meta import make_task
 from trainer.tasks.format import write_task
@@ -53,6 +54,20 @@ def test_smoke_run_writes_logs_provenance_summary_plot_and_bundle(tmp_path):
     assert {"out/summary.json", "out/fomaml-s0/log.jsonl", "out/fomaml-s0/provenance.json",
             "out/fomaml-s0/shared_init/metalora_meta.json"} <= names
     assert not any(n.endswith(("ckpt.pt", ".safetensors")) for n in names)  # no weights travel back
+
+    # --collect summarizes runs made elsewhere (one by one on a CPU) without running anything: a second run of the
+    # seed that skipped its step-0 validation borrows the seed's baseline, and each run keeps its measured wall time.
+    twin = out / "reptile-s0"
+    shutil.copytree(run, twin)
+    (twin / "log.jsonl").write_text("".join(line + "\n" for line in (run / "log.jsonl").read_text().splitlines()
+                                            if json.loads(line)["step"] != 0 or "tasks" in json.loads(line)))
+    (twin / "wall_s").write_text("123.4")
+    collected = meta_compare([f"--out={out}", "--collect", "--methods=fomaml,reptile", "--seeds=0", "--device=cpu"])
+    assert set(collected["runs"]) == {"fomaml-s0", "reptile-s0"} and collected["common_step"] == 2
+    assert collected["git_commit"] == meta["git_commit"]  # the runs' commit, not the collecting checkout's
+    twin_run = collected["runs"]["reptile-s0"]
+    assert twin_run["wall_s"] == 123.4 and twin_run["validations"][0]["borrowed_from"] == "fomaml-s0"
+    assert "--method=fomaml" in twin_run["command"]  # read back from the export, as it ran
 
 
 def test_budget_stops_runs_still_going(tmp_path):
