@@ -78,7 +78,8 @@ OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
     OptionSpec("learning_rate", float, 2e-3, 0.0, 1.0, "AdamW learning rate of the LoRA weights",
                min_exclusive=True, max_exclusive=True),
     OptionSpec("batch_size", int, 8, 1, 64, "examples per step (fewer when the job has fewer)"),
-    # vLLM is started with --max-lora-rank (16 by default); 64 is the most its LoRA kernels we ship take.
+    # vLLM is started with --max-lora-rank (8 by default, adapters/lora_limits.py); 64 is the most its LoRA kernels
+    # we ship take.
     OptionSpec("rank", int, 8, 1, 64, "LoRA rank r"),
     OptionSpec("alpha", int, 16, 1, 1024, "LoRA alpha (the update is scaled by alpha / rank)"),
     OptionSpec("dropout", float, 0.0, 0.0, 1.0, "LoRA dropout", max_exclusive=True),

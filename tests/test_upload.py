@@ -130,7 +130,7 @@ def test_a_tampered_safetensors_file_is_rejected(tamper, message):
 @pytest.mark.parametrize("files, code, message", [
     ({ADAPTER_CONFIG: b"{}", "adapter_model.bin": b"\x80\x04"}, "unsafe_adapter_format", "pickle"),
     ({ADAPTER_CONFIG: json.dumps(peft_config()).encode()}, "invalid_adapter_upload", "lacks adapter_model"),
-    (adapter_files(peft_config(r=64), tensors(rank=64)), "rank_too_high", "max LoRA rank 16"),
+    (adapter_files(peft_config(r=16), tensors(rank=16)), "rank_too_high", "max LoRA rank 8"),
     (adapter_files(peft_config(target_modules=["q_proj", "lm_head"])), "unknown_target_module", "lm_head"),
     (adapter_files(peft_config(target_modules=r"nothing\.matches")), "unknown_target_module", "match no"),
     (adapter_files(peft_config(use_dora=True)), "invalid_adapter_upload", "DoRA"),
@@ -286,7 +286,7 @@ async def test_bad_uploads_are_400_and_leave_no_version(env, case):
         "tampered_header": adapter_files(weights=blob[:8] + b"[" + blob[9:]),
         "wrong_shapes": adapter_files(weights=tensors(rank=2)),
         "pickle": {ADAPTER_CONFIG: json.dumps(peft_config()).encode(), "adapter_model.bin": b"\x80\x04K\x01."},
-        "rank_too_high": adapter_files(peft_config(r=32), tensors(rank=32)),
+        "rank_too_high": adapter_files(peft_config(r=16), tensors(rank=16)),
         "unknown_target": adapter_files(peft_config(target_modules=["q_proj", "c_attn"])),
         "oversize_body": {ADAPTER_CONFIG: b"{}", ADAPTER_WEIGHTS: b"\x00" * (settings.max_upload_bytes + 70_000)},
         "engine_refuses": adapter_files(),
