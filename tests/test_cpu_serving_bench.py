@@ -1,42 +1,90 @@
-"""benchmarks/cpu_serving.py's arithmetic and report, on made-up client results (the real run is `make bench`)."""
+"""benchmarks/cpu_serving.py's schedule, pooling, ratios and report, on made-up client results (the real run is
+`make bench` part 7)."""
 from __future__ import annotations
 
 from adapters.settings import Settings
-from benchmarks.cpu_serving import CONFIGS, engine_env, ratios, write_markdown
+from benchmarks.cpu_serving import (CONFIGS, Cell, engine_env, interleave, knob_cells, main_cells, ratios,
+                                    write_markdown)
+from benchmarks.vllm_client import pool
 
 
-def row(tok_s: float, ttft: float) -> dict:
-    return {"output_throughput": tok_s, "median_ttft_ms": ttft, "median_tpot_ms": 50.0, "failed": 0}
+def run(tok_s: float, ttft_s: float, tpot_s: float, n: int = 4, out: int = 32, failed: int = 0) -> dict:
+    """A `vllm bench serve` result of n requests of `out` tokens at these speeds (one wave: duration = latency)."""
+    latency = ttft_s + tpot_s * (out - 1)
+    return {"duration": n * out / tok_s, "completed": n - failed, "failed": failed, "command": "vllm bench serve",
+            "output_lens": [out] * (n - failed) + [0] * failed, "ttfts": [ttft_s] * (n - failed) + [0.0] * failed,
+            "latencies": [latency] * (n - failed) + [0.0] * failed, "errors": [""] * (n - failed) + ["boom"] * failed}
 
 
-RESULTS = {"new": {"direct/base": row(100, 1000), "direct/1": row(60, 2000), "gateway/base": row(98, 1010)},
-           "old": {"status": "error", "error": "RuntimeError: engine exited"}}
+def cell(phase, config, target, load, *runs) -> tuple[str, dict]:
+    c = Cell(phase, config, target, load)
+    return c.key, {"phase": phase, "config": config, "target": target, "load": load, **pool(list(runs))}
 
 
-def test_ratios_are_inside_one_configuration():
-    r = ratios(RESULTS)
-    assert r["new direct 1 adapter(s)/base throughput"] == 0.6
-    assert r["new direct 1 adapter(s)/base median TTFT"] == 2.0
-    assert r["new gateway/direct throughput, base"] == 0.98
-    assert not any(k.startswith("old") for k in r)
+CELLS = dict([
+    cell("main", "new", "direct", "base", run(100, 1.0, 0.05), run(100, 1.0, 0.05)),
+    cell("main", "new", "direct", "1", run(60, 2.0, 0.1)),
+    cell("main", "new", "gateway", "base", run(98, 1.1, 0.05)),
+    cell("main", "old", "direct", "base", run(50, 2.0, 0.05)),
+    cell("main", "old", "direct", "1", {"error": "RuntimeError: engine exited", "command": "x"}),
+    cell("knobs1", "new", "direct", "1", run(40, 2.0, 0.1)),
+    cell("knobs1", "new-rank16", "direct", "1", run(20, 8.0, 0.2)),
+])
 
 
-def test_markdown_lists_rows_errors_and_provenance(tmp_path):
+def test_pooling_sums_tokens_over_durations_and_drops_failed_requests():
+    row = pool([run(100, 1.0, 0.05), run(50, 3.0, 0.05, failed=2)])
+    # 4 x 32 tokens in 1.28 s, then 2 x 32 tokens in a run timed for 4 requests at 50 tok/s (2.56 s)
+    assert abs(row["output_throughput"] - (6 * 32) / (1.28 + 2.56)) < 1e-9
+    assert row["completed"] == 6 and row["failed"] == 2
+    assert row["median_ttft_ms"] == 1000.0  # four requests at 1 s, two at 3 s; the failed two are not counted
+    assert abs(row["median_tpot_ms"] - 50.0) < 1e-9
+    assert [round(r["output_throughput"]) for r in row["rounds"]] == [100, 25]
+    assert "error" in pool([{"error": "x", "command": "c"}])
+
+
+def test_every_ratio_is_inside_one_phase():
+    r = ratios(CELLS)
+    assert r["new direct: 1 adapter(s) / base"] == {"throughput": 0.6, "ttft": 2.0, "tpot": 2.0}
+    assert abs(r["new base: gateway / direct"]["throughput"] - 0.98) < 1e-9
+    assert r["direct base: new / old"]["throughput"] == 2.0
+    # the knob against the reference measured beside it, not against the main phase's
+    assert r["new-rank16 1: knob / new"] == {"throughput": 0.5, "ttft": 4.0, "tpot": 2.0}
+    assert "direct 1: new / old" not in r and "old direct: 1 adapter(s) / base" not in r
+
+
+def test_the_schedule_interleaves_and_reverses_every_other_round():
+    cells = main_cells(["old", "new"], ["direct", "gateway"], ["base", "1"])
+    assert [(c.config, c.target, c.load) for c in cells[:4]] == [
+        ("old", "direct", "base"), ("new", "direct", "base"), ("new", "gateway", "base"), ("old", "gateway", "base")]
+    order = interleave(cells, 2)
+    assert [c for r, c in order if r == 1] == cells[::-1]
+    # ABBA: every cell's mean position is the same, so linear drift cancels out of every ratio
+    positions = {c: [i for i, (_, x) in enumerate(order) if x == c] for c in cells}
+    assert len({sum(p) for p in positions.values()}) == 1
+    knobs = knob_cells("knobs1", ["new-rank16", "new-mbt256", "new-maxloras16"])
+    assert [(c.config, c.load) for c in knobs] == [("new", "1"), ("new-rank16", "1"), ("new-mbt256", "1"),
+                                                   ("new", "16"), ("new-maxloras16", "16")]
+
+
+def test_markdown_lists_cells_ratios_errors_and_provenance(tmp_path):
     out = tmp_path / "cpu_serving.md"
-    write_markdown({"configs": RESULTS, "ratios": ratios(RESULTS), "adapters": "x"}, out,
+    write_markdown({"cells": CELLS, "ratios": ratios(CELLS), "adapters": "x", "load": {"rounds": 2},
+                    "configs": {"old": {"doc": "before", "error": "RuntimeError: no start"}}}, out,
                    {"command": "python -m benchmarks.run_all --parts 7", "commit": "abc"})
     text = out.read_text()
-    assert "| new | direct | 1 | 60.0 | 2000 | 50 | 0 |" in text
-    assert "engine exited" in text and "commit: abc" in text
+    assert "| main | new | direct | base | 100.0 | 1000 | 50 | 0 | 100.0, 100.0 |" in text
+    assert "| new-rank16 1: knob / new | 0.50 | 4.00 | 2.00 |" in text
+    assert "engine exited" in text and "no start" in text and "commit: abc" in text
 
 
-def test_old_configuration_has_no_tuning_and_new_has_it(tmp_path, monkeypatch):
+def test_old_configuration_has_no_tuning_and_the_old_rank_limit(tmp_path, monkeypatch):
     for key in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(key, raising=False)
     settings = Settings(data_dir=tmp_path)
     old, new = engine_env(CONFIGS["old"], settings), engine_env(CONFIGS["new"], settings)
     assert "LD_PRELOAD" not in old and "VLLM_CPU_OMP_THREADS_BIND" not in old and old["VLLM_CPU_KVCACHE_SPACE"] == "2"
-    gomp = engine_env(CONFIGS["new-gomp"], settings)
-    assert "libiomp" not in gomp.get("LD_PRELOAD", "")
+    assert CONFIGS["old"].settings["vllm_max_lora_rank"] == 16 and "vllm_max_lora_rank" not in CONFIGS["new"].settings
+    assert "libiomp" not in engine_env(CONFIGS["new-gomp"], settings).get("LD_PRELOAD", "")
     assert new["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
     assert engine_env(CONFIGS["new-allcores"], settings)["VLLM_CPU_OMP_THREADS_BIND"] != "auto"
