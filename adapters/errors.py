@@ -55,6 +55,17 @@ class InitNotReady(AdapterNotReady):
         self.status = status
 
 
+class VersionPruned(AdapterNotFound):
+    """A pinned `name@vN` that retention removed (METALORA_RETAIN_VERSIONS): gone for good, unlike a typo."""
+
+    code = "version_pruned"
+
+    def __init__(self, ref: str):
+        MetaloraError.__init__(self, f"adapter version {ref!r} was pruned: only the newest ready versions of an adapter"
+                                     " are kept (METALORA_RETAIN_VERSIONS)")
+        self.ref = ref
+
+
 class JobNotFound(MetaloraError):
     code = "job_not_found"
 

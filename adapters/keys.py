@@ -31,6 +31,18 @@ class Keys:
         never reused, because vLLM caches LoRAs by name and the old folder name must stay unique."""
         return f"{self.prefix}:adapter:{tenant}:{name}:next_version"
 
+    def latest(self, tenant: str, name: str) -> str:
+        """String: the adapter's newest ready version number, the one record resolve(name) reads."""
+        return f"{self.prefix}:adapter:{tenant}:{name}:latest"
+
+    def pruned_through(self, tenant: str, name: str) -> str:
+        """String: the highest version number retention removed (a pinned request for it is version_pruned)."""
+        return f"{self.prefix}:adapter:{tenant}:{name}:pruned_through"
+
+    def tenant_bytes(self, tenant: str) -> str:
+        """Counter: bytes of the tenant's stored adapter versions (the max_bytes quota)."""
+        return f"{self.prefix}:tenant:{tenant}:bytes"
+
     def adapter_names(self, tenant: str) -> str:
         """Set of the tenant's adapter names that have at least one version."""
         return f"{self.prefix}:adapters:{tenant}"

@@ -157,6 +157,7 @@ class AdapterVersion(_Record):
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     kind: JobKind = JobKind.ADAPT  # INIT: a version of an init (`adapter` is the init's name)
+    size_bytes: int = 0  # its files, counted in the tenant's stored bytes from when it is ready
 
     def __post_init__(self):
         self.status = VersionStatus(self.status)

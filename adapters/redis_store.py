@@ -29,13 +29,14 @@ from adapters.idempotency import Dedupe, replays
 from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, check_job_id, new_job_id, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, VersionStatus, check_job_id,
+    new_job_id, now,
 )
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
     check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
-    update_change
+    update_change, check_bytes, pick_pinned, retention_plan,
 )
 
 T = TypeVar("T")
@@ -97,6 +98,19 @@ async def _transaction(client: aioredis.Redis, watch: list[str], body: Callable[
     raise StoreUnavailable("Redis transaction kept conflicting; try again")
 
 
+# resolve(name): the latest pointer and the record it names in one round trip, atomically (retention may remove
+# the version a pointer named a moment before).
+_LATEST_LUA = """
+local n = redis.call('GET', KEYS[1])
+if not n then return false end
+return redis.call('HGET', KEYS[2], n)
+"""
+
+
+def _stored_bytes(versions: Sequence[AdapterVersion]) -> int:
+    return sum(v.size_bytes for v in versions if v.status is VersionStatus.READY)
+
+
 def _versions_from_hash(raw: dict[str, str]) -> list[AdapterVersion]:
     versions = [AdapterVersion.from_dict(json.loads(v)) for v in raw.values()]
     return sorted(versions, key=lambda v: v.version)
@@ -106,6 +120,7 @@ class RedisMetadataStore:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
         self.keys = K.Keys(settings.redis_prefix)
+        self._latest = client.register_script(_LATEST_LUA)
 
     @unavailable_on_connection_errors
     async def ping(self) -> None:
@@ -232,7 +247,30 @@ class RedisMetadataStore:
             check_quota(quota, tenant, adapter, active_jobs=len(ids) - len(stale),
                         adapter_exists=bool(await pipe.sismember(names_key, adapter)),
                         adapter_count=int(await pipe.scard(names_key)))
+            if quota.max_bytes is not None:
+                check_bytes(quota, tenant, await self._usage(pipe, tenant))
         return stale
+
+    async def _usage(self, pipe, tenant: str) -> int:
+        """The tenant's stored bytes, read under the caller's WATCH."""
+        key = self.keys.tenant_bytes(tenant)
+        await pipe.watch(key)
+        return max(0, int(await pipe.get(key) or 0))
+
+    async def _became_ready(self, pipe, version: AdapterVersion):
+        """Read (under WATCH) what a version turning ready changes; returns the writes to queue after multi():
+        the latest pointer unless a newer version is the latest, and its bytes counted for its tenant."""
+        latest_key = self.keys.latest(version.tenant, version.adapter)
+        await pipe.watch(latest_key)
+        current = int(await pipe.get(latest_key) or 0)
+
+        def queue(p) -> None:
+            if version.version > current:
+                p.set(latest_key, version.version)
+            if version.size_bytes:
+                p.incrby(self.keys.tenant_bytes(version.tenant), version.size_bytes)
+
+        return queue
 
     async def _read_job(self, reader, job_id: str) -> Job:
         raw = await reader.get(self.keys.job(check_job_id(job_id)))
@@ -282,7 +320,13 @@ class RedisMetadataStore:
             if not change(job, owned):
                 return job, False
             last_id = await self._last_event_id(pipe, job_id)
+            ready = None
+            if (owned is not None and job.kind is JobKind.ADAPT and job.status is JobStatus.SUCCEEDED
+                    and previous is not JobStatus.SUCCEEDED):
+                ready = await self._became_ready(pipe, owned)
             pipe.multi()
+            if ready is not None:
+                ready(pipe)
             self._queue_events(pipe, job, changed_job_events(job, previous, events), last_id)
             ttl = K.FINISHED_JOB_TTL_S if job.status.finished else None
             pipe.set(k.job(job_id), json.dumps(job.to_dict()), ex=ttl)
@@ -351,8 +395,8 @@ class RedisMetadataStore:
         return [e for e in (JobEvent.from_dict(json.loads(r)) for r in raws) if e.id > after]
 
     @unavailable_on_connection_errors
-    async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
-        job, written = await self._change_job(job_id, finish_change(metrics))
+    async def finish_job(self, job_id: str, metrics: dict[str, Any], size_bytes: int = 0) -> bool:
+        job, written = await self._change_job(job_id, finish_change(metrics, size_bytes))
         return written or (job.status is JobStatus.SUCCEEDED and await self._owned(job))
 
     async def _owned(self, job: Job) -> bool:
@@ -380,8 +424,40 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
-        versions = _versions_from_hash(await self.r.hgetall(self.keys.versions(tenant, name)))
-        return pick_version(name, versions, version)
+        k = self.keys
+        if version is not None:
+            raw = await self.r.hget(k.versions(tenant, name), str(version))
+            pruned = 0 if raw is not None else int(await self.r.get(k.pruned_through(tenant, name)) or 0)
+            return pick_pinned(name, version, AdapterVersion.from_dict(json.loads(raw)) if raw else None, pruned)
+        raw = await self._latest(keys=[k.latest(tenant, name), k.versions(tenant, name)])
+        if raw:
+            return AdapterVersion.from_dict(json.loads(raw))
+        # No latest: no ready version (the list names the newest one's status), or one recorded before the
+        # pointer existed.
+        return pick_version(name, _versions_from_hash(await self.r.hgetall(k.versions(tenant, name))), None)
+
+    @unavailable_on_connection_errors
+    async def prune_versions(self, tenant: str, adapter: str, keep: int) -> list[AdapterVersion]:
+        k = self.keys
+        vkey, pruned_key = k.versions(tenant, adapter), k.pruned_through(tenant, adapter)
+
+        async def body(pipe) -> list[AdapterVersion]:
+            pruned = retention_plan(_versions_from_hash(await pipe.hgetall(vkey)), keep)
+            if not pruned:
+                return []
+            through = max(int(await pipe.get(pruned_key) or 0), max(v.version for v in pruned))
+            pipe.multi()
+            pipe.hdel(vkey, *(str(v.version) for v in pruned))
+            pipe.set(pruned_key, through)
+            if _stored_bytes(pruned):
+                pipe.decrby(k.tenant_bytes(tenant), _stored_bytes(pruned))
+            return pruned
+
+        return await _transaction(self.r, [vkey, pruned_key], body)
+
+    @unavailable_on_connection_errors
+    async def tenant_usage(self, tenant: str) -> int:
+        return max(0, int(await self.r.get(self.keys.tenant_bytes(tenant)) or 0))
 
     @unavailable_on_connection_errors
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
@@ -405,8 +481,10 @@ class RedisMetadataStore:
                         cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
                         jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
             pipe.multi()
-            pipe.delete(vkey)
+            pipe.delete(vkey, k.latest(tenant, name), k.pruned_through(tenant, name))
             pipe.srem(k.adapter_names(tenant), name)
+            if _stored_bytes(versions):
+                pipe.decrby(k.tenant_bytes(tenant), _stored_bytes(versions))
             for job, events, last_id in jobs:
                 self._queue_events(pipe, job, events, last_id)
                 pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
@@ -473,9 +551,14 @@ class RedisMetadataStore:
             check_quota(quota, version.tenant, version.adapter, active_jobs=0,
                         adapter_exists=bool(await pipe.sismember(names_key, version.adapter)),
                         adapter_count=int(await pipe.scard(names_key)))
+            if quota is not None and quota.max_bytes is not None:
+                check_bytes(quota, version.tenant, await self._usage(pipe, version.tenant), version.size_bytes)
+            ready = await self._became_ready(pipe, version) if version.status is VersionStatus.READY else None
             pipe.multi()
             pipe.hset(k.versions(version.tenant, version.adapter), str(version.version), json.dumps(version.to_dict()))
             pipe.sadd(names_key, version.adapter)
+            if ready is not None:
+                ready(pipe)
 
         await _transaction(self.r, [names_key], body)
 

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     quota_max_adapters: int = Field(default=500, ge=1)
     # UTF-8 bytes of prompts + completions in one job: what the store keeps until the job finishes.
     quota_max_example_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    # Bytes of adapter files a tenant stores (every ready version of every adapter): a job is refused once the
+    # tenant is at it, an upload that would pass it.
+    quota_max_stored_bytes: int = Field(default=5 * 1024 ** 3, ge=1)
+    # Ready versions kept per adapter: when a newer one is ready, older ones beyond this many are removed (files
+    # and record; a pinned `name@vN` of one is then 404 version_pruned). The latest is never removed.
+    retain_versions: int = Field(default=10, ge=1)
 
     # --- per-tenant inference limits (completions and chats; each gateway process counts its own; 429
     # rate_limited with Retry-After, server/limits.py). 0 turns a limit off. ---

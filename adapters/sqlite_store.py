@@ -26,13 +26,13 @@ from adapters.idempotency import Dedupe, replays
 from adapters.job_events import numbered
 from adapters.names import validate_name, validate_tenant
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, new_job_id, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, VersionStatus, new_job_id, now,
 )
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
     check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
-    update_change
+    update_change, check_bytes, pick_pinned, retention_plan,
 )
 
 T = TypeVar("T")
@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS init_counters (tenant TEXT, name TEXT, last_version I
                                           PRIMARY KEY (tenant, name));
 CREATE TABLE IF NOT EXISTS init_versions (tenant TEXT, name TEXT, version INTEGER, record TEXT NOT NULL,
                                           PRIMARY KEY (tenant, name, version));
+-- An adapter's newest ready version (the one row resolve(name) reads) and the highest version retention removed.
+CREATE TABLE IF NOT EXISTS adapter_heads (tenant TEXT, adapter TEXT, latest INTEGER,
+                                          pruned_through INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (tenant, adapter));
+-- Bytes of each tenant's stored adapter versions (the max_bytes quota).
+CREATE TABLE IF NOT EXISTS tenant_usage (tenant TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 -- kind 'key': an Idempotency-Key's digest; kind 'request': a request fingerprint (adapters/idempotency.py).
 CREATE TABLE IF NOT EXISTS job_dedupe (tenant TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
                                        job_id TEXT NOT NULL, request_hash TEXT NOT NULL, expires_at REAL NOT NULL,
@@ -182,6 +187,30 @@ def _write_init_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
               (v.tenant, v.adapter, v.version, json.dumps(v.to_dict())))
 
 
+def _became_ready(c: sqlite3.Connection, v: AdapterVersion) -> None:
+    """A version just turned ready: the latest unless a newer one is, and its bytes count for its tenant."""
+    if v.kind is JobKind.INIT:
+        return
+    c.execute("INSERT INTO adapter_heads (tenant, adapter, latest) VALUES (?, ?, ?) ON CONFLICT (tenant, adapter)"
+              " DO UPDATE SET latest = max(coalesce(latest, 0), excluded.latest)", (v.tenant, v.adapter, v.version))
+    _add_usage(c, v.tenant, v.size_bytes)
+
+
+def _add_usage(c: sqlite3.Connection, tenant: str, amount: int) -> None:
+    if amount:
+        c.execute("INSERT INTO tenant_usage (tenant, bytes) VALUES (?, ?) ON CONFLICT (tenant)"
+                  " DO UPDATE SET bytes = max(0, bytes + excluded.bytes)", (tenant, amount))
+
+
+def _usage(c: sqlite3.Connection, tenant: str) -> int:
+    row = c.execute("SELECT bytes FROM tenant_usage WHERE tenant = ?", (tenant,)).fetchone()
+    return row[0] if row else 0
+
+
+def _stored_bytes(versions: Sequence[AdapterVersion]) -> int:
+    return sum(v.size_bytes for v in versions if v.status is VersionStatus.READY)
+
+
 def _append_events(c: sqlite3.Connection, job_id: str, events: Sequence[JobEvent]) -> None:
     if not events:
         return
@@ -255,6 +284,7 @@ class SqliteMetadataStore:
                 return replayed, True
             if quota is not None:  # inside BEGIN IMMEDIATE: no other writer between this count and the insert
                 check_quota(quota, tenant, adapter, **_quota_counts(c, tenant, adapter))
+                check_bytes(quota, tenant, _usage(c, tenant))
             row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
                             (tenant, adapter)).fetchone()
             version = (row[0] if row else 0) + 1
@@ -338,6 +368,8 @@ class SqliteMetadataStore:
             _write_job(c, job)
             if owned is not None:
                 _write_version(c, owned)
+                if job.status is JobStatus.SUCCEEDED and previous is not JobStatus.SUCCEEDED:
+                    _became_ready(c, owned)
             _append_events(c, job_id, changed_job_events(job, previous, events))
             return job, owned, True
 
@@ -347,8 +379,8 @@ class SqliteMetadataStore:
         job, _, _ = await self._change_job(job_id, update_change(changes), events)
         return job
 
-    async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
-        job, owned, written = await self._change_job(job_id, finish_change(metrics))
+    async def finish_job(self, job_id: str, metrics: dict[str, Any], size_bytes: int = 0) -> bool:
+        job, owned, written = await self._change_job(job_id, finish_change(metrics, size_bytes))
         return written or (job.status is JobStatus.SUCCEEDED and owned is not None)
 
     async def fail_job(self, job_id: str, error: str, code: str = JobErrorCode.TRAINING_ERROR.value) -> None:
@@ -373,8 +405,42 @@ class SqliteMetadataStore:
         return Adapter(tenant, name, versions)
 
     async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
-        versions = await self.db.call(lambda c: _read_versions(c, tenant, name))
-        return pick_version(name, versions, version)
+        def read(c: sqlite3.Connection) -> AdapterVersion:
+            if version is not None:
+                row = c.execute("SELECT record FROM versions WHERE tenant = ? AND adapter = ? AND version = ?",
+                                (tenant, name, version)).fetchone()
+                head = c.execute("SELECT pruned_through FROM adapter_heads WHERE tenant = ? AND adapter = ?",
+                                 (tenant, name)).fetchone() if row is None else None
+                return pick_pinned(name, version, AdapterVersion.from_dict(json.loads(row[0])) if row else None,
+                                   head[0] if head else 0)
+            row = c.execute("SELECT v.record FROM adapter_heads h JOIN versions v ON v.tenant = h.tenant AND"
+                            " v.adapter = h.adapter AND v.version = h.latest WHERE h.tenant = ? AND h.adapter = ?",
+                            (tenant, name)).fetchone()
+            if row is not None:
+                return AdapterVersion.from_dict(json.loads(row[0]))
+            # No latest: no ready version (the list names the newest one's status), or one recorded before
+            # the pointer existed.
+            return pick_version(name, _read_versions(c, tenant, name), None)
+
+        return await self.db.call(read)
+
+    async def prune_versions(self, tenant: str, adapter: str, keep: int) -> list[AdapterVersion]:
+        def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
+            pruned = retention_plan(_read_versions(c, tenant, adapter), keep)
+            if not pruned:
+                return []
+            c.executemany("DELETE FROM versions WHERE tenant = ? AND adapter = ? AND version = ?",
+                          [(tenant, adapter, v.version) for v in pruned])
+            c.execute("INSERT INTO adapter_heads (tenant, adapter, pruned_through) VALUES (?, ?, ?)"
+                      " ON CONFLICT (tenant, adapter) DO UPDATE SET pruned_through = max(pruned_through,"
+                      " excluded.pruned_through)", (tenant, adapter, max(v.version for v in pruned)))
+            _add_usage(c, tenant, -_stored_bytes(pruned))
+            return pruned
+
+        return await self.db.call(tx, write=True)
+
+    async def tenant_usage(self, tenant: str) -> int:
+        return await self.db.call(lambda c: _usage(c, tenant))
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
         def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
@@ -393,6 +459,8 @@ class SqliteMetadataStore:
                     _write_job(c, job)
                     _append_events(c, job.id, changed_job_events(job, previous))
             c.execute("DELETE FROM versions WHERE tenant = ? AND adapter = ?", (tenant, name))
+            c.execute("DELETE FROM adapter_heads WHERE tenant = ? AND adapter = ?", (tenant, name))
+            _add_usage(c, tenant, -_stored_bytes(versions))
             return versions
 
         return await self.db.call(tx, write=True)
@@ -449,7 +517,10 @@ class SqliteMetadataStore:
         def tx(c: sqlite3.Connection) -> None:
             if quota is not None:
                 check_quota(quota, version.tenant, version.adapter, **_quota_counts(c, version.tenant, version.adapter))
+                check_bytes(quota, version.tenant, _usage(c, version.tenant), version.size_bytes)
             _write_version(c, version)
+            if version.status is VersionStatus.READY:
+                _became_ready(c, version)
 
         await self.db.call(tx, write=True)
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol, Sequence
 from adapters.api_keys import ApiKey
 from adapters.errors import (
     AdapterNotFound, AdapterNotReady, InitNotFound, InitNotReady, JobNotCancellable, MetaloraError, QuotaExceeded,
+    VersionPruned,
 )
 from adapters.idempotency import Dedupe
 from adapters.job_events import status_event
@@ -27,6 +28,9 @@ class TenantQuota:
 
     max_active_jobs: int | None = None  # jobs queued or running
     max_adapters: int | None = None  # adapter names with at least one version
+    # Bytes of the tenant's stored adapter versions (AdapterVersion.size_bytes of its ready versions): a job is
+    # refused once the tenant is at it (its size is known only when it is written), an upload that would pass it.
+    max_bytes: int | None = None
 
 
 @dataclass
@@ -81,9 +85,11 @@ class MetadataStore(Protocol):
         appends `events` (and the status event of a status change) to the job's log. A finished job is left
         as it is and returned: a worker learns from the result that its job was cancelled."""
 
-    async def finish_job(self, job_id: str, metrics: dict[str, Any]) -> bool:
-        """Mark job succeeded and its version ready. Returns False (and changes nothing) when the
-        adapter was deleted meanwhile, so a deleted adapter is never resurrected."""
+    async def finish_job(self, job_id: str, metrics: dict[str, Any], size_bytes: int = 0) -> bool:
+        """Mark job succeeded and its version ready, `size_bytes` its files' size (added to the tenant's usage),
+        and make it the adapter's latest (the one record `resolve(name)` reads) unless a newer version already
+        is. Returns False (and changes nothing) when the adapter was deleted meanwhile, so a deleted adapter is
+        never resurrected."""
 
     async def fail_job(self, job_id: str, error: str, code: str = JobErrorCode.TRAINING_ERROR.value) -> None: ...
 
@@ -93,8 +99,18 @@ class MetadataStore(Protocol):
         """Raise AdapterNotFound."""
 
     async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
-        """Newest ready version (version=None) or the pinned one. Raise AdapterNotFound, or
-        AdapterNotReady naming the newest version's status when none is ready."""
+        """Newest ready version (version=None) or the pinned one, reading one record (the adapter's latest
+        pointer, or the pinned version), not the version list. Raise AdapterNotFound (VersionPruned for a pinned
+        version retention removed), or AdapterNotReady naming the newest version's status when none is ready."""
+
+    async def prune_versions(self, tenant: str, adapter: str, keep: int) -> list[AdapterVersion]:
+        """Retention (retention_plan): remove, in one transaction, the records of the versions beyond the newest
+        `keep` ready ones, subtract their bytes from the tenant's usage and remember them as pruned (a pinned
+        request for one is VersionPruned). The latest version and queued or running ones are never removed. The
+        caller deletes their files (adapters/retention.py). Returns what was removed."""
+
+    async def tenant_usage(self, tenant: str) -> int:
+        """Bytes of the tenant's stored adapter versions (what TenantQuota.max_bytes limits)."""
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
         """Remove the name and all its versions; return what was removed. Its queued and running jobs are
@@ -119,7 +135,8 @@ class MetadataStore(Protocol):
 
     async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
         """Record a version whose artifact is already in place (allocated by allocate_version), checking
-        `quota.max_adapters` in the same transaction (QuotaExceeded: nothing written)."""
+        `quota.max_adapters` and `quota.max_bytes` (with its size_bytes) in the same transaction (QuotaExceeded:
+        nothing written). A ready version becomes the latest unless a newer one already is."""
 
     # --- inits (POST /v1/inits): versioned like adapters, in their own namespace (records of kind INIT) ---
     async def submit_init_job(
@@ -214,7 +231,7 @@ ADAPTER_DELETED_ERROR = "adapter was deleted before the job finished"
 INIT_DELETED_ERROR = "init was deleted before the job finished"  # code adapter_deleted too: its record is gone
 
 
-def finish_change(metrics: dict[str, Any]):
+def finish_change(metrics: dict[str, Any], size_bytes: int = 0):
     """The change both stores apply in finish_job: only a live job whose version still exists succeeds, so a
     deleted adapter is never resurrected."""
 
@@ -223,6 +240,7 @@ def finish_change(metrics: dict[str, Any]):
             return False
         apply_job_changes(job, version, {"status": JobStatus.SUCCEEDED, "metrics": metrics})
         version.metrics = dict(metrics)
+        version.size_bytes = int(size_bytes)
         return True
 
     return change
@@ -347,3 +365,40 @@ def check_quota(quota: TenantQuota | None, tenant: str, adapter: str, active_job
         raise QuotaExceeded(
             f"quota exceeded: tenant {tenant!r} already stores {adapter_count} adapters (limit"
             f" {quota.max_adapters}); delete one or add a version to an existing adapter", quota="max_adapters")
+
+
+def retention_plan(versions: list[AdapterVersion], keep: int) -> list[AdapterVersion]:
+    """The versions retention removes (of one adapter's, oldest first): ready ones beyond the newest `keep`, and
+    failed or cancelled ones older than the oldest ready version kept. The newest ready version (the latest) is
+    always kept, and so is every version still queued or running."""
+    ready = [v for v in versions if v.status is VersionStatus.READY]
+    if len(ready) <= keep:
+        return []
+    floor = ready[-max(1, keep)].version
+    done = (VersionStatus.READY, VersionStatus.FAILED, VersionStatus.CANCELLED)
+    return [v for v in versions if v.version < floor and v.status in done]
+
+
+def pick_pinned(name: str, version: int, found: AdapterVersion | None, pruned_through: int) -> AdapterVersion:
+    """resolve()'s rule for `name@vN`, given its record (None when there is none) and the highest version
+    number retention removed."""
+    ref = f"{name}@v{version}"
+    if found is None:
+        if version <= pruned_through:
+            raise VersionPruned(ref)
+        raise AdapterNotFound(ref)
+    if found.status is not VersionStatus.READY:
+        raise AdapterNotReady(ref, found.status.value)
+    return found
+
+
+def check_bytes(quota: TenantQuota | None, tenant: str, used: int, adding: int = 0) -> None:
+    """The stored-bytes quota: a job is refused once the tenant is at the limit (adding=0), an upload when it
+    would pass it. Raise QuotaExceeded."""
+    if quota is None or quota.max_bytes is None:
+        return
+    if used + adding > quota.max_bytes or (adding == 0 and used >= quota.max_bytes):
+        what = f" and this upload adds {adding}" if adding else ""
+        raise QuotaExceeded(
+            f"quota exceeded: tenant {tenant!r} stores {used} bytes of adapter versions{what} (limit"
+            f" {quota.max_bytes}); delete adapters or versions first", quota="max_bytes")

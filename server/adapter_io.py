@@ -12,6 +12,7 @@ Steps 3 and 4 undo 2 (and 3) when they fail. The number from step 1 stays used: 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import uuid
@@ -26,7 +27,8 @@ from adapters.model_shapes import BaseModelShapes, UnsupportedBaseModel
 from adapters.names import parse_ref, validate_name, version_label, vllm_name
 from adapters.records import AdapterVersion, VersionStatus, now
 from adapters.settings import Settings
-from adapters.store import MetadataStore, TenantQuota
+from adapters.retention import prune
+from adapters.store import MetadataStore, TenantQuota, check_bytes
 from adapters.upload_check import UploadRejected, check_upload, unpack
 from adapters.warmup import load_everywhere, unload_everywhere
 from server.errors import InvalidRequest
@@ -94,7 +96,7 @@ class AdapterFiles:
         self.store = store
         self.pool = pool
         self.base_model_name = base_model_name
-        self.quota = TenantQuota(max_adapters=settings.quota_max_adapters)
+        self.quota = TenantQuota(max_adapters=settings.quota_max_adapters, max_bytes=settings.quota_max_stored_bytes)
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
@@ -126,6 +128,9 @@ class AdapterFiles:
                                  code="base_model_unsupported") from None
         limit = self.settings.max_upload_bytes
         checked = await asyncio.to_thread(self._check, files, shapes, limit)
+        size = sum(len(content) for content in checked.files.values())
+        # Before anything is written; add_version checks again in its transaction.
+        check_bytes(self.quota, tenant, await self.store.tenant_usage(tenant), size)
         version = await self.store.allocate_version(tenant, name)
         served = vllm_name(tenant, name, version)
         await asyncio.to_thread(self._write, served, checked.files)
@@ -138,13 +143,15 @@ class AdapterFiles:
                                      code="adapter_not_loadable")
             record = AdapterVersion(tenant=tenant, adapter=name, version=version, num_examples=0,
                                     job_id=f"upload-{uuid.uuid4().hex[:20]}", status=VersionStatus.READY, ready_at=now(),
-                                    metrics={**checked.summary, "warm": warm.to_dict()})
+                                    metrics={**checked.summary, "warm": warm.to_dict()}, size_bytes=size)
             await self.store.add_version(record, self.quota)
         except BaseException:
             await self._undo(served)
             raise
         log.info("uploaded %s (%d bytes of weights; warm on %d/%d replicas)", served, checked.summary["weights_bytes"],
                  len(warm.loaded), warm.replicas)
+        await prune(self.store, self.artifacts, tenant, name, self.settings.retain_versions,
+                    functools.partial(unload_everywhere, self.pool.client, [u.url for u in self.pool.upstreams]))
         return record
 
     def _check(self, files: dict[str, bytes] | bytes, shapes: BaseModelShapes, limit: int):

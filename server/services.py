@@ -84,7 +84,7 @@ class Gateway:
         self.base_model_name = base_model_name
         self.started_at = int(time.time())
         self.quota = TenantQuota(max_active_jobs=settings.quota_max_active_jobs,
-                                 max_adapters=settings.quota_max_adapters)
+                                 max_adapters=settings.quota_max_adapters, max_bytes=settings.quota_max_stored_bytes)
         self.queue = queue  # only /metrics reads it (queue depth)
         self.files = AdapterFiles(settings, store, pool, base_model_name)
         self.metrics = GatewayMetrics()

@@ -15,6 +15,7 @@ Failure policy:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -36,9 +37,10 @@ from adapters.job_events import evaluation_event, step_event
 from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
 from adapters.logs import configure_logging
 from adapters.names import vllm_name
-from adapters.records import Job, JobErrorCode, JobStatus, now
+from adapters.records import Job, JobErrorCode, JobKind, JobStatus, now
 from adapters.settings import Settings
 from adapters.store import JobLease, LeaseLost
+from adapters.retention import folder_bytes, prune
 from adapters.warmup import load_everywhere, unload_everywhere
 from trainer.config import NonFiniteLoss
 from trainer.model_prep import ensure_base_model
@@ -223,9 +225,10 @@ class Worker:
             watch_stop.cancel()
         # Before the job reports succeeded: the first request for the version finds it loaded (adapters/warmup.py).
         metrics["warm"] = await self._warm(name)
-        if await self.store.finish_job(job.id, metrics):
+        if await self.store.finish_job(job.id, metrics, size_bytes=await self._size(name)):
             await self.queue.ack(lease)
             await self._observe(job.id, metrics.get("step_seconds", []))
+            await self._retain(job)
             log.info("job %s succeeded: %s in %.1fs, loss %.3f -> %.3f (%s init)", job.id, name,
                      time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
         else:
@@ -300,6 +303,22 @@ class Worker:
         await self.queue.ack(lease)
         await self._observe(job.id)
         log.info("job %s failed: %s", job.id, message)
+
+    async def _size(self, name: str) -> int:
+        """The written version's bytes, for the tenant's stored-bytes quota."""
+        return await asyncio.to_thread(folder_bytes, Path(self.artifacts.serving_path(name)))
+
+    async def _retain(self, job: Job) -> None:
+        """Retention (adapters/retention.py) once a version is ready: the adapter keeps its newest
+        METALORA_RETAIN_VERSIONS ready versions. Never fails the job that just succeeded."""
+        if job.kind is not JobKind.ADAPT:
+            return
+        try:
+            async with httpx.AsyncClient() as client:
+                await prune(self.store, self.artifacts, job.tenant, job.adapter, self.settings.retain_versions,
+                            functools.partial(unload_everywhere, client, self.settings.vllm_urls))
+        except StoreUnavailable as exc:  # the next version's retention prunes what this one did not
+            log.warning("job %s: retention skipped, store unavailable (%s)", job.id, exc)
 
     async def _warm(self, name: str) -> dict:
         """Load the written version into every vLLM replica (METALORA_VLLM_URLS); replicas that are down are

@@ -1,0 +1,166 @@
+"""Version retention, the latest pointer and the stored-bytes quota (issue 19, item 2), on both stores.
+
+- resolve(name) reads the adapter's latest pointer and the one record it names: the other versions' records
+  are made unreadable and resolution still answers (reading the version list would fail on them);
+- prune_versions keeps the newest N ready versions, never the latest nor one queued or running; a pinned pruned
+  version is 404 version_pruned, through the gateway too;
+- the tenant's stored bytes go up when a version is ready and down when it is pruned or deleted; a job is refused
+  (429 quota_exceeded, nothing written) once the tenant is at its limit, an upload that would pass it.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import redis.asyncio as aioredis
+
+from adapters import keys as K
+from adapters.backend import Backend
+from adapters.errors import AdapterNotFound, AdapterNotReady, QuotaExceeded, VersionPruned
+from adapters.records import AdapterVersion, JobStatus, VersionStatus
+from adapters.store import TenantQuota
+from gateway_helpers import gateway_env
+from test_gateway_validation import make_settings
+from test_store_contract import backend, backend_settings, submit  # noqa: F401  (the two-store fixture)
+
+
+async def ready(b: Backend, size: int = 0, name: str = "adp"):
+    job = await submit(b, name=name)
+    assert await b.store.finish_job(job.id, {}, size_bytes=size)
+    return job
+
+
+async def break_record(b: Backend, settings, tenant: str, name: str, version: int) -> None:
+    """Make one version record unparseable, straight in the backing store."""
+    if settings.redis_url:
+        client = aioredis.from_url(settings.redis_url)
+        await client.hset(K.Keys(settings.redis_prefix).versions(tenant, name), str(version), "{not json")
+        await client.aclose()
+    else:
+        with sqlite3.connect(settings.sqlite_path) as c:
+            c.execute("UPDATE versions SET record = '{not json' WHERE tenant = ? AND adapter = ? AND version = ?",
+                      (tenant, name, version))
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def two(request, tmp_path):
+    """A backend and its settings (break_record needs the settings)."""
+    from adapters.backend import open_backend
+    from helpers import drop_redis_keys
+
+    settings = backend_settings(request.param, tmp_path)
+    b = open_backend(settings)
+    yield b, settings
+    await b.close()
+    if settings.redis_url:
+        await drop_redis_keys(settings)
+
+
+async def test_resolution_reads_one_record_not_the_version_list(two):
+    b, settings = two
+    for _ in range(3):
+        await ready(b)
+    await submit(b)  # v4 queued
+    for version in (1, 2, 4):
+        await break_record(b, settings, "acme", "adp", version)
+    assert (await b.store.resolve("acme", "adp", None)).version == 3
+    assert (await b.store.resolve("acme", "adp", 3)).version == 3
+
+
+async def test_latest_moves_only_forward(backend: Backend):  # noqa: F811
+    s = backend.store
+    jobs = [await submit(backend) for _ in range(3)]
+    await s.finish_job(jobs[2].id, {})
+    await s.finish_job(jobs[1].id, {})  # finishing late does not make v2 the latest
+    assert (await s.resolve("acme", "adp", None)).version == 3
+    with pytest.raises(AdapterNotReady):
+        await s.resolve("acme", "adp", 1)
+
+
+async def test_retention_keeps_the_newest_ready_and_never_the_latest_or_in_flight(backend: Backend):  # noqa: F811
+    s = backend.store
+    await ready(backend, 100)  # v1
+    failed = await submit(backend)  # v2
+    await s.fail_job(failed.id, "boom")
+    await ready(backend, 100)  # v3
+    await ready(backend, 100)  # v4
+    running = await submit(backend)  # v5
+    await s.update_job(running.id, status=JobStatus.RUNNING)
+    assert await s.tenant_usage("acme") == 300
+
+    assert [v.version for v in await s.prune_versions("acme", "adp", 1)] == [1, 2, 3]
+    assert [v.version for v in (await s.get_adapter("acme", "adp")).versions] == [4, 5]
+    assert await s.tenant_usage("acme") == 100
+    assert await s.prune_versions("acme", "adp", 1) == []
+    for version in (1, 2, 3):
+        with pytest.raises(VersionPruned) as info:
+            await s.resolve("acme", "adp", version)
+        assert info.value.code == "version_pruned" and isinstance(info.value, AdapterNotFound)
+    with pytest.raises(AdapterNotFound) as info:  # never allocated: not found, not pruned
+        await s.resolve("acme", "adp", 9)
+    assert info.value.code == "adapter_not_found"
+    assert (await s.resolve("acme", "adp", None)).version == 4
+
+    # v6 finishes before v5: it is the latest, and v5 finishing later is the one pruned.
+    v6 = await submit(backend)
+    await s.finish_job(v6.id, {}, size_bytes=50)
+    assert [v.version for v in await s.prune_versions("acme", "adp", 1)] == [4]
+    await s.finish_job(running.id, {}, size_bytes=70)
+    assert [v.version for v in await s.prune_versions("acme", "adp", 1)] == [5]
+    assert (await s.resolve("acme", "adp", None)).version == 6
+    assert await s.tenant_usage("acme") == 50
+
+    await s.delete_adapter("acme", "adp")
+    assert await s.tenant_usage("acme") == 0
+    with pytest.raises(AdapterNotFound) as info:  # after a delete, an old pin is simply gone
+        await s.resolve("acme", "adp", 2)
+    assert info.value.code == "adapter_not_found"
+
+
+async def test_stored_bytes_quota(backend: Backend):  # noqa: F811
+    s = backend.store
+    quota = TenantQuota(max_bytes=250)
+    await ready(backend, 100)
+    await ready(backend, 100)
+    job = await s.submit_job("acme", "adp", 2, [{"prompt": "a", "completion": "b"}] * 2, {}, quota=quota)
+    await s.finish_job(job.id, {}, size_bytes=100)  # a job's size is known only once written: 300 now
+    with pytest.raises(QuotaExceeded) as info:
+        await s.submit_job("acme", "other", 1, [{"prompt": "a", "completion": "b"}], {}, quota=quota)
+    assert info.value.quota == "max_bytes"
+    assert [a.name for a in await s.list_adapters("acme")] == ["adp"]  # nothing written
+    upload = AdapterVersion(tenant="acme", adapter="up", version=await s.allocate_version("acme", "up"),
+                            job_id="upload-1", num_examples=0, status=VersionStatus.READY, size_bytes=10)
+    with pytest.raises(QuotaExceeded):
+        await s.add_version(upload, TenantQuota(max_bytes=305))
+    await s.prune_versions("acme", "adp", 1)
+    assert await s.tenant_usage("acme") == 100
+    await s.add_version(upload, TenantQuota(max_bytes=305))  # room again after retention
+    assert await s.tenant_usage("acme") == 110
+    assert (await s.resolve("acme", "up", None)).version == 1  # an uploaded version is the latest at once
+    assert (await s.submit_job("globex", "adp", 1, [{"prompt": "a", "completion": "b"}], {}, quota=quota)).version == 1
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def env(request, tmp_path):
+    settings = make_settings(request.param, tmp_path, quota_max_stored_bytes=120)
+    async with gateway_env(settings) as (client, backend):
+        yield client, backend
+
+
+async def test_gateway_answers_pruned_pins_and_the_bytes_quota(env):
+    client, b = env
+    for _ in range(3):
+        job = await b.store.submit_job("default", "adp", 1, [{"prompt": "a", "completion": "b"}], {})
+        await b.store.finish_job(job.id, {}, size_bytes=60)
+    await b.store.prune_versions("default", "adp", 2)
+    response = await client.post("/v1/completions", json={"model": "adp@v1", "prompt": "hi"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "version_pruned" and "adp@v1" in error["message"]
+    body = {"adapter": "adp", "examples": [{"prompt": "hello world", "completion": "positive"}]}
+    refused = await client.post("/adapt", json=body)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "quota_exceeded" and refused.json()["error"]["param"] == "max_bytes"
+    assert [v["version"] for v in (await client.get("/v1/adapters/adp")).json()["versions"]] == [2, 3]
+    assert json.loads((await client.get("/v1/adapters/adp")).text)["name"] == "adp"
