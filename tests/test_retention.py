@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,8 +23,10 @@ from adapters.errors import AdapterNotFound, AdapterNotReady, QuotaExceeded, Ver
 from adapters.records import AdapterVersion, JobStatus, VersionStatus
 from adapters.store import TenantQuota
 from gateway_helpers import gateway_env
+from helpers import REDIS_URL
 from test_gateway_validation import make_settings
 from test_store_contract import backend, backend_settings, submit  # noqa: F401  (the two-store fixture)
+from test_upload import adapter_files, assert_nothing_left, multipart, replica  # noqa: F401  (stand-in replica)
 
 
 async def ready(b: Backend, size: int = 0, name: str = "adp"):
@@ -164,3 +168,50 @@ async def test_gateway_answers_pruned_pins_and_the_bytes_quota(env):
     assert refused.json()["error"]["code"] == "quota_exceeded" and refused.json()["error"]["param"] == "max_bytes"
     assert [v["version"] for v in (await client.get("/v1/adapters/adp")).json()["versions"]] == [2, 3]
     assert json.loads((await client.get("/v1/adapters/adp")).text)["name"] == "adp"
+
+
+# ---------------------------------------------------------------- uploads: the gateway's own retention and quota
+@pytest.fixture(params=["sqlite", "redis"])
+async def upload_env(request, tmp_path, replica):
+    from test_upload import settings_for
+
+    app, server = replica
+    app.state.refuse, app.state.calls, app.state.loaded = False, [], set()
+
+    @contextlib.asynccontextmanager
+    async def env(**extra):
+        common = {"vllm_urls": [server.url], "health_interval_s": 0.2, **extra}
+        if request.param == "redis":
+            common.update(redis_url=REDIS_URL, redis_prefix=f"test-retain-{uuid4().hex}")
+        settings = settings_for(tmp_path / uuid4().hex, **common)
+        async with gateway_env(settings) as (client, backend):
+            yield client, backend, settings, app
+
+    return env
+
+
+async def test_an_upload_prunes_old_versions_files_and_loads(upload_env):
+    async with upload_env(retain_versions=2) as (client, backend, settings, replica_app):
+        for expected in (1, 2, 3):
+            response = await client.post("/v1/adapters/keep/versions", files=multipart(adapter_files()))
+            assert response.status_code == 201 and response.json()["version"] == expected, response.text
+        assert sorted(p.name for p in settings.adapter_root.iterdir() if "keep" in p.name) == [
+            "default~keep@v2", "default~keep@v3"]
+        assert ("unload", {"lora_name": "default~keep@v1"}) in replica_app.state.calls
+        assert "default~keep@v1" not in replica_app.state.loaded
+        gone = await client.get("/v1/adapters/keep@v1/download")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "version_pruned"
+        assert (await client.get("/v1/adapters/keep@v2/download")).status_code == 200
+        assert [v["version"] for v in (await client.get("/v1/adapters/keep")).json()["versions"]] == [2, 3]
+        one = (await backend.store.resolve("default", "keep", 3)).size_bytes
+        assert one > 0 and await backend.store.tenant_usage("default") == 2 * one
+
+
+async def test_an_upload_over_the_stored_bytes_quota_writes_nothing(upload_env):
+    async with upload_env(quota_max_stored_bytes=1000) as (client, backend, settings, replica_app):
+        response = await client.post("/v1/adapters/big/versions", files=multipart(adapter_files()))
+        assert response.status_code == 429, response.text
+        assert response.json()["error"]["code"] == "quota_exceeded"
+        assert response.json()["error"]["param"] == "max_bytes"
+        await assert_nothing_left(client, backend, settings, "big", replica_app)
+        assert replica_app.state.calls == []  # refused before anything was written or loaded
