@@ -18,15 +18,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from adapters import keys as K
-from adapters.backend import Backend
+from adapters.backend import Backend, open_backend
 from adapters.errors import AdapterNotFound, AdapterNotReady, QuotaExceeded, VersionPruned
 from adapters.records import AdapterVersion, JobStatus, VersionStatus
 from adapters.store import TenantQuota
 from gateway_helpers import gateway_env
-from helpers import REDIS_URL
+from helpers import REDIS_URL, drop_redis_keys
 from test_gateway_validation import make_settings
 from test_store_contract import backend, backend_settings, submit  # noqa: F401  (the two-store fixture)
-from test_upload import adapter_files, assert_nothing_left, multipart, replica  # noqa: F401  (stand-in replica)
+from test_upload import (  # noqa: F401  (replica: the stand-in replica fixture)
+    adapter_files, assert_nothing_left, multipart, replica, settings_for,
+)
 
 
 async def ready(b: Backend, size: int = 0, name: str = "adp"):
@@ -50,9 +52,6 @@ async def break_record(b: Backend, settings, tenant: str, name: str, version: in
 @pytest.fixture(params=["sqlite", "redis"])
 async def two(request, tmp_path):
     """A backend and its settings (break_record needs the settings)."""
-    from adapters.backend import open_backend
-    from helpers import drop_redis_keys
-
     settings = backend_settings(request.param, tmp_path)
     b = open_backend(settings)
     yield b, settings
@@ -172,9 +171,7 @@ async def test_gateway_answers_pruned_pins_and_the_bytes_quota(env):
 
 # ---------------------------------------------------------------- uploads: the gateway's own retention and quota
 @pytest.fixture(params=["sqlite", "redis"])
-async def upload_env(request, tmp_path, replica):
-    from test_upload import settings_for
-
+async def upload_env(request, tmp_path, replica):  # noqa: F811
     app, server = replica
     app.state.refuse, app.state.calls, app.state.loaded = False, [], set()
 
