@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -21,8 +22,10 @@ from adapters import keys as K
 from adapters.backend import Backend, open_backend
 from adapters.errors import AdapterNotFound, AdapterNotReady, QuotaExceeded, VersionPruned
 from adapters.records import AdapterVersion, JobStatus, VersionStatus
+from adapters.retention import folder_bytes
+from adapters.settings import Settings
 from adapters.store import TenantQuota
-from gateway_helpers import gateway_env
+from gateway_helpers import free_port, gateway_env
 from helpers import REDIS_URL, drop_redis_keys
 from test_gateway_validation import make_settings
 from test_store_contract import backend, backend_settings, submit  # noqa: F401  (the two-store fixture)
@@ -212,3 +215,29 @@ async def test_an_upload_over_the_stored_bytes_quota_writes_nothing(upload_env):
         assert response.json()["error"]["param"] == "max_bytes"
         await assert_nothing_left(client, backend, settings, "big", replica_app)
         assert replica_app.state.calls == []  # refused before anything was written or loaded
+
+
+# ---------------------------------------------------------------- the worker: retention after each job
+async def test_the_worker_keeps_the_newest_versions_and_counts_their_bytes(tmp_path):
+    from adapters.artifacts import open_artifacts
+    from test_artifact_integrity import FakeEngine
+    from trainer.worker import Worker
+
+    settings = Settings(data_dir=tmp_path, redis_url=None, retain_versions=1,
+                        vllm_urls=[f"http://127.0.0.1:{free_port()}"])
+    b = open_backend(settings)
+    artifacts = open_artifacts(settings)
+    worker = Worker(settings, b, artifacts, FakeEngine(), asyncio.Event())
+    try:
+        for version in (1, 2, 3):
+            job = await b.store.submit_job("acme", "adp", 1, [{"prompt": "2+2?", "completion": " 4"}], {})
+            await worker.process(await b.queue.claim(worker.consumer, 1000))
+            assert (await b.store.get_job(job.id)).status is JobStatus.SUCCEEDED
+            assert [v.version for v in (await b.store.get_adapter("acme", "adp")).versions] == [version]
+            assert sorted(p.name for p in settings.adapter_root.iterdir()) == [f"acme~adp@v{version}"]
+        folder = folder_bytes(settings.adapter_root / "acme~adp@v3")
+        assert folder > 0 and await b.store.tenant_usage("acme") == folder
+        with pytest.raises(VersionPruned):
+            await b.store.resolve("acme", "adp", 2)
+    finally:
+        await b.close()
