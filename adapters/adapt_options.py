@@ -116,7 +116,8 @@ FAMILY_OPTIONS: dict[str, OptionSpec] = {spec.name: spec for spec in (
                min_exclusive=True, max_exclusive=True),
     OptionSpec("support_size", int, 16, 1, 256, "examples of a task the inner loop adapts on per outer step"),
     OptionSpec("query_size", int, 16, 1, 256, "disjoint examples of a task the adapted weights are judged on"),
-    *(OPTIONS[name] for name in ("learning_rate", "batch_size", "rank", "alpha", "seed", "holdout_fraction")),
+    *(OPTIONS[name] for name in ("learning_rate", "batch_size", "rank", "alpha", "max_seq_len", "seed",
+                                 "holdout_fraction")),
 )}
 
 FAMILY_DEFAULTS: dict[str, int | float] = {name: spec.default for name, spec in FAMILY_OPTIONS.items()}

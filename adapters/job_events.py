@@ -56,6 +56,14 @@ def evaluation_event(job_id: str, metrics: dict[str, Any]) -> JobEvent:
                   eval_on=on, loss_before=before, loss_after=after, num_holdout=metrics.get("num_holdout"))
 
 
+def validation_event(job_id: str, step: int, total_steps: int, method: str,
+                     losses: dict[str, float | None]) -> JobEvent:
+    """An init family's outer step: each task's loss on its held-back slice at the current init."""
+    shown = ", ".join(f"{task} {'-' if loss is None else f'{loss:.4f}'}" for task, loss in losses.items())
+    return _event(job_id, JobEventType.EVALUATION,
+                  f"outer step {step}/{total_steps} ({method}): validation loss {shown}", step=step, total_steps=total_steps, method=method, validation_loss=dict(losses))
+
+
 def numbered(events: list[JobEvent], last_id: int) -> list[JobEvent]:
     """`events` with ids continuing after `last_id` (the store's newest)."""
     for offset, event in enumerate(events, 1):

@@ -13,7 +13,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from adapters.adapt_options import OPTIONS, OptionSpec, check_together
+from adapters.adapt_options import FAMILY_OPTIONS, OPTIONS, OptionSpec, check_together
 from adapters.chat_template import CHAT_ROLES, InvalidConversation, check_conversation
 from adapters.names import NAME_PATTERN, version_label
 from adapters.records import Adapter, AdapterVersion, Job, JobEvent
@@ -90,6 +90,10 @@ class _AdaptRequestBase(BaseModel):
     # here only documents that rule in the OpenAPI schema.
     adapter: StrictStr = Field(max_length=256, json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
     examples: list[AnyExample]
+    # Unset: the service's default init (Settings.shared_init). Pinned to a version at submit, recorded in the
+    # job's options as "name@vN"; the init's procedure (K, learning rate, LoRA shape) becomes the job's defaults.
+    init: StrictStr | None = Field(default=None, max_length=256,
+                                   description="a tenant init to start from (POST /v1/inits): 'name' or 'name@v2'")
 
     def options(self) -> dict[str, Any]:
         """The training options the client set; unset ones take the worker's defaults."""
@@ -113,6 +117,32 @@ def _option_field(spec: OptionSpec) -> tuple[Any, Any]:
 # by settings.vllm_max_lora_rank and `max_seq_len` by settings.vllm_max_model_len (what vLLM was started with).
 AdaptRequest = create_model("AdaptRequest", __base__=_AdaptRequestBase, __module__=__name__,
                             **{name: _option_field(spec) for name, spec in OPTIONS.items()})
+
+
+class FamilyTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Validated by adapters.names.validate_name in the service: a task adapter is registered under it.
+    name: StrictStr = Field(max_length=256, json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
+    examples: list[AnyExample]  # the limits of one /adapt job's examples, checked by the service
+
+
+class _InitRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Field(max_length=256, json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
+    tasks: list[FamilyTask]
+    # Also register each task's adapter (K steps from the final init on its examples) as an adapter version
+    # named after the task.
+    register_task_adapters: StrictBool = False
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in FAMILY_OPTIONS if getattr(self, k) is not None}
+
+
+# POST /v1/inits: one field per option of adapters/adapt_options.py FAMILY_OPTIONS, bounded as there.
+InitRequest = create_model("InitRequest", __base__=_InitRequestBase, __module__=__name__,
+                           **{name: _option_field(spec) for name, spec in FAMILY_OPTIONS.items()})
 
 
 class InferenceRouting(BaseModel):
@@ -158,6 +188,7 @@ CHAT_REQUEST_OPENAPI = _inference_openapi({
 class JobResponse(BaseModel):
     id: str
     object: Literal["adapt.job"] = "adapt.job"
+    kind: str = "adapt"  # adapters.records.JobKind: "init" for POST /v1/inits (adapter, version, model: the init)
     adapter: str
     version: int
     model: str  # what to pass as `model` to /v1/completions once it succeeded: "name@vN"
@@ -184,7 +215,7 @@ class JobResponse(BaseModel):
             finished_at=job.finished_at, step=job.step, total_steps=job.total_steps, loss=job.loss,
             error=job.error, error_code=job.error_code, estimated_finish=job.estimated_finish,
             num_examples=job.num_examples, attempts=job.attempts, options=dict(job.options),
-            metrics=dict(job.metrics), **extra,
+            metrics=dict(job.metrics), kind=job.kind.value, **extra,
         )
 
 
@@ -278,6 +309,28 @@ class AdapterList(BaseModel):
 class DeleteAdapterResponse(BaseModel):
     name: str
     object: Literal["adapter.deleted"] = "adapter.deleted"
+    deleted: bool = True
+    versions: list[int]
+
+
+class InitResponse(AdapterResponse):
+    """An init (POST /v1/inits) and its versions: immutable, versioned like an adapter, never served itself."""
+
+    object: Literal["init"] = "init"  # type: ignore[assignment]
+
+    @classmethod
+    def from_init(cls, init: Adapter) -> "InitResponse":
+        return cls(**AdapterResponse.from_adapter(init).model_dump(exclude={"object"}))
+
+
+class InitList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[InitResponse]
+
+
+class DeleteInitResponse(BaseModel):
+    name: str
+    object: Literal["init.deleted"] = "init.deleted"
     deleted: bool = True
     versions: list[int]
 

@@ -21,6 +21,7 @@ from server.proxy import CHAT_COMPLETIONS, COMPLETIONS, ProxiedStream
 from server.adapter_io import UPLOAD_REQUEST_OPENAPI, read_upload
 from server.metrics import CONTENT_TYPE
 from server.protocol import VersionResponse
+from server.protocol import DeleteInitResponse, InitList, InitRequest, InitResponse
 
 router = APIRouter()
 
@@ -99,6 +100,30 @@ async def get_adapt_job(
     job = await (gw.wait_job(tenant, job_id, timeout, request.is_disconnected) if wait
                  else gw.get_job(tenant, job_id))
     return JobResponse.from_job(job)
+
+
+@router.post("/v1/inits", status_code=202, response_model=JobResponse)
+async def create_init(body: InitRequest, response: Response, tenant: TenantDep, gw: GatewayDep):
+    """Queue the meta-training of an init family; follow it at /adapt/{job_id} like any job."""
+    job = await gw.submit_init(tenant, body)
+    response.headers["Location"] = f"/adapt/{job.id}"
+    return JobResponse.from_job(job)
+
+
+@router.get("/v1/inits", response_model=InitList)
+async def list_inits(tenant: TenantDep, gw: GatewayDep):
+    return InitList(data=[InitResponse.from_init(i) for i in await gw.list_inits(tenant)])
+
+
+@router.get("/v1/inits/{name}", response_model=InitResponse)
+async def get_init(name: str, tenant: TenantDep, gw: GatewayDep):
+    return InitResponse.from_init(await gw.get_init(tenant, name))
+
+
+@router.delete("/v1/inits/{name}", response_model=DeleteInitResponse)
+async def delete_init(name: str, tenant: TenantDep, gw: GatewayDep):
+    removed = await gw.delete_init(tenant, name)
+    return DeleteInitResponse(name=name, versions=[v.version for v in removed])
 
 
 @router.post(COMPLETIONS, openapi_extra=COMPLETION_REQUEST_OPENAPI)

@@ -34,6 +34,10 @@ from server.limits import Slot, TenantLimiter
 from server.metrics import GatewayMetrics, check_scraper, render
 from server.proxy import ProxiedResponse, ProxiedStream, Target, forward, parse_body
 from server.upstream import UpstreamPool
+from adapters.adapt_options import MAX_FAMILY_TASKS, MIN_FAMILY_TASKS
+from adapters.errors import InitNotFound
+from adapters.names import init_folder_name
+from server.protocol import InitRequest
 
 log = logging.getLogger("metalora.gateway")
 
@@ -98,18 +102,32 @@ class Gateway:
         replayed): replayed is the job an identical request or the same Idempotency-Key already created
         (adapters/idempotency.py)."""
         name = validate_name(request.adapter)
+        self._check_example_count(request.examples, "examples")
+        options = self._checked_options(request.options())
+        examples = await self._checked_lengths(request.examples, options["max_seq_len"], "examples")
+        if request.init is not None:
+            options["init"] = await self._init_version(tenant, request.init)
+        dedupe = self._dedupe(name, examples, options, idempotency_key)
+        return await self.store.submit_job_once(tenant, name, len(examples), examples, options, quota=self.quota,
+                                                dedupe=dedupe)
+
+    # The limits of one job's examples, which an init family applies to each of its tasks.
+    def _check_example_count(self, examples: list, param: str) -> None:
         s = self.settings
-        n = len(request.examples)
+        n = len(examples)
         if not s.min_examples <= n <= s.max_examples:
             raise InvalidRequest(
-                f"examples: got {n} examples; between {s.min_examples} and {s.max_examples} are required",
-                param="examples")
-        size = sum(e.text_bytes() for e in request.examples)
+                f"{param}: got {n} examples; between {s.min_examples} and {s.max_examples} are required",
+                param=param)
+        size = sum(e.text_bytes() for e in examples)
         if size > s.quota_max_example_bytes:
             raise QuotaExceeded(
                 f"quota exceeded: the examples hold {size} bytes of text; the limit per job is"
                 f" {s.quota_max_example_bytes} bytes", quota="max_example_bytes")
-        options = request.options()
+
+    def _checked_options(self, options: dict) -> dict:
+        """The options with the serving engine's limits checked and max_seq_len set."""
+        s = self.settings
         problem = rank_problem(options["rank"], s) if "rank" in options else None
         if problem:
             raise InvalidRequest(f"rank: {problem}", param="rank")
@@ -118,18 +136,87 @@ class Gateway:
             raise InvalidRequest(
                 f"max_seq_len: {max_seq_len} exceeds the model context of {s.vllm_max_model_len} tokens",
                 param="max_seq_len")
-        examples = [e.model_dump() for e in request.examples]
+        return options
+
+    async def _checked_lengths(self, request_examples: list, max_seq_len: int, param: str) -> list[dict]:
+        """The examples as dicts, each within max_seq_len tokens by the trainer's rule."""
+        examples = [e.model_dump() for e in request_examples]
         lengths = await asyncio.to_thread(self.counter.lengths, examples)
         for index, length in enumerate(lengths):
             if length > max_seq_len:
                 what = ("the conversation in the chat template" if is_chat(examples[index])
                         else "prompt + completion + EOS")
                 raise InvalidRequest(
-                    f"examples.{index}: {what} is {length} tokens; the limit is"
-                    f" max_seq_len={max_seq_len} (model context {s.vllm_max_model_len})",
-                    param=f"examples.{index}", code="example_too_long")
-        dedupe = self._dedupe(name, examples, options, idempotency_key)
-        return await self.store.submit_job_once(tenant, name, n, examples, options, quota=self.quota, dedupe=dedupe)
+                    f"{param}.{index}: {what} is {length} tokens; the limit is"
+                    f" max_seq_len={max_seq_len} (model context {self.settings.vllm_max_model_len})",
+                    param=f"{param}.{index}", code="example_too_long")
+        return examples
+
+    # ------------------------------------------------------------ init families (POST /v1/inits)
+    async def submit_init(self, tenant: str, request: InitRequest) -> Job:
+        """Validate the whole family (each task as one /adapt job's examples), THEN write: a rejected request
+        leaves no trace. The job goes on the adapt jobs' queue, under the same quota."""
+        name = validate_name(request.name)
+        tasks = request.tasks
+        if not MIN_FAMILY_TASKS <= len(tasks) <= MAX_FAMILY_TASKS:
+            raise InvalidRequest(f"tasks: got {len(tasks)} tasks; an init family needs between {MIN_FAMILY_TASKS}"
+                                 f" and {MAX_FAMILY_TASKS}", param="tasks", code="invalid_task_count")
+        seen: set[str] = set()
+        for index, task in enumerate(tasks):
+            param = f"tasks.{index}.name"
+            try:
+                validate_name(task.name)  # a task adapter is registered under it
+            except InvalidAdapterName as exc:
+                raise InvalidRequest(f"{param}: {exc}", param=param, code=InvalidAdapterName.code) from None
+            if task.name in seen:
+                raise InvalidRequest(f"{param}: task name {task.name!r} appears twice; each task needs its own name",
+                                     param=param, code="duplicate_task_name")
+            seen.add(task.name)
+            self._check_example_count(task.examples, f"tasks.{index}.examples")
+        options = self._checked_options(request.options())
+        family = [{"name": task.name,
+                   "examples": await self._checked_lengths(task.examples, options["max_seq_len"],
+                                                           f"tasks.{index}.examples")}
+                  for index, task in enumerate(tasks)]
+        if request.register_task_adapters:
+            options["register_task_adapters"] = True
+        return await self.store.submit_init_job(tenant, name, sum(len(t["examples"]) for t in family), family,
+                                                options, quota=self.quota)
+
+    async def _init_version(self, tenant: str, ref: str) -> str:
+        """The init version an adapt job starts from, pinned at submit ("name@vN"): a later version of the same
+        init does not change what a queued job trains from."""
+        try:
+            parsed = parse_ref(ref)
+        except InvalidAdapterName as exc:
+            raise InvalidRequest(f"init: {exc}", param="init", code=InvalidAdapterName.code) from None
+        version = await self.store.resolve_init(tenant, parsed.name, parsed.version)
+        return version_label(version.adapter, version.version)
+
+    async def list_inits(self, tenant: str) -> list[Adapter]:
+        return await self.store.list_inits(tenant)
+
+    async def get_init(self, tenant: str, name: str) -> Adapter:
+        return await self.store.get_init(tenant, self._init_name(name))
+
+    async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
+        """Delete the records (adapt jobs naming it are refused from then on; queued ones fail at their start),
+        then its folders. Adapters trained from it keep working: they are whole adapters."""
+        removed = await self.store.delete_init(tenant, self._init_name(name))
+        try:
+            artifacts = open_artifacts(self.settings)
+            for v in removed:
+                await asyncio.to_thread(artifacts.delete, init_folder_name(tenant, v.adapter, v.version))
+        except OSError:  # the records are gone: a folder left is an orphan, which the log must name
+            log.exception("could not delete the folders of init %s", name)
+        return removed
+
+    @staticmethod
+    def _init_name(name: str) -> str:
+        try:
+            return validate_name(name)
+        except InvalidAdapterName:  # no init can have it: the 404 an unknown name gets
+            raise InitNotFound(name) from None
 
     def _dedupe(self, name: str, examples: list[dict], options: dict, idempotency_key: str | None) -> Dedupe | None:
         window = self.settings.idempotency_window_s

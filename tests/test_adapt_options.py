@@ -48,7 +48,7 @@ def edge_cases(spec):
 
 
 def test_wire_and_config_name_the_same_options():
-    wire = set(AdaptRequest.model_fields) - {"adapter", "examples"}
+    wire = set(AdaptRequest.model_fields) - {"adapter", "examples", "init"}  # init: where from, not how
     config = {f.name for f in fields(AdaptConfig)} - CONFIG_ONLY
     assert wire == config == set(OPTIONS)
 

@@ -123,6 +123,7 @@ class AdaptEngine:
         self.model = get_peft_model(base, self.default_config.lora_config())
         self._structure = self._structure_of(self.default_config)
         self._last: AdaptOutcome | None = None
+        self._last_shared: SharedInit | None = None  # the init the last `train` started from, for `save`
         # One job at a time on the resident model; reentrant, since `train` calls the public `reset_lora`.
         self._lock = threading.RLock()
 
@@ -130,20 +131,35 @@ class AdaptEngine:
     def _structure_of(config: AdaptConfig) -> tuple:
         return (config.lora_structure(), config.dropout)
 
-    def reset_lora(self, config: AdaptConfig) -> tuple[str, str | None]:
+    @property
+    def lock(self) -> threading.RLock:
+        """Held for anything that uses the resident model (meta-training a family holds it for the whole job)."""
+        return self._lock
+
+    def load_init(self, path: Path | str) -> SharedInit:
+        """A tenant's init (an init family's folder), for `train(..., shared=)` and `defaults_for`."""
+        return load_shared_init(path)
+
+    def defaults_for(self, shared: SharedInit | None) -> AdaptConfig:
+        """A job's config before its options when it starts from `shared` (None: the engine's own default)."""
+        return self.default_config if shared is None else job_defaults(shared)
+
+    def reset_lora(self, config: AdaptConfig, shared: SharedInit | None | str = "engine") -> tuple[str, str | None]:
         """Put LoRA modules of `config`'s shape in place, at their init (the shared init where it fits, else
-        peft's standard init under `config.seed`): what `train` does before the K steps. Returns (init kind, note)."""
+        peft's standard init under `config.seed`): what `train` does before the K steps. `shared`: the engine's
+        shared init ("engine"), another (a tenant's init), or None for the standard init. Returns (init kind, note)."""
+        shared = self.shared if isinstance(shared, str) else shared
         with self._lock:
             if self._structure_of(config) != self._structure:
                 base = self.model.unload()
                 base.requires_grad_(False)
                 self.model = get_peft_model(base, config.lora_config())
                 self._structure = self._structure_of(config)
-            if self.shared is not None and config.lora_structure() == self.shared.adapt_config.lora_structure():
-                result = set_peft_model_state_dict(self.model, self.shared.state, adapter_name=_ADAPTER)
+            if shared is not None and config.lora_structure() == shared.adapt_config.lora_structure():
+                result = set_peft_model_state_dict(self.model, shared.state, adapter_name=_ADAPTER)
                 missing = [k for k in result.missing_keys if "lora_" in k]
                 if missing or result.unexpected_keys:
-                    raise ValueError(f"shared init {self.shared.path} does not fit the base model: missing {missing[:3]},"
+                    raise ValueError(f"shared init {shared.path} does not fit the base model: missing {missing[:3]},"
                                      f" unexpected {list(result.unexpected_keys)[:3]}")
                 return "shared", None
             # peft's standard init (A kaiming-uniform, B zero), reproducible under the job's seed.
@@ -151,22 +167,25 @@ class AdaptEngine:
             for module in self.model.modules():
                 if isinstance(module, LoraLayer):
                     module.reset_lora_parameters(_ADAPTER, True)
-            if self.shared is None:
+            if shared is None:
                 return "standard", None
-            s = self.shared.adapt_config
+            s = shared.adapt_config
             return "standard", (f"the shared init is for rank {s.rank}, alpha {s.alpha}, targets {list(s.target_modules)};"
                                 f" this job asked for rank {config.rank}, alpha {config.alpha},"
                                 f" targets {list(config.target_modules)}, so it started from the standard LoRA init")
 
     def train(self, examples: list[dict], config: AdaptConfig | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> AdaptOutcome:
+              on_step: Callable[[int, float], None] | None = None,
+              shared: SharedInit | None | str = "engine") -> AdaptOutcome:
+        """`shared`: as in reset_lora; a tenant's init goes with `defaults_for(it)` as the config's base."""
         config = config or self.default_config
+        shared = self.shared if isinstance(shared, str) else shared
         with self._lock:
             started = time.perf_counter()
             encoded = encode_examples(self.tokenizer, examples, config.max_seq_len)
             train_set, holdout = split_holdout(encoded, config)
             timings = {"encode_s": time.perf_counter() - started}
-            init, note = self.reset_lora(config)
+            init, note = self.reset_lora(config, shared)
             timings["reset_s"] = time.perf_counter() - started - timings["encode_s"]
             eval_set = holdout or train_set
             auto: dict[str, Any] = {}
@@ -211,7 +230,14 @@ class AdaptEngine:
             if note:
                 metrics["init_note"] = note
             self._last = AdaptOutcome(config=config, metrics=metrics)
+            self._last_shared = shared if init == "shared" else None
             return self._last
+
+    def save_init(self, out_dir: Path, config: AdaptConfig, base_model_name_or_path: str, meta: dict[str, Any]) -> None:
+        """Write the LoRA the model holds now (a family's meta-trained init) as a shared-init folder for `config`'s
+        procedure."""
+        with self._lock:
+            save_shared_init(self.model, out_dir, config, base_model_name_or_path, meta)
 
     def save(self, out_dir: Path, base_model_name_or_path: str) -> None:
         """Write the adapter from the last `train` (PEFT files + metalora_adapt.json)."""
@@ -222,6 +248,6 @@ class AdaptEngine:
                 "adapt_config": self._last.config.to_dict(),
                 "metrics": self._last.metrics,
                 "base_model": base_model_name_or_path,
-                "shared_init": str(self.shared.path) if self.shared and self._last.metrics["init"] == "shared" else None,
+                "shared_init": str(self._last_shared.path) if self._last_shared is not None else None,
             }
             write_adapter(self.model, out_dir, base_model_name_or_path, {ADAPT_RECORD: record})

@@ -31,15 +31,15 @@ import httpx
 from adapters.artifacts import ArtifactExists, ArtifactStore, open_artifacts
 from adapters.backend import Backend, open_backend
 from adapters.base_model import base_model_path
-from adapters.errors import ArtifactCorrupt, JobNotFound, StoreUnavailable
+from adapters.errors import AdapterNotFound, ArtifactCorrupt, JobNotFound, QuotaExceeded, StoreUnavailable
 from adapters.job_stats import StepClock, job_observation
-from adapters.job_events import evaluation_event, step_event
-from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD
+from adapters.job_events import evaluation_event, step_event, validation_event
+from adapters.layout import ADAPT_RECORD, ADAPTER_WEIGHTS, JOB_RECORD, SHARED_INIT_META
 from adapters.logs import configure_logging
-from adapters.names import vllm_name
-from adapters.records import Job, JobErrorCode, JobKind, JobStatus, now
+from adapters.names import init_folder_name, parse_ref, version_label, vllm_name
+from adapters.records import AdapterVersion, Job, JobErrorCode, JobKind, JobStatus, VersionStatus, now
 from adapters.settings import Settings
-from adapters.store import JobLease, LeaseLost
+from adapters.store import JobLease, LeaseLost, TenantQuota
 from adapters.retention import folder_bytes, prune
 from adapters.warmup import load_everywhere, unload_everywhere
 from trainer.config import NonFiniteLoss
@@ -73,22 +73,33 @@ class _Progress:
         self.events: list = []
         self.last_report = 0.0
         self.first_step_at: float | None = None
+        self.metrics: dict | None = None  # reported with the next report
 
-    def __call__(self, step: int, loss: float) -> None:
+    def check(self, step: int) -> None:
+        """Raise JobAborted on a stop request, a lost lease, a cancel or past the timeout."""
         if self.abort:
             raise JobAborted(self.abort[0])
         if self._finished_meanwhile():
             raise JobAborted(CANCELLED)
-        t = time.monotonic()
-        if t > self.deadline:
+        if time.monotonic() > self.deadline:
             raise JobAborted(f"timed out after {self.worker.settings.job_timeout_s:g}s (METALORA_JOB_TIMEOUT_S)"
                              f" at step {step}/{self.total}")
+
+    def __call__(self, step: int, loss: float, metrics: dict | None = None, events: list | None = None) -> None:
+        """`metrics`/`events`: what a family job reports with an outer step (its method and validation losses)."""
+        self.check(step)
+        t = time.monotonic()
         self.events.append(step_event(self.job_id, step, self.total, loss))
+        self.events.extend(events or ())
+        if metrics is not None:
+            self.metrics = metrics
         if self.first_step_at is None:
             self.first_step_at = t
         if (step == 1 or t - self.last_report >= PROGRESS_INTERVAL_S) and (not self.pending or self.pending[-1].done()):
             self.last_report = t
             changes = {"step": step, "total_steps": self.total, "loss": loss}
+            if self.metrics is not None:
+                changes["metrics"], self.metrics = self.metrics, None
             if step > 1:  # step 1's time includes warm-up; later steps give the pace
                 pace = (t - self.first_step_at) / (step - 1)
                 changes["estimated_finish"] = now() + max(0, self.total - step) * pace
@@ -179,7 +190,8 @@ class Worker:
         await self._run_job(job, lease)
 
     async def _run_job(self, job: Job, lease: JobLease) -> None:
-        name = vllm_name(job.tenant, job.adapter, job.version)
+        name = _folder(job)
+        init_job = job.kind is JobKind.INIT
         started = time.monotonic()
         running = await self.store.update_job(job.id, status=JobStatus.RUNNING, attempts=lease.delivery_count,
                                               started_at=now(), step=0, error=None)
@@ -192,10 +204,14 @@ class Worker:
         try:
             if self._written_by(name, job.id) and await asyncio.to_thread(self._intact, name):
                 # A previous attempt wrote the folder and died before marking it ready.
-                metrics = self.artifacts.read_json(name, ADAPT_RECORD)["metrics"]
+                metrics = self.artifacts.read_json(name, SHARED_INIT_META if init_job else ADAPT_RECORD)["metrics"]
                 log.info("job %s start %s: adapter already written by attempt before, finishing", job.id, name)
+            elif init_job:
+                metrics = await self._train_family_and_write(job, lease, name, abort, started)
             else:
                 metrics = await self._train_and_write(job, lease, name, abort, started)
+            if init_job and (job.options or {}).get("register_task_adapters"):
+                metrics["task_adapters"] = await self._register_task_adapters(job, name, abort, started)
         except JobAborted as exc:
             reason = str(exc)
             if reason.startswith("timed out"):
@@ -223,14 +239,20 @@ class Worker:
         finally:
             heartbeat.cancel()
             watch_stop.cancel()
-        # Before the job reports succeeded: the first request for the version finds it loaded (adapters/warmup.py).
-        metrics["warm"] = await self._warm(name)
+        if not init_job:  # an init is never served; its task adapters were warmed as they were registered
+            # Before the job reports succeeded: the first request for the version finds it loaded (adapters/warmup.py).
+            metrics["warm"] = await self._warm(name)
         if await self.store.finish_job(job.id, metrics, size_bytes=await self._size(name)):
             await self.queue.ack(lease)
             await self._observe(job.id, metrics.get("step_seconds", []))
             await self._retain(job)
-            log.info("job %s succeeded: %s in %.1fs, loss %.3f -> %.3f (%s init)", job.id, name,
-                     time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
+            if init_job:
+                log.info("job %s succeeded: init %s in %.1fs (%s), validation loss %s -> %s", job.id, name,
+                         time.monotonic() - started, metrics["method"], metrics["validation_loss_before"],
+                         metrics["validation_loss_after"])
+            else:
+                log.info("job %s succeeded: %s in %.1fs, loss %.3f -> %.3f (%s init)", job.id, name,
+                         time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
         else:
             # The adapter was deleted while training; its folder must not outlive it, nor its load.
             async with httpx.AsyncClient() as client:
@@ -241,7 +263,15 @@ class Worker:
             log.info("job %s discarded: cancelled or its adapter deleted while it was written", job.id)
 
     async def _train_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str], started: float) -> dict:
-        config = self.engine.default_config.merged(job.options or {})
+        options = dict(job.options or {})
+        init_ref = options.pop("init", None)  # a tenant's init, "name@vN" (resolved by the gateway at submit)
+        train = self.engine.train
+        if init_ref is None:
+            config = self.engine.default_config.merged(options)
+        else:
+            shared = await asyncio.to_thread(self._load_family_init, job.tenant, init_ref)
+            config = self.engine.defaults_for(shared).merged(options)
+            train = functools.partial(self.engine.train, shared=shared)
         examples = await self.store.get_job_examples(job.id)
         # With steps="auto" the total is the budget; the job ends at the K it chose.
         await self.store.update_job(job.id, total_steps=config.step_budget)
@@ -249,7 +279,7 @@ class Worker:
                  self.settings.max_job_attempts, len(examples), config.steps)
         on_step, pending = self._progress_reporter(job.id, config.step_budget, abort, started)
         clock = StepClock()
-        outcome = await asyncio.to_thread(self.engine.train, examples, config, clock.wrap(on_step))
+        outcome = await asyncio.to_thread(train, examples, config, clock.wrap(on_step))
         if pending:  # let the last throttled report land before the final one
             await asyncio.wrap_future(pending[-1])
         last_events = [*on_step.unreported(), evaluation_event(job.id, outcome.metrics)]
@@ -261,18 +291,117 @@ class Worker:
         await asyncio.to_thread(self._write, job, name)
         metrics = dict(outcome.metrics, step_seconds=clock.times)
         metrics["timings"] = {**metrics.get("timings", {}), "write_s": time.perf_counter() - t_write}
+        if init_ref is not None:
+            metrics["init_version"] = init_ref
         return metrics
+
+    def _load_family_init(self, tenant: str, init_ref: str):
+        """The tenant's init version an adapt job names; ValueError (invalid_input) when it was deleted since."""
+        ref = parse_ref(init_ref)
+        folder = init_folder_name(tenant, ref.name, ref.version)
+        if not self.artifacts.exists(folder):
+            raise ValueError(f"init {init_ref!r} no longer exists: it was deleted after this job was submitted")
+        self.artifacts.verify(folder)
+        return self.engine.load_init(self.artifacts.path(folder))
+
+    async def _train_family_and_write(self, job: Job, lease: JobLease, name: str, abort: list[str],
+                                      started: float) -> dict:
+        """Meta-train the init of a family job (trainer/family.py) and write it as a shared-init folder. Progress:
+        outer step i of N (the job's step / total_steps), and the method and each task's validation loss in
+        the job's metrics and events."""
+        from trainer.family import FamilyConfig, train_family  # imports torch, like build_engine
+
+        config = FamilyConfig.from_options(job.options or {})
+        tasks = await self.store.get_job_examples(job.id)
+        await self.store.update_job(job.id, total_steps=config.outer_steps)
+        log.info("job %s start init %s: attempt %d/%d, %d tasks, %d outer steps", job.id, name, lease.delivery_count,
+                 self.settings.max_job_attempts, len(tasks), config.outer_steps)
+        progress, pending = self._progress_reporter(job.id, config.outer_steps, abort, started)
+        latest: dict = {}
+
+        def on_outer_step(report) -> None:
+            latest.update(method=report.method, outer_step=report.step, outer_steps=report.total,
+                          validation_loss=report.validation_loss)
+            if report.step == 0:
+                progress.check(0)
+                progress.metrics = dict(latest)
+                return
+            progress(report.step, report.query_loss, metrics=dict(latest), events=[validation_event(
+                job.id, report.step, report.total, report.method, report.validation_loss)])
+
+        metrics = await asyncio.to_thread(train_family, self.engine, tasks, config, on_outer_step)
+        if pending:
+            await asyncio.wrap_future(pending[-1])
+        reported = await self.store.update_job(job.id, step=config.outer_steps, metrics=dict(latest),
+                                               events=progress.unreported())
+        if reported.status.finished:
+            raise JobAborted(CANCELLED)
+        meta = {"metrics": metrics, "init": version_label(job.adapter, job.version), "job_id": job.id}
+        await asyncio.to_thread(self._write, job, name,
+                                lambda tmp: self.engine.save_init(tmp, config.adapt_config(), self.base_model_name,
+                                                                  meta))
+        return metrics
+
+    async def _register_task_adapters(self, job: Job, init_name: str, abort: list[str], started: float) -> list[dict]:
+        """Each task's adapter, K steps from the family's init on its examples (as an adapt job with "init"
+        would train it), registered as an ordinary adapter version named after the task. A retry of the job
+        skips the tasks an earlier attempt registered."""
+        tasks = await self.store.get_job_examples(job.id)
+        shared = await asyncio.to_thread(self.engine.load_init, self.artifacts.path(init_name))
+        config = self.engine.defaults_for(shared)
+        progress = _Progress(self, job.id, config.steps, abort, started)
+        init_ref = version_label(job.adapter, job.version)
+        registered = []
+        for task in tasks:
+            done = await self._registered_by(job, task["name"])
+            if done is None:
+                outcome = await asyncio.to_thread(self.engine.train, task["examples"], config,
+                                                  lambda step, loss: progress.check(step), shared)
+                done = await self._register_task(job, task, outcome.metrics, init_ref)
+            registered.append(done)
+        return registered
+
+    async def _register_task(self, job: Job, task: dict, metrics: dict, init_ref: str) -> dict:
+        version = await self.store.allocate_version(job.tenant, task["name"])
+        name = vllm_name(job.tenant, task["name"], version)
+        metrics = dict(metrics, init_version=init_ref, family_job=job.id)
+        await asyncio.to_thread(self._write, job, name, None,
+                                {"job_id": job.id, "tenant": job.tenant, "adapter": task["name"], "version": version})
+        metrics["warm"] = await self._warm(name)
+        record = AdapterVersion(tenant=job.tenant, adapter=task["name"], version=version, job_id=job.id,
+                                num_examples=len(task["examples"]), status=VersionStatus.READY, ready_at=now(),
+                                metrics=metrics, size_bytes=await self._size(name))
+        quota = TenantQuota(max_adapters=self.settings.quota_max_adapters,
+                            max_bytes=self.settings.quota_max_stored_bytes)
+        try:
+            await self.store.add_version(record, quota)
+        except QuotaExceeded as exc:
+            await asyncio.to_thread(self.artifacts.delete, name)
+            raise ValueError(f"task adapter {task['name']!r}: {exc}") from None
+        return _task_summary(record)
+
+    async def _registered_by(self, job: Job, task: str) -> dict | None:
+        try:
+            adapter = await self.store.get_adapter(job.tenant, task)
+        except AdapterNotFound:
+            return None
+        mine = [v for v in adapter.versions if v.job_id == job.id and v.status is VersionStatus.READY]
+        return _task_summary(mine[-1]) if mine else None
 
     def _progress_reporter(self, job_id: str, total: int, abort: list[str], started: float):
         progress = _Progress(self, job_id, total, abort, started)
         return progress, progress.pending
 
-    def _write(self, job: Job, name: str) -> None:
+    def _write(self, job: Job, name: str, save=None, record: dict | None = None) -> None:
+        """Write folder `name` atomically: `save(tmp)` (default: the engine's last adapter) and JOB_RECORD."""
+        record = record or {"job_id": job.id, "tenant": job.tenant, "adapter": job.adapter, "version": job.version}
         try:
             with self.artifacts.staging(name) as tmp:
-                self.engine.save(tmp, self.base_model_name)
-                (tmp / JOB_RECORD).write_text(json.dumps({"job_id": job.id, "tenant": job.tenant,
-                                                          "adapter": job.adapter, "version": job.version}))
+                if save is None:
+                    self.engine.save(tmp, self.base_model_name)
+                else:
+                    save(tmp)
+                (tmp / JOB_RECORD).write_text(json.dumps(record))
         except ArtifactExists:
             if not self._written_by(name, job.id):
                 raise
@@ -353,6 +482,19 @@ class Worker:
     async def _on_stop(self, abort: list[str]) -> None:
         await self.stop.wait()
         abort.append("shutdown")
+
+
+def _folder(job: Job) -> str:
+    """The folder a job writes: an adapter version (vLLM serves it), or an init version (never served)."""
+    if job.kind is JobKind.INIT:
+        return init_folder_name(job.tenant, job.adapter, job.version)
+    return vllm_name(job.tenant, job.adapter, job.version)
+
+
+def _task_summary(version: AdapterVersion) -> dict:
+    m = version.metrics
+    return {"adapter": version.adapter, "version": version.version,
+            "model": version_label(version.adapter, version.version), "loss_before": m.get("loss_before"), "loss_after": m.get("loss_after")}
 
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None, engine=None) -> None:
