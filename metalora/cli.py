@@ -16,6 +16,8 @@ Client commands, against a running gateway (METALORA_URL, default the local one;
     metalora adapt examples.jsonl --adapter NAME [--wait]   # train a new version; --wait shows step and loss
     metalora jobs [--adapter NAME] [--status S]            # the newest adapt jobs
     metalora adapters                                      # adapters and their versions
+    metalora init NAME A.jsonl B.jsonl… [--wait]           # meta-learn an init from a family of tasks (one per file)
+    metalora inits                                         # inits and their versions
     metalora complete --adapter NAME "prompt"              # stream a completion (no --adapter: the base model)
     metalora download NAME[@vN] [-o FILE]                  # a version's PEFT files as a zip
     metalora upload NAME PATH…                             # a PEFT LoRA (folder, files or archive) as a new version
@@ -34,7 +36,7 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from adapters.adapt_options import OPTIONS
+from adapters.adapt_options import FAMILY_OPTIONS, OPTIONS
 from adapters.api_keys import new_api_key
 from adapters.backend import open_backend
 from adapters.errors import MetaloraError
@@ -145,6 +147,8 @@ def _when(timestamp: float | None) -> str:
 @_client
 def cmd_adapt(client: MetaloraClient, args) -> int:
     options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) is not None}
+    if args.init is not None:
+        options["init"] = args.init
     job = client.adapt(args.adapter, read_examples(args.examples), options)
     print(f"{job['id']}: {job['model']} {job['status']}", file=sys.stderr)
     if args.wait:
@@ -172,6 +176,31 @@ def cmd_adapters(client: MetaloraClient, args) -> None:
     for a in client.adapters():
         print(f"{a['name']:<32} {a['ready_version'] or '-':>6} {a['latest_version'] or '-':>7}"
               f" {a['status'] or '-':<10} {_when(a['created_at'])}")
+
+
+@_client
+def cmd_init(client: MetaloraClient, args) -> int:
+    options = {name: getattr(args, name) for name in FAMILY_OPTIONS if getattr(args, name) is not None}
+    if args.register_task_adapters:
+        options["register_task_adapters"] = True
+    tasks = [{"name": path.stem, "examples": read_examples(path)} for path in args.tasks]
+    job = client.create_init(args.name, tasks, options)
+    print(f"{job['id']}: init {job['model']} {job['status']}", file=sys.stderr)
+    if args.wait:
+        job = client.wait(job["id"], ProgressBar())
+        if job["status"] != "succeeded":
+            print(f"error: job {job['id']} {job['status']}: {job.get('error')}", file=sys.stderr)
+            return 1
+    print(json.dumps(job) if args.json else job["id"])
+    return 0
+
+
+@_client
+def cmd_inits(client: MetaloraClient, args) -> None:
+    print(f"{'name':<32} {'ready':>6} {'latest':>7} {'status':<10} created")
+    for i in client.inits():
+        print(f"{i['name']:<32} {i['ready_version'] or '-':>6} {i['latest_version'] or '-':>7}"
+              f" {i['status'] or '-':<10} {_when(i['created_at'])}")
 
 
 @_client
@@ -211,6 +240,7 @@ def add_client_commands(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter name; each run adds a version (name@v1, @v2, ...)")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar (step, loss) to its end")
     p.add_argument("--json", action="store_true", help="print the final job as JSON instead of its id")
+    p.add_argument("--init", default=None, help="a tenant init to start from (metalora init): name or name@vN")
     for name, spec in OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_option_value(spec.type), default=None,
                        help=f"{spec.doc} (default: the worker's)")
@@ -223,6 +253,20 @@ def add_client_commands(sub) -> None:
     p.set_defaults(func=cmd_jobs)
 
     sub.add_parser("adapters", help="list adapters and their versions").set_defaults(func=cmd_adapters)
+
+    p = sub.add_parser("init", help="meta-learn an init from a family of tasks (POST /v1/inits)")
+    p.add_argument("name", help="init name; each run adds a version (name@v1, ...); adapt --init NAME starts from it")
+    p.add_argument("tasks", type=Path, nargs="+", help="one JSONL file of examples per task; the file's stem names it")
+    p.add_argument("--register-task-adapters", action="store_true",
+                   help="also register each task's adapter (K steps from the init), named after its file")
+    p.add_argument("--wait", action="store_true", help="follow the job (outer step i of N) to its end")
+    p.add_argument("--json", action="store_true", help="print the final job as JSON instead of its id")
+    for name, spec in FAMILY_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_option_value(spec.type), default=None,
+                       help=f"{spec.doc} (default: {spec.default})")
+    p.set_defaults(func=cmd_init)
+
+    sub.add_parser("inits", help="list inits and their versions").set_defaults(func=cmd_inits)
 
     p = sub.add_parser("complete", help="stream a completion from an adapter (or the base model)")
     p.add_argument("prompt", help="the prompt text")

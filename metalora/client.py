@@ -91,6 +91,14 @@ class MetaloraClient:
                 return job
             time.sleep(poll_s)
 
+    # ------------------------------------------------------------ init families
+    def create_init(self, name: str, tasks: list[dict], options: dict[str, Any]) -> dict:
+        """Queue an init family's meta-training: `tasks` = [{"name", "examples"}]; the job, followed like any."""
+        return self.request("POST", "/v1/inits", json={"name": name, "tasks": tasks, **options}).json()
+
+    def inits(self) -> list[dict]:
+        return self.request("GET", "/v1/inits").json()["data"]
+
     # ------------------------------------------------------------ adapters and inference
     def adapters(self) -> list[dict]:
         return self.request("GET", "/v1/adapters").json()["data"]

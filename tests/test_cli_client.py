@@ -157,3 +157,25 @@ def test_wrong_key_and_unreachable_gateway_are_one_line_errors(gateway, capsys, 
     monkeypatch.setenv("METALORA_URL", f"http://127.0.0.1:{free_port()}")
     code, _, err = run(capsys, "jobs")
     assert code == 1 and "cannot reach the gateway" in err
+
+
+def test_init_family_and_adapt_from_it_through_the_cli(gateway, tmp_path, capsys):
+    files = []
+    for task in ("refunds", "shipping"):
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
+        files.append(str(path))
+    code, out, err = run(capsys, "init", "desk", *files, "--outer-steps", "2", "--register-task-adapters", "--json")
+    assert code == 0, err
+    job = json.loads(out)
+    assert (job["kind"], job["model"], job["status"], job["options"]["outer_steps"]) == ("init", "desk@v1", "queued", 2)
+    assert job["options"]["register_task_adapters"] is True and job["num_examples"] == 4
+
+    code, out, _ = run(capsys, "inits")
+    rows = {line.split()[0]: line.split()[1:4] for line in out.splitlines()[1:]}
+    assert rows == {"desk": ["-", "1", "queued"]}
+    # Not trained yet: the gateway's 409, as one line.
+    code, _, err = run(capsys, "adapt", files[0], "--adapter", "warranty", "--init", "desk")
+    assert code == 1 and "error: init 'desk' has no ready version yet" in err
+    code, _, err = run(capsys, "init", "solo", files[0])
+    assert code == 1 and "an init family needs between 2 and 64" in err
