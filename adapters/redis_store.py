@@ -477,7 +477,8 @@ class RedisMetadataStore:
                 if raw is not None:
                     job = Job.from_dict(json.loads(raw))
                     previous = job.status
-                    if not job.status.finished:
+                    # A task adapter an init family registered: its job trains the init, which lives on.
+                    if not job.status.finished and job.kind is JobKind.ADAPT:
                         cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
                         jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
             pipe.multi()

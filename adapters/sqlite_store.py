@@ -454,7 +454,8 @@ class SqliteMetadataStore:
                 except JobNotFound:
                     continue
                 previous = job.status
-                if not job.status.finished:
+                # A task adapter an init family registered: its job trains the init, which lives on.
+                if not job.status.finished and job.kind is JobKind.ADAPT:
                     cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
                     _write_job(c, job)
                     _append_events(c, job.id, changed_job_events(job, previous))

@@ -7,7 +7,7 @@ import pytest
 
 from adapters.backend import Backend
 from adapters.errors import AdapterNotFound, InitNotFound, InitNotReady, QuotaExceeded
-from adapters.records import JobErrorCode, JobKind, JobStatus, VersionStatus
+from adapters.records import AdapterVersion, JobErrorCode, JobKind, JobStatus, VersionStatus
 from adapters.store import TenantQuota
 from test_store_contract import EXAMPLES, backend  # noqa: F401 (backend: the two-store fixture)
 
@@ -82,3 +82,18 @@ async def test_init_tenancy_delete_and_quota(backend: Backend):
     assert (await submit_init(backend)).version == 2
     # InitNotFound is an AdapterNotFound (one 404 class), with its own code.
     assert issubclass(InitNotFound, AdapterNotFound) and InitNotFound.code == "init_not_found"
+
+
+async def test_deleting_a_task_adapter_leaves_its_family_job_running(backend: Backend):
+    """register_task_adapters adds versions owned by the init job while it still runs: deleting one of those
+    adapters must not cancel the family's job."""
+    s = backend.store
+    job = await submit_init(backend)
+    await s.update_job(job.id, status=JobStatus.RUNNING)
+    version = await s.allocate_version("acme", "a")
+    await s.add_version(AdapterVersion(tenant="acme", adapter="a", version=version, job_id=job.id, num_examples=2,
+                                       status=VersionStatus.READY))
+    assert [v.version for v in await s.delete_adapter("acme", "a")] == [version]
+    assert (await s.get_job(job.id)).status is JobStatus.RUNNING
+    assert await s.finish_job(job.id, {}) is True
+    assert (await s.resolve_init("acme", "desk", None)).status is VersionStatus.READY
