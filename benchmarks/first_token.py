@@ -9,8 +9,8 @@ Where each figure comes from (one job per repeat, after one warm-up job that is 
 - submit: the POST /adapt round trip (validation, token counting, the store write);
 - queue pickup: job.started_at - job.created_at (store timestamps);
 - tokenisation, LoRA reset, holdout evaluation (before + after), K steps: the engine's metrics.timings;
-- write: the PEFT save into the adapter store (metrics.timings.write_s); load: the worker's
-  /v1/load_lora_adapter on every replica (metrics.warm.seconds);
+- write: the PEFT save into the adapter store (metrics.timings.write_s); load: the worker's warm-up (the folder's
+  checksums verified, /v1/load_lora_adapter on every replica, the checksums again: metrics.warm.seconds);
 - register + bookkeeping: the rest of the worker's time (reading the examples, progress writes, finish_job);
 - notice: when this client's 20 ms poll of the store saw `succeeded`, minus job.finished_at;
 - first token: time to the first streamed text chunk of the first request naming the adapter.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import sys
 import tempfile
 import time
@@ -66,14 +67,19 @@ async def time_to_first_token(client: httpx.AsyncClient, body: dict) -> tuple[fl
     return (first if first is not None else time.perf_counter() - t0), time.perf_counter() - t0
 
 
+def engine_client(vllm_key: str | None) -> httpx.AsyncClient:
+    """Straight to the replica (unloads, the warm-up's own load), with the key vLLM requires of its callers."""
+    return httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {vllm_key}"} if vllm_key else {})
+
+
 async def unload(client: httpx.AsyncClient, vllm: str, served: str) -> None:
     response = await client.post(vllm + UNLOAD_PATH, json={"lora_name": served})
     if response.status_code != 200:
         raise RuntimeError(f"unload for a cold request: {response.status_code} {response.text[:300]}")
 
 
-async def first_requests_under_load(client: httpx.AsyncClient, vllm: str, served: str, lora_path: str,
-                                    request: dict, adapter_request: dict, cold_first: bool) -> dict:
+async def first_requests_under_load(client: httpx.AsyncClient, engine: httpx.AsyncClient, vllm: str, served: str,
+                                    lora_path: str, request: dict, adapter_request: dict, cold_first: bool) -> dict:
     """The first request to the version while BUSY_CLIENTS stream base-model completions: cold (unloaded, so
     loaded on demand) and warm (loaded ahead with the worker's own call), in the order given."""
     stop = asyncio.Event()
@@ -87,9 +93,9 @@ async def first_requests_under_load(client: httpx.AsyncClient, vllm: str, served
         await asyncio.sleep(BUSY_RAMP_S)
         out = {}
         for kind in (("cold", "warm") if cold_first else ("warm", "cold")):
-            await unload(client, vllm, served)
+            await unload(engine, vllm, served)
             if kind == "warm":
-                loaded = await load_everywhere(client, [vllm], served, lora_path)
+                loaded = await load_everywhere(engine, [vllm], served, lora_path)
                 if not loaded.warm:
                     raise RuntimeError(f"warm load failed: {loaded.to_dict()}")
             out[kind], _ = await time_to_first_token(client, adapter_request)
@@ -99,12 +105,13 @@ async def first_requests_under_load(client: httpx.AsyncClient, vllm: str, served
         await asyncio.gather(*load, return_exceptions=True)
 
 
-async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name: str, run: int = 0) -> dict:
+async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name: str, run: int = 0,
+                  vllm_key: str | None = None) -> dict:
     backend = open_backend(Settings(data_dir=data_dir))
     request = {"model": base_model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
     adapter_request = {**request, "adapter": name}
     try:
-        async with httpx.AsyncClient(base_url=gateway, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=gateway, timeout=600) as client, engine_client(vllm_key) as engine:
             t_submit = time.time()
             response = await client.post("/adapt", json={"adapter": name, "examples": examples("square", N_EXAMPLES)})
             t_accepted = time.time()
@@ -123,11 +130,11 @@ async def one_job(gateway: str, vllm: str, data_dir: Path, base_model: str, name
             t_first_token = t_seen + warm_first  # wall clock at the first token
             steady = [(await time_to_first_token(client, adapter_request))[0] for _ in range(STEADY_REQUESTS)]
             served = vllm_name(DEFAULT_TENANT, name, job.version)
-            await unload(client, vllm, served)
+            await unload(engine, vllm, served)
             cold_first, _ = await time_to_first_token(client, adapter_request)
             base = [(await time_to_first_token(client, request))[0] for _ in range(STEADY_REQUESTS)]
             lora_path = str(Settings(data_dir=data_dir).adapter_root.resolve() / served)
-            busy = await first_requests_under_load(client, vllm, served, lora_path, request, adapter_request,
+            busy = await first_requests_under_load(client, engine, vllm, served, lora_path, request, adapter_request,
                                                    cold_first=run % 2 == 1)
     finally:
         await backend.close()
@@ -181,12 +188,14 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def first_token(gateway: str, vllm: str, data_dir: Path, base_model: str, repeats: int) -> dict:
+def first_token(gateway: str, vllm: str, data_dir: Path, base_model: str, repeats: int,
+                vllm_key: str | None = None) -> dict:
+    """`vllm_key`: the stack's engine key (METALORA_VLLM_API_KEY), when its vLLM requires one."""
     log("part 8: warm-up job (not recorded)")
-    asyncio.run(one_job(gateway, vllm, data_dir, base_model, "ft-warmup"))
+    asyncio.run(one_job(gateway, vllm, data_dir, base_model, "ft-warmup", vllm_key=vllm_key))
     rows = []
     for r in range(repeats):
-        rows.append(asyncio.run(one_job(gateway, vllm, data_dir, base_model, f"ft-{r}", r)))
+        rows.append(asyncio.run(one_job(gateway, vllm, data_dir, base_model, f"ft-{r}", r, vllm_key)))
         row, ft = rows[-1], rows[-1]["first_token_s"]
         log(f"part 8 run {r + 1}/{repeats}: POST /adapt -> first adapted token {row['total_s']:.2f}s (K steps"
             f" {row['breakdown_s']['k_steps']:.2f}s); first token warm {ft['warm_first']:.3f}s, cold"
@@ -212,10 +221,12 @@ def main(argv=None) -> None:
     out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     tmp = Path(tempfile.mkdtemp(prefix="metalora-first-token-"))
     t0 = time.perf_counter()
-    stack = start_stack(tmp, {"METALORA_DATA_DIR": str(tmp / "data")})
+    vllm_key = secrets.token_urlsafe(24)  # the stack's engine key, so this client may unload and load there
+    stack = start_stack(tmp, {"METALORA_DATA_DIR": str(tmp / "data"), "METALORA_VLLM_API_KEY": vllm_key})
     log(f"stack up in {time.perf_counter() - t0:.0f}s: {stack.url}")
     try:
-        result = first_token(stack.url, stack.env["METALORA_VLLM_URLS"], tmp / "data", stack.base_model, args.repeats)
+        result = first_token(stack.url, stack.env["METALORA_VLLM_URLS"], tmp / "data", stack.base_model,
+                             args.repeats, vllm_key)
     finally:
         stop_stack(stack)
     result.update(command="python -m benchmarks.first_token " + " ".join(argv or sys.argv[1:]),
