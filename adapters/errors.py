@@ -112,6 +112,12 @@ class StoreUnavailable(MetaloraError):
     code = "store_unavailable"
 
 
+class ArtifactStoreUnavailable(StoreUnavailable):
+    """This process does not see the adapter store's files (a volume not mounted): nothing was deleted."""
+
+    code = "adapter_store_unavailable"
+
+
 class ArtifactCorrupt(MetaloraError):
     code = "adapter_artifact_corrupt"
 

@@ -68,3 +68,15 @@ def init_folder_name(tenant: str, name: str, version: int) -> str:
 def vllm_name(tenant: str, name: str, version: int) -> str:
     """The LoRA name vLLM serves, and the folder name in the adapter store (flat, one level)."""
     return f"{validate_tenant(tenant)}{_TENANT_SEPARATOR}{validate_name(name)}@v{int(version)}"
+
+
+def parse_vllm_name(served: str) -> tuple[str, str, int] | None:
+    """(tenant, name, version) of a name vllm_name() built; None for anything else (the base model, an init)."""
+    tenant, sep, rest = served.partition(_TENANT_SEPARATOR)
+    if not sep or TENANT_PATTERN.fullmatch(tenant) is None:
+        return None
+    try:
+        ref = parse_ref(rest)
+    except InvalidAdapterName:
+        return None
+    return None if ref.version is None else (tenant, ref.name, ref.version)

@@ -34,11 +34,12 @@ def create_app(settings: Settings, backend=None) -> FastAPI:
             settings.vllm_urls, settings.health_interval_s,
             UpstreamTimeouts(connect_s=2.0, read_s=settings.upstream_timeout_s,
                              pool_s=settings.upstream_pool_timeout_s),
-            max_connections=settings.upstream_max_connections)
+            max_connections=settings.upstream_max_connections, api_key=settings.vllm_api_key)
         try:
-            await pool.start()
+            # The gateway first: it hooks into the pool, so the first health checks already reconcile replicas.
             app.state.gateway = Gateway(settings, opened.store, pool, counter, served_model_name(settings),
                                         queue=opened.queue)
+            await pool.start()
             app.state.auth = Authenticator(opened.store, settings.auth_required,
                                            open_until_keys=settings.auth == "auto")
             app.state.backend = opened

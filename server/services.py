@@ -19,10 +19,12 @@ from adapters.adapt_options import DEFAULTS
 from adapters.artifacts import open_artifacts
 from adapters.lora_limits import rank_problem
 from adapters.chat_template import ChatTemplate, ChatTemplateError
-from adapters.errors import InvalidAdapterName, JobNotFound, QuotaExceeded, StoreUnavailable
+from adapters.errors import (AdapterNotFound, AdapterNotReady, ArtifactStoreUnavailable, InvalidAdapterName,
+                             JobNotFound, QuotaExceeded, StoreUnavailable)
 from adapters.idempotency import Dedupe, InvalidIdempotencyKey, key_digest, request_fingerprint
-from adapters.names import AdapterRef, parse_ref, validate_name, version_label, vllm_name
-from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobStatus
+from adapters.names import AdapterRef, parse_ref, parse_vllm_name, validate_name, version_label, vllm_name
+from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobStatus, VersionStatus
+from adapters.replicas import unload_stale
 from adapters.settings import Settings
 from adapters.store import JobPage, JobQueue, MetadataStore, TenantQuota
 from adapters.token_count import example_lengths, is_chat
@@ -92,6 +94,7 @@ class Gateway:
         self.queue = queue  # only /metrics reads it (queue depth)
         self.files = AdapterFiles(settings, store, pool, base_model_name)
         self.metrics = GatewayMetrics()
+        pool.on_recovered = self.reconcile_replica
         self.limiter = TenantLimiter(settings.tenant_max_inflight, settings.tenant_requests_per_s,
                                      settings.tenant_request_burst)
 
@@ -281,21 +284,49 @@ class Gateway:
         return ModelList.from_adapters(self.base_model_name, adapters, self.started_at)
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
-        """Delete the records (from then on every request for it is a 404), then best effort: the artifact
-        folders, and unload it from every replica so none keeps serving it from its LoRA cache."""
-        removed = await self.store.delete_adapter(tenant, validate_name(name))
+        """Delete the records (from then on every request for it is a 404), then the artifact folders, and
+        unload it from every replica so none keeps serving it from its LoRA cache (a replica unreachable now is
+        cleaned when it recovers: reconcile_replica). The gateway purges the folders because it mounts the
+        adapter store anyway (uploads, downloads); one whose ready versions' folders it cannot see deletes
+        nothing (503 adapter_store_unavailable) rather than answer for a purge that did not happen."""
+        name = validate_name(name)
+        artifacts = open_artifacts(self.settings)
+        adapter = await self.store.get_adapter(tenant, name)
+        unseen = [v.version for v in adapter.versions if v.status is VersionStatus.READY
+                  and not await asyncio.to_thread(artifacts.path(vllm_name(tenant, name, v.version)).is_dir)]
+        if unseen:
+            raise ArtifactStoreUnavailable(
+                f"the gateway does not see the files of {name} version(s) {unseen} under {artifacts.root} (is the"
+                " adapter volume mounted?); nothing was deleted")
+        removed = await self.store.delete_adapter(tenant, name)
         names = [vllm_name(tenant, v.adapter, v.version) for v in removed]
-        await asyncio.gather(self._delete_artifacts(names), *(
+        await asyncio.gather(self._delete_artifacts(artifacts, names), *(
             self.pool.broadcast("/v1/unload_lora_adapter", {"lora_name": n}) for n in names))
         return removed
 
-    async def _delete_artifacts(self, names: list[str]) -> None:
-        try:
-            artifacts = open_artifacts(self.settings)
-            for n in names:
+    async def _delete_artifacts(self, artifacts, names: list[str]) -> None:
+        for n in names:
+            try:
                 await asyncio.to_thread(artifacts.delete, n)
-        except Exception:
-            log.exception("could not delete the artifacts of %s", names)
+            except OSError:  # the records are gone: the folder is an orphan now, which the log must name
+                log.exception("could not delete the artifacts of %s", n)
+
+    async def reconcile_replica(self, url: str) -> list[str]:
+        """Unload from a replica that has just turned healthy every version the store no longer has (deleted
+        while the replica was down or unreachable, it may still hold it). The names unloaded."""
+        async def deleted(served: str) -> bool:
+            parsed = parse_vllm_name(served)
+            if parsed is None:
+                return False
+            try:
+                await self.store.resolve(*parsed)
+            except AdapterNotFound:
+                return True
+            except AdapterNotReady:  # still being trained or warmed: the worker loads it before it is ready
+                return False
+            return False
+
+        return await unload_stale(self.pool.client, url, deleted)
 
     # ------------------------------------------------------------ adapter files (server/adapter_io.py)
     async def download_adapter(self, tenant: str, name: str, version: int | None) -> Download:

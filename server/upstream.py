@@ -21,10 +21,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import httpx
 
 from adapters.errors import MetaloraError
+from adapters.replicas import engine_headers
 
 log = logging.getLogger("metalora.upstream")
 
@@ -50,6 +52,7 @@ class UpstreamFailed(UpstreamUnavailable):
 NOT_SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ConnectError, httpx.ConnectTimeout)
 # Transport errors once the request was (maybe partly) sent: the replica broke while holding it.
 SENT_ERRORS: tuple[type[Exception], ...] = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
 
 class UpstreamTimeout(MetaloraError):
     """The replica took the request but did not answer within the read timeout (METALORA_UPSTREAM_TIMEOUT_S)."""
@@ -104,6 +107,7 @@ class UpstreamPool:
         health_interval_s: float = 2.0,
         timeouts: UpstreamTimeouts | None = None,
         max_connections: int = 1024,
+        api_key: str | None = None,
     ):
         if not urls:
             raise ValueError("UpstreamPool needs at least one URL")
@@ -115,12 +119,16 @@ class UpstreamPool:
                               # closed fails after sending, and is then not retried.
                               keepalive_expiry=4.0)
         # ONE client for all proxied traffic: connection pooling and keep-alive to every replica.
-        self.client = httpx.AsyncClient(timeout=self.timeouts.httpx(), limits=limits)
+        self.client = httpx.AsyncClient(timeout=self.timeouts.httpx(), limits=limits,
+                                        headers=engine_headers(api_key))
         # Health checks use their own small client so a saturated proxy pool cannot starve them.
         self._health_client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeouts.health_s))
         self._rr = itertools.count()
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # Called with a replica's URL each time it turns healthy (its first check included), in the background.
+        self.on_recovered: Callable[[str], Awaitable[object]] | None = None
+        self._recovering: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -130,6 +138,8 @@ class UpstreamPool:
             self._task = asyncio.create_task(self._health_loop(), name="metalora-upstream-health")
 
     async def close(self) -> None:
+        for task in list(self._recovering):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -165,7 +175,18 @@ class UpstreamPool:
         if ok != upstream.healthy:
             log.warning("upstream %s is now %s%s", upstream.url, "healthy" if ok else "unhealthy",
                         "" if ok else f" ({error})")
+        recovered = ok and not upstream.healthy
         upstream.healthy, upstream.last_error, upstream.last_check = ok, error, time.time()
+        if recovered and self.on_recovered is not None:
+            task = asyncio.create_task(self._recovered(upstream.url))
+            self._recovering.add(task)
+            task.add_done_callback(self._recovering.discard)
+
+    async def _recovered(self, url: str) -> None:
+        try:
+            await self.on_recovered(url)
+        except Exception as exc:  # best effort: the next recovery tries again
+            log.warning("after %s recovered: %s: %s", url, type(exc).__name__, exc)
 
     def mark_failed(self, upstream: Upstream, exc: Exception) -> None:
         if upstream.healthy:

@@ -56,6 +56,8 @@ def start_stack(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
         "METALORA_VLLM_URLS": f"http://127.0.0.1:{engine_port}",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
+        # Known to the tests that talk to vLLM directly (`metalora serve` would generate one otherwise).
+        "METALORA_VLLM_API_KEY": f"stack-{uuid.uuid4().hex}",
         **(extra_env or {}),
     }
     process = subprocess.Popen([sys.executable, "-m", "metalora", "serve", "--log-dir", str(log_dir)],

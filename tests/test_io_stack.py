@@ -15,6 +15,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapters.replicas import engine_headers
+
 from stack_data import HELD_OUT, examples, prompt_for
 
 pytestmark = pytest.mark.stack
@@ -61,7 +63,8 @@ def test_a_new_version_is_loaded_in_vllm_before_its_job_succeeds(stack, run):
     assert warm["warm"] is True and warm["loaded"] == [stack.env["METALORA_VLLM_URLS"]]
     served = "default~io-square@v1"
     # vLLM lists what it has loaded; nobody has asked for the adapter yet.
-    models = httpx.get(stack.env["METALORA_VLLM_URLS"] + "/v1/models", timeout=30).json()
+    models = httpx.get(stack.env["METALORA_VLLM_URLS"] + "/v1/models", timeout=30,
+                       headers=engine_headers(stack.env["METALORA_VLLM_API_KEY"])).json()
     assert served in [m["id"] for m in models["data"]]
     timings = run["job"]["metrics"]["timings"]
     assert set(timings) >= {"encode_s", "eval_s", "steps_s", "write_s"}

@@ -40,6 +40,7 @@ from adapters.names import init_folder_name, parse_ref, version_label, vllm_name
 from adapters.records import AdapterVersion, Job, JobErrorCode, JobKind, JobStatus, VersionStatus, now
 from adapters.settings import Settings
 from adapters.store import JobLease, LeaseLost, TenantQuota
+from adapters.replicas import engine_headers
 from adapters.retention import folder_bytes, prune
 from adapters.warmup import load_everywhere, unload_everywhere
 from trainer.config import NonFiniteLoss
@@ -255,7 +256,7 @@ class Worker:
                          time.monotonic() - started, metrics["loss_before"], metrics["loss_after"], metrics["init"])
         else:
             # The adapter was deleted while training; its folder must not outlive it, nor its load.
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=engine_headers(self.settings.vllm_api_key)) as client:
                 await unload_everywhere(client, self.settings.vllm_urls, name)
             await asyncio.to_thread(self.artifacts.delete, name)
             await self.queue.ack(lease)
@@ -443,7 +444,7 @@ class Worker:
         if job.kind is not JobKind.ADAPT:
             return
         try:
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=engine_headers(self.settings.vllm_api_key)) as client:
                 await prune(self.store, self.artifacts, job.tenant, job.adapter, self.settings.retain_versions,
                             functools.partial(unload_everywhere, client, self.settings.vllm_urls))
         except StoreUnavailable as exc:  # the next version's retention prunes what this one did not
@@ -452,7 +453,7 @@ class Worker:
     async def _warm(self, name: str) -> dict:
         """Load the written version into every vLLM replica (METALORA_VLLM_URLS); replicas that are down are
         skipped and load it on first use. The result goes into the job's metrics (`warm`)."""
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers=engine_headers(self.settings.vllm_api_key)) as client:
             result = await load_everywhere(client, self.settings.vllm_urls, name, self.artifacts.serving_path(name))
         if not result.warm:
             log.warning("%s is not loaded on every replica: refused %s, unreachable %s", name, result.refused,
