@@ -19,6 +19,9 @@ from adapters.lora_limits import max_lora_rank
 from adapters.settings import Settings
 
 
+ENGINE_AUTH_MIDDLEWARE = "metalora.engine_auth.RequireEngineKey"
+
+
 def engine_port(settings: Settings) -> int:
     return urlparse(settings.vllm_urls[0]).port or 8001
 
@@ -38,6 +41,8 @@ def vllm_command(settings: Settings, host: str = "127.0.0.1", port: int | None =
         "--max-cpu-loras", str(settings.vllm_max_cpu_loras),
         "--max-model-len", str(settings.vllm_max_model_len),
         "--disable-uvicorn-access-log",
+        # vLLM's key covers /v1 only; this covers the rest (SageMaker's /invocations and /adapters) too.
+        "--middleware", ENGINE_AUTH_MIDDLEWARE,
         *shlex.split(settings.vllm_extra_args),
     ]
 

@@ -331,3 +331,15 @@ def test_compose_refuses_to_start_without_vllms_key(env_example):
 
 def test_no_service_shares_the_hosts_ipc_namespace(services):
     assert not [name for name, svc in services.items() if "ipc" in svc]
+
+
+def test_stock_vllm_image_finds_the_key_middleware(services):
+    """The GPU service runs vLLM's own image, which lacks our package: the middleware its command names must be
+    importable there from the read-only mount on its PYTHONPATH."""
+    vllm = services["vllm"]
+    command = [str(a) for a in vllm["command"]]
+    module = command[command.index("--middleware") + 1].rsplit(".", 1)[0]  # metalora.engine_auth
+    root = environment(vllm)["PYTHONPATH"]
+    source, read_only = mounts(vllm)[f"{root}/{module.split('.')[0]}"]
+    assert read_only and (COMPOSE.parent / source).resolve() == (ROOT / "metalora").resolve()
+    assert (COMPOSE.parent / source / f"{module.split('.')[1]}.py").is_file()
