@@ -15,6 +15,7 @@ from uuid import uuid4
 import pytest
 
 from adapters.api_keys import hash_key, new_api_key
+from adapters.names import vllm_name
 from adapters.backend import open_backend
 from adapters.errors import ApiKeyNotFound, QuotaExceeded
 from adapters.records import JobStatus
@@ -81,9 +82,14 @@ def assert_error(response, status: int, code: str) -> dict:
     return body["error"]
 
 
-async def finish(backend, job_id: str) -> None:
-    await backend.store.update_job(job_id, status=JobStatus.RUNNING, step=1, total_steps=1)
-    assert await backend.store.finish_job(job_id, {"loss_after": 0.1})
+async def finish(settings: Settings, store, job_id: str) -> None:
+    """What a worker leaves behind: the version's folder (which a delete must find and purge), then the record."""
+    job = await store.get_job(job_id)
+    folder = settings.adapter_root / vllm_name(job.tenant, job.adapter, job.version)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text("{}")
+    await store.update_job(job_id, status=JobStatus.RUNNING, step=1, total_steps=1)
+    assert await store.finish_job(job_id, {"loss_after": 0.1})
 
 
 # ---------------------------------------------------------------- 401s
@@ -133,7 +139,7 @@ async def test_two_tenants_own_the_same_name_without_collision(env):
         assert response.status_code == 202, response.text
         jobs[tenant] = response.json()
         assert jobs[tenant]["version"] == 1  # versions count per (tenant, name)
-        await finish(env.backend, jobs[tenant]["id"])
+        await finish(env.settings, env.backend.store, jobs[tenant]["id"])
 
     for tenant, other in (("acme", "globex"), ("globex", "acme")):
         mine = (await client.get("/v1/adapters", headers=env.as_(tenant))).json()["data"]
@@ -173,7 +179,7 @@ async def test_a_tenant_only_adapter_is_404_for_the_other(env):
     client = env.client
     job = (await client.post("/adapt", headers=env.as_("acme"), json={"adapter": "secret",
                                                                       "examples": EXAMPLES})).json()
-    await finish(env.backend, job["id"])
+    await finish(env.settings, env.backend.store, job["id"])
     for method, path, body in [("GET", "/v1/adapters/secret", None), ("DELETE", "/v1/adapters/secret", None),
                                ("POST", "/v1/completions", {"model": "secret", "prompt": "x"}),
                                ("POST", "/v1/completions", {"model": "secret@v1", "prompt": "x"}),
@@ -220,7 +226,7 @@ async def test_active_job_quota_is_429_and_writes_nothing(tight_env):
     assert (await env.client.post("/adapt", headers=env.as_("globex"),
                                   json={"adapter": "c", "examples": EXAMPLES})).status_code == 202
     # A finished (or failed) job frees its slot.
-    await finish(env.backend, ids[0])
+    await finish(env.settings, env.backend.store, ids[0])
     assert (await env.client.post("/adapt", headers=env.as_("acme"),
                                   json={"adapter": "c", "examples": EXAMPLES})).status_code == 202
     await env.backend.store.fail_job(ids[1], "boom")
@@ -233,14 +239,14 @@ async def test_adapter_count_quota_allows_new_versions_of_existing_names(tight_e
     for name in ("a", "b", "c"):
         job = (await env.client.post("/adapt", headers=env.as_("acme"),
                                      json={"adapter": name, "examples": EXAMPLES})).json()
-        await finish(env.backend, job["id"])
+        await finish(env.settings, env.backend.store, job["id"])
     error = assert_error(await env.client.post("/adapt", headers=env.as_("acme"),
                                                json={"adapter": "d", "examples": EXAMPLES}), 429, "quota_exceeded")
     assert "3 adapters" in error["message"] and error["param"] == "max_adapters"
     response = await env.client.post("/adapt", headers=env.as_("acme"), json={"adapter": "a", "examples": EXAMPLES,
                                                                              "seed": 1})  # not a replay of v1
     assert response.status_code == 202 and response.json()["version"] == 2
-    await finish(env.backend, response.json()["id"])
+    await finish(env.settings, env.backend.store, response.json()["id"])
     assert (await env.client.delete("/v1/adapters/b", headers=env.as_("acme"))).status_code == 200
     assert (await env.client.post("/adapt", headers=env.as_("acme"),
                                   json={"adapter": "d", "examples": EXAMPLES})).status_code == 202
@@ -324,7 +330,7 @@ async def test_quota_is_checked_in_the_submit_transaction(backend):
     assert len(accepted) == 3  # never more than the limit, however the submits interleave
     assert len(await s.list_adapters("acme")) == 3
     # Names: a new name needs a free name slot; same for concurrent submits.
-    await asyncio.gather(*(finish(backend, j.id) for j in accepted))
+    await asyncio.gather(*(finish(backend.settings, s, j.id) for j in accepted))
     names = TenantQuota(max_active_jobs=100, max_adapters=5)
 
     async def named(i):
