@@ -221,6 +221,18 @@ def engine(stack) -> httpx.Client:
                         headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
+def trained(client, body: dict) -> dict:
+    """Submit a job and wait for its end: on a busy 2-core box two steps of the real model can take minutes."""
+    job = client.post("/adapt", json=body)
+    assert job.status_code == 202, job.text
+    job = job.json()
+    for _ in range(3):
+        if job["status"] not in ("queued", "running"):
+            break
+        job = client.get(f"/adapt/{job['id']}", params={"wait": "true", "timeout": 600}, timeout=660).json()
+    return job
+
+
 TAMPER_EXAMPLES = [{"prompt": f"Word: {w}\nAnswer:", "completion": f" [[{w}]]"}
                    for w in "apple river candle mountain pencil garden window bottle".split()]
 
@@ -235,9 +247,8 @@ def test_tampered_adapter_folder_is_an_error_answer_not_an_outage(stack):
     with stack.client() as client:
         for version, tamper in ((1, "safetensors"), (2, "config")):
             # A seed per version: the same request again would get the first job back (adapters/idempotency.py).
-            job = client.post("/adapt?wait=true&timeout=300", json={"adapter": name, "examples": TAMPER_EXAMPLES,
-                                                                    "steps": 2, "seed": version})
-            assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
+            job = trained(client, {"adapter": name, "examples": TAMPER_EXAMPLES, "steps": 2, "seed": version})
+            assert job["status"] == "succeeded", job
             folder = stack.data_dir / "adapters" / f"default~{name}@v{version}"
             assert folder.is_dir()
             if tamper == "safetensors":
@@ -292,11 +303,10 @@ async def test_folder_tampered_after_warm_registration_never_kills_the_engine(st
     name, bystander = f"late-{uuid4().hex[:6]}", f"bystander-{uuid4().hex[:6]}"
     with stack.client() as client, engine(stack) as vllm:
         def train(adapter: str, seed: int) -> dict:
-            job = client.post("/adapt?wait=true&timeout=300", json={"adapter": adapter, "examples": TAMPER_EXAMPLES,
-                                                                    "steps": 2, "seed": seed})
-            assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
-            assert job.json()["metrics"]["warm"]["warm"] is True, job.json()["metrics"]["warm"]
-            return job.json()
+            job = trained(client, {"adapter": adapter, "examples": TAMPER_EXAMPLES, "steps": 2, "seed": seed})
+            assert job["status"] == "succeeded", job
+            assert job["metrics"]["warm"]["warm"] is True, job["metrics"]["warm"]
+            return job
 
         train(bystander, 1)
         bystander_before = completion(client, bystander)
