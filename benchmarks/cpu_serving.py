@@ -78,7 +78,7 @@ CONFIGS = {c.name: c for c in [
     Config("new-fp32", "new, --dtype float32 (no bf16 instructions on AVX2-only CPUs)",
            {"vllm_extra_args": "--dtype float32"}, loads=("base", "1")),
 ]}
-DEFAULT_KNOBS = ("new-rank16", "new-maxloras16", "new-mbt256", "new-lora-fp32")
+DEFAULT_KNOBS = ("new-rank16", "new-maxloras16", "new-mbt256")
 
 
 def engine_env(config: Config, settings: Settings) -> dict[str, str]:
@@ -247,7 +247,7 @@ class Engine:
 
 # ---------------------------------------------------------------- the run
 def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads: list[str], register, *,
-                rounds: int = 2, prompts: int = 48, knob_prompts: int = 32, knob_batch: int = 2,
+                rounds: int = 2, prompts: int = 48, knob_prompts: int = 32, knob_batch: int = 1,
                 on_result=None) -> dict:
     """`register(data_dir, names)` writes and registers the random adapters (benchmarks.serving). `prompts` and
     `knob_prompts` are per cell over all rounds. `on_result(partial_result)` after each cell."""
@@ -340,7 +340,9 @@ def ratios(cells: dict) -> dict:
         if c["phase"] != "main" and c["config"] != REFERENCE:
             out[f"{c['config']} {c['load']}: knob / {REFERENCE}"] = _ratio(
                 c, cell(c["phase"], REFERENCE, "direct", c["load"]))
-    return {k: v for k, v in out.items() if v}
+    kinds = ("adapter(s) / base", "new / old", "gateway / direct", "knob /")
+    order = sorted(out, key=lambda k: next(i for i, kind in enumerate(kinds) if kind in k))
+    return {k: out[k] for k in order if out[k]}
 
 
 def _f(x: float | None, spec: str) -> str:

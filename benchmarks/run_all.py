@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--cpu-rounds", type=int, default=2, help="part 7: interleaved rounds (every other reversed)")
     p.add_argument("--cpu-prompts", type=int, default=48, help="part 7: prompts per cell, over all rounds")
     p.add_argument("--cpu-knob-prompts", type=int, default=32, help="part 7: prompts per knob cell")
-    p.add_argument("--cpu-knob-batch", type=int, default=2, help="part 7: knob engines up at once beside 'new'")
+    p.add_argument("--cpu-knob-batch", type=int, default=1,
+                   help="part 7: knob engines up at once beside 'new' (each takes ~4 GB with its KV cache)")
     return p.parse_args(argv)
 
 
