@@ -253,11 +253,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 def collected(out: Path, methods: list[str], seeds: list[int]) -> tuple[list[Job], dict, str]:
     """The runs already in `out`, as jobs that ran: command and commit from each export's metalora_meta.json, wall
-    time from the run's wall_s file (whoever ran it measured it). One commit for all, or the summary says mixed."""
+    time from the run's wall_s file (whoever ran it measured it). One commit for all, or the summary says mixed.
+    A run without an export (not finished) is left out, and said so."""
     jobs, meta, commits = [], {}, set()
     for method in methods:
         for seed in seeds:
             name, run_dir = f"{method}-s{seed}", out / f"{method}-s{seed}"
+            if not (run_dir / "shared_init" / "metalora_meta.json").is_file():
+                print(f"{name}: no export in {run_dir}, left out", file=sys.stderr)
+                continue
             init_meta = json.loads((run_dir / "shared_init" / "metalora_meta.json").read_text())
             commits.add(init_meta["git_commit"])
             wall = run_dir / "wall_s"
