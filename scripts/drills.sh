@@ -10,6 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 export HF_HUB_OFFLINE=1
+export METALORA_LOAD_DRILL=1  # tests/test_drill_isolation.py runs only here
 cmd=("$PY" -m pytest -q -ra -s -p no:cacheprovider tests/test_drills.py tests/test_drill_isolation.py "$@")
 if [[ -n "${METALORA_HEAVY_LOCK:-}" ]]; then cmd=(flock "$METALORA_HEAVY_LOCK" "${cmd[@]}"); fi
 "${cmd[@]}"
