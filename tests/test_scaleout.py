@@ -245,6 +245,9 @@ def test_a_requests_for_one_adapter_land_on_one_replica(cluster, two_adapters):
             assert lora in resolved_loras(url), (lora, url)
 
 
+KILL_SETTLE_S = 2.0  # after SIGKILL, the victim's sockets are closed within this
+
+
 def test_b_sigkill_of_the_affine_replica_fails_over(cluster, two_adapters):
     name, victim_url = next(iter(two_adapters.items()))
     survivor_url = next(u for u in cluster.replicas if u != victim_url)
@@ -307,11 +310,17 @@ def test_b_sigkill_of_the_affine_replica_fails_over(cluster, two_adapters):
 
     assert len(results) == total
     assert len(failed) <= CONCURRENCY, failed
-    assert all(r["start"] <= kill for r in failed), "a request sent after the kill failed"
-    assert len(after) > 0 and all(r["status"] == 200 for r in after)
-    # The survivor served every request started after the kill, plus the in-flight ones it took over (a request
-    # in flight at the kill may also have been answered by the victim just before it died).
-    assert len(after) <= survivor_delta <= len(after) + len(in_flight), (survivor_delta, len(after), len(in_flight))
+    # A request the victim held when it died is not replayed on the survivor (it may be what killed it): it is a
+    # 503 upstream_failed. That includes one sent in the moment between the kill and the victim's sockets closing;
+    # past that moment the gateway's connect fails and it fails over, so every later request is served.
+    assert all(r["status"] == 503 and '"upstream_failed"' in r["error"] for r in failed if r["start"] > kill), failed
+    assert all(r["start"] <= kill + KILL_SETTLE_S for r in failed), "a request sent well after the kill failed"
+    assert len(after) > 0 and all(r["status"] == 200 for r in after if r["start"] > kill + KILL_SETTLE_S)
+    # The survivor served every request started after the kill that succeeded, plus at most the in-flight ones
+    # (a request in flight at the kill may also have been answered by the victim just before it died).
+    served_after = [r for r in after if r["status"] == 200]
+    assert len(served_after) <= survivor_delta <= len(after) + len(in_flight), (survivor_delta, len(after),
+                                                                                len(in_flight))
 
     # From now on the adapter lives on the survivor: exactly these requests reach it.
     before = served_count(survivor_url)
