@@ -131,7 +131,7 @@ async def test_revoked_key_is_401_at_once(env):
 
 # ---------------------------------------------------------------- tenant namespaces
 async def test_two_tenants_own_the_same_name_without_collision(env):
-    client, store = env.client, env.backend.store
+    client = env.client
     jobs = {}
     for tenant in ("acme", "globex"):
         response = await client.post("/adapt", headers=env.as_(tenant), json={"adapter": "sentiment",
