@@ -408,10 +408,14 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def list_adapters(self, tenant: str) -> list[Adapter]:
-        names = sorted(await self.r.smembers(self.keys.adapter_names(tenant)))
+        return await self._list_named(tenant, self.keys.adapter_names(tenant), self.keys.versions)
+
+    async def _list_named(self, tenant: str, names_key: str, versions_key) -> list[Adapter]:
+        """Adapters or inits (the same records in two namespaces): every name in `names_key` with its versions."""
+        names = sorted(await self.r.smembers(names_key))
         async with self.r.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hgetall(self.keys.versions(tenant, name))
+                pipe.hgetall(versions_key(tenant, name))
             hashes = await pipe.execute()
         return [Adapter(tenant, name, _versions_from_hash(h)) for name, h in zip(names, hashes) if h]
 
@@ -598,12 +602,7 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def list_inits(self, tenant: str) -> list[Adapter]:
-        names = sorted(await self.r.smembers(self.keys.init_names(tenant)))
-        async with self.r.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(self.keys.init_versions(tenant, name))
-            hashes = await pipe.execute()
-        return [Adapter(tenant, name, _versions_from_hash(h)) for name, h in zip(names, hashes) if h]
+        return await self._list_named(tenant, self.keys.init_names(tenant), self.keys.init_versions)
 
     @unavailable_on_connection_errors
     async def get_init(self, tenant: str, name: str) -> Adapter:
