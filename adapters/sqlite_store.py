@@ -176,6 +176,15 @@ def _read_init_version(c: sqlite3.Connection, job: Job) -> AdapterVersion | None
     return AdapterVersion.from_dict(json.loads(row[0])) if row else None
 
 
+def _group_by_name(tenant: str, rows) -> list[Adapter]:
+    """(record,) rows ordered by name then version, as one Adapter per name (adapters and inits alike)."""
+    by_name: dict[str, list[AdapterVersion]] = {}
+    for (record,) in rows:
+        v = AdapterVersion.from_dict(json.loads(record))
+        by_name.setdefault(v.adapter, []).append(v)
+    return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
+
+
 def _read_init_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[AdapterVersion]:
     rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? AND name = ? ORDER BY version",
                      (tenant, name)).fetchall()
@@ -390,11 +399,7 @@ class SqliteMetadataStore:
         def read(c: sqlite3.Connection) -> list[Adapter]:
             rows = c.execute("SELECT record FROM versions WHERE tenant = ? ORDER BY adapter, version",
                              (tenant,)).fetchall()
-            by_name: dict[str, list[AdapterVersion]] = {}
-            for (record,) in rows:
-                v = AdapterVersion.from_dict(json.loads(record))
-                by_name.setdefault(v.adapter, []).append(v)
-            return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
+            return _group_by_name(tenant, rows)
 
         return await self.db.call(read)
 
@@ -558,11 +563,7 @@ class SqliteMetadataStore:
         def read(c: sqlite3.Connection) -> list[Adapter]:
             rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? ORDER BY name, version",
                              (tenant,)).fetchall()
-            by_name: dict[str, list[AdapterVersion]] = {}
-            for (record,) in rows:
-                v = AdapterVersion.from_dict(json.loads(record))
-                by_name.setdefault(v.adapter, []).append(v)
-            return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
+            return _group_by_name(tenant, rows)
 
         return await self.db.call(read)
 
