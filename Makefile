@@ -26,7 +26,8 @@ test-fast: install
 bench: install
 	$(BIN)/python -m benchmarks.run_all --out results/bench
 
-# Failure drills on the real stack (worker SIGKILL, Redis outage, vLLM restart, concurrency), plus the
+# Failure drills on the real stack (worker SIGKILL, Redis outage, vLLM restart, concurrency, one tenant
+# flooding another), plus the
 # fuzz and abuse suites: figures in results/drills/.
 drills: install
 	PYTHON=$(BIN)/python scripts/drills.sh

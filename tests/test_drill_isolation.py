@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from conftest import Stack, free_port, stop_stack
-from test_drills import RESULTS, create_key, write_figures
+from test_drills import RESULTS, create_key, drill_clock, write_figures  # noqa: F401 (drill_clock: autouse)
 
 DRILL_MAX_INFLIGHT = 2
 FLOOD_CLIENTS = 16
