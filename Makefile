@@ -27,8 +27,7 @@ bench: install
 	$(BIN)/python -m benchmarks.run_all --out results/bench
 
 # Failure drills on the real stack (worker SIGKILL, Redis outage, vLLM restart, concurrency, one tenant
-# flooding another), plus the
-# fuzz and abuse suites: figures in results/drills/.
+# flooding another), plus the fuzz and abuse suites: figures in results/drills/.
 drills: install
 	PYTHON=$(BIN)/python scripts/drills.sh
 	$(BIN)/python -m pytest -q -s tests/test_fuzz.py tests/test_abuse.py
