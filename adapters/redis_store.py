@@ -35,7 +35,7 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
+    adapters_created, check_quota, fail_change, finish_change, owns, pick_init_version, pick_version, QueueDepth,
     update_change, check_bytes, pick_pinned, retention_plan,
 )
 
@@ -134,14 +134,20 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def submit_job_once(self, tenant, adapter, num_examples, examples, options,
-                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None) -> tuple[Job, bool]:
+                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None,
+                              kind: JobKind = JobKind.ADAPT) -> tuple[Job, bool]:
         validate_tenant(tenant)
         validate_name(adapter)
         k = self.keys
-        counter = k.next_version(tenant, adapter)
-        names_key, active_key = k.adapter_names(tenant), k.active_jobs(tenant)
+        init = kind is JobKind.INIT
+        counter = k.init_next_version(tenant, adapter) if init else k.next_version(tenant, adapter)
+        versions_key = k.init_versions(tenant, adapter) if init else k.versions(tenant, adapter)
+        names_key = k.init_names(tenant) if init else k.adapter_names(tenant)
+        active_key = k.active_jobs(tenant)
         examples_json = json.dumps(examples)
-        watched = [counter, names_key, active_key]
+        creates = adapters_created(kind, adapter, examples, options)
+        # The adapter names are watched for every kind: the adapter-count quota reads them.
+        watched = list(dict.fromkeys([counter, names_key, k.adapter_names(tenant), active_key]))
         if dedupe is not None:
             watched.append(k.request_dedupe(tenant, dedupe.request_hash))
             if dedupe.key_digest:
@@ -152,16 +158,16 @@ class RedisMetadataStore:
                 return replayed, True
             # Quota counts are read under the same WATCH as the writes: two concurrent submits cannot both
             # take the last slot (the loser's EXEC fails and it re-reads).
-            stale = await self._check_quota(pipe, tenant, adapter, quota)
+            stale = await self._check_quota(pipe, tenant, creates, quota)
             version = int(await pipe.get(counter) or 0) + 1
-            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
+            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version, kind=kind,
                       num_examples=num_examples, options=dict(options),
                       request_hash=dedupe.request_hash if dedupe else None)
             record = AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
-                                    num_examples=num_examples, created_at=job.created_at)
+                                    num_examples=num_examples, created_at=job.created_at, kind=kind)
             pipe.multi()
             pipe.incr(counter)
-            pipe.hset(k.versions(tenant, adapter), str(version), json.dumps(record.to_dict()))
+            pipe.hset(versions_key, str(version), json.dumps(record.to_dict()))
             pipe.sadd(names_key, adapter)
             if stale:
                 pipe.srem(active_key, *stale)
@@ -236,17 +242,18 @@ class RedisMetadataStore:
         raw = await reader.lindex(self.keys.job_events(job_id), -1)
         return json.loads(raw)["id"] if raw else 0
 
-    async def _check_quota(self, pipe, tenant: str, adapter: str, quota: TenantQuota | None) -> list[str]:
-        """Raise QuotaExceeded; return the active-set members that are in fact finished or gone (to prune)."""
+    async def _check_quota(self, pipe, tenant: str, creates: list[str], quota: TenantQuota | None) -> list[str]:
+        """Raise QuotaExceeded (check_quota, check_bytes); return the active-set members that are in fact finished
+        or gone (to prune)."""
         k = self.keys
         ids = sorted(await pipe.smembers(k.active_jobs(tenant)))
         raws = await pipe.mget([k.job(i) for i in ids]) if ids else []
         stale = [i for i, raw in zip(ids, raws) if raw is None or Job.from_dict(json.loads(raw)).status.finished]
         if quota is not None:
             names_key = k.adapter_names(tenant)
-            check_quota(quota, tenant, adapter, active_jobs=len(ids) - len(stale),
-                        adapter_exists=bool(await pipe.sismember(names_key, adapter)),
-                        adapter_count=int(await pipe.scard(names_key)))
+            new = [not await pipe.sismember(names_key, name) for name in set(creates)]
+            check_quota(quota, tenant, active_jobs=len(ids) - len(stale),
+                        adapter_count=int(await pipe.scard(names_key)), new_adapters=sum(new))
             if quota.max_bytes is not None:
                 check_bytes(quota, tenant, await self._usage(pipe, tenant))
         return stale
@@ -259,13 +266,16 @@ class RedisMetadataStore:
 
     async def _became_ready(self, pipe, version: AdapterVersion):
         """Read (under WATCH) what a version turning ready changes; returns the writes to queue after multi():
-        the latest pointer unless a newer version is the latest, and its bytes counted for its tenant."""
+        its bytes counted for its tenant, and an adapter's latest pointer unless a newer version is the latest (an
+        init has none: resolve_init reads its few versions)."""
         latest_key = self.keys.latest(version.tenant, version.adapter)
-        await pipe.watch(latest_key)
-        current = int(await pipe.get(latest_key) or 0)
+        init = version.kind is JobKind.INIT
+        if not init:
+            await pipe.watch(latest_key)
+        current = 0 if init else int(await pipe.get(latest_key) or 0)
 
         def queue(p) -> None:
-            if version.version > current:
+            if not init and version.version > current:
                 p.set(latest_key, version.version)
             if version.size_bytes:
                 p.incrby(self.keys.tenant_bytes(version.tenant), version.size_bytes)
@@ -321,8 +331,7 @@ class RedisMetadataStore:
                 return job, False
             last_id = await self._last_event_id(pipe, job_id)
             ready = None
-            if (owned is not None and job.kind is JobKind.ADAPT and job.status is JobStatus.SUCCEEDED
-                    and previous is not JobStatus.SUCCEEDED):
+            if owned is not None and job.status is JobStatus.SUCCEEDED and previous is not JobStatus.SUCCEEDED:
                 ready = await self._became_ready(pipe, owned)
             pipe.multi()
             if ready is not None:
@@ -553,9 +562,8 @@ class RedisMetadataStore:
 
         async def body(pipe) -> None:
             # Only max_adapters applies (an upload is no job), read under the same WATCH as the write.
-            check_quota(quota, version.tenant, version.adapter, active_jobs=0,
-                        adapter_exists=bool(await pipe.sismember(names_key, version.adapter)),
-                        adapter_count=int(await pipe.scard(names_key)))
+            check_quota(quota, version.tenant, active_jobs=0, adapter_count=int(await pipe.scard(names_key)),
+                        new_adapters=int(not await pipe.sismember(names_key, version.adapter)))
             if quota is not None and quota.max_bytes is not None:
                 check_bytes(quota, version.tenant, await self._usage(pipe, version.tenant), version.size_bytes)
             ready = await self._became_ready(pipe, version) if version.status is VersionStatus.READY else None
@@ -571,34 +579,8 @@ class RedisMetadataStore:
     @unavailable_on_connection_errors
     async def submit_init_job(self, tenant, name, num_examples, tasks, options,
                               quota: TenantQuota | None = None) -> Job:
-        validate_tenant(tenant)
-        validate_name(name)
-        k = self.keys
-        counter, names_key, active_key = k.init_next_version(tenant, name), k.init_names(tenant), k.active_jobs(tenant)
-        tasks_json = json.dumps(tasks)
-
-        async def body(pipe) -> Job:
-            stale = await self._check_quota(pipe, tenant, name, init_quota(quota))
-            version = int(await pipe.get(counter) or 0) + 1
-            job = Job(id=new_job_id(), tenant=tenant, adapter=name, version=version, num_examples=num_examples,
-                      options=dict(options), kind=JobKind.INIT)
-            record = AdapterVersion(tenant=tenant, adapter=name, version=version, job_id=job.id,
-                                    num_examples=num_examples, created_at=job.created_at, kind=JobKind.INIT)
-            pipe.multi()
-            pipe.incr(counter)
-            pipe.hset(k.init_versions(tenant, name), str(version), json.dumps(record.to_dict()))
-            pipe.sadd(names_key, name)
-            if stale:
-                pipe.srem(active_key, *stale)
-            pipe.sadd(active_key, job.id)
-            pipe.set(k.job(job.id), json.dumps(job.to_dict()))
-            pipe.zadd(k.tenant_jobs(tenant), {job.id: job.created_at})
-            self._queue_events(pipe, job, changed_job_events(job, None), last_id=0)
-            pipe.set(k.job_examples(job.id), tasks_json, ex=K.EXAMPLES_TTL_S)
-            pipe.xadd(k.jobs_stream, {K.STREAM_FIELD_JOB_ID: job.id})
-            return job
-
-        return await _transaction(self.r, [counter, names_key, active_key], body)
+        job, _ = await self.submit_job_once(tenant, name, num_examples, tasks, options, quota, kind=JobKind.INIT)
+        return job
 
     @unavailable_on_connection_errors
     async def list_inits(self, tenant: str) -> list[Adapter]:
@@ -638,6 +620,8 @@ class RedisMetadataStore:
             pipe.multi()
             pipe.delete(vkey)
             pipe.srem(k.init_names(tenant), name)
+            if _stored_bytes(versions):
+                pipe.decrby(k.tenant_bytes(tenant), _stored_bytes(versions))
             for job, events, last_id in jobs:
                 self._queue_events(pipe, job, events, last_id)
                 pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)

@@ -31,7 +31,7 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    check_quota, fail_change, finish_change, init_quota, owns, pick_init_version, pick_version, QueueDepth,
+    adapters_created, check_quota, fail_change, finish_change, owns, pick_init_version, pick_version, QueueDepth,
     update_change, check_bytes, pick_pinned, retention_plan,
 )
 
@@ -197,12 +197,13 @@ def _write_init_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
 
 
 def _became_ready(c: sqlite3.Connection, v: AdapterVersion) -> None:
-    """A version just turned ready: the latest unless a newer one is, and its bytes count for its tenant."""
+    """A version just turned ready: its bytes count for its tenant, and an adapter's is the latest unless a newer
+    one is (an init has no latest pointer: resolve_init reads its few versions)."""
+    _add_usage(c, v.tenant, v.size_bytes)
     if v.kind is JobKind.INIT:
         return
     c.execute("INSERT INTO adapter_heads (tenant, adapter, latest) VALUES (?, ?, ?) ON CONFLICT (tenant, adapter)"
               " DO UPDATE SET latest = max(coalesce(latest, 0), excluded.latest)", (v.tenant, v.adapter, v.version))
-    _add_usage(c, v.tenant, v.size_bytes)
 
 
 def _add_usage(c: sqlite3.Connection, tenant: str, amount: int) -> None:
@@ -282,28 +283,31 @@ class SqliteMetadataStore:
         return job
 
     async def submit_job_once(self, tenant, adapter, num_examples, examples, options,
-                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None) -> tuple[Job, bool]:
+                              quota: TenantQuota | None = None, dedupe: Dedupe | None = None,
+                              kind: JobKind = JobKind.ADAPT) -> tuple[Job, bool]:
         validate_tenant(tenant)
         validate_name(adapter)
         examples_json = json.dumps(examples)
+        creates = adapters_created(kind, adapter, examples, options)
+        counters, name_column = ("init_counters", "name") if kind is JobKind.INIT else ("counters", "adapter")
 
         def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
             _drop_expired(c)
             if dedupe is not None and (replayed := _replay(c, tenant, dedupe)) is not None:
                 return replayed, True
             if quota is not None:  # inside BEGIN IMMEDIATE: no other writer between this count and the insert
-                check_quota(quota, tenant, adapter, **_quota_counts(c, tenant, adapter))
+                check_quota(quota, tenant, **_quota_counts(c, tenant, creates))
                 check_bytes(quota, tenant, _usage(c, tenant))
-            row = c.execute("SELECT last_version FROM counters WHERE tenant = ? AND adapter = ?",
+            row = c.execute(f"SELECT last_version FROM {counters} WHERE tenant = ? AND {name_column} = ?",
                             (tenant, adapter)).fetchone()
             version = (row[0] if row else 0) + 1
-            c.execute("INSERT OR REPLACE INTO counters (tenant, adapter, last_version) VALUES (?, ?, ?)",
+            c.execute(f"INSERT OR REPLACE INTO {counters} (tenant, {name_column}, last_version) VALUES (?, ?, ?)",
                       (tenant, adapter, version))
-            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version,
+            job = Job(id=new_job_id(), tenant=tenant, adapter=adapter, version=version, kind=kind,
                       num_examples=num_examples, options=dict(options),
                       request_hash=dedupe.request_hash if dedupe else None)
             _write_version(c, AdapterVersion(tenant=tenant, adapter=adapter, version=version, job_id=job.id,
-                                             num_examples=num_examples, created_at=job.created_at))
+                                             num_examples=num_examples, created_at=job.created_at, kind=kind))
             _write_job(c, job)
             _append_events(c, job.id, changed_job_events(job, None))
             c.execute("INSERT INTO examples (job_id, data) VALUES (?, ?)", (job.id, examples_json))
@@ -522,7 +526,7 @@ class SqliteMetadataStore:
     async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
         def tx(c: sqlite3.Connection) -> None:
             if quota is not None:
-                check_quota(quota, version.tenant, version.adapter, **_quota_counts(c, version.tenant, version.adapter))
+                check_quota(quota, version.tenant, **_quota_counts(c, version.tenant, [version.adapter]))
                 check_bytes(quota, version.tenant, _usage(c, version.tenant), version.size_bytes)
             _write_version(c, version)
             if version.status is VersionStatus.READY:
@@ -533,31 +537,8 @@ class SqliteMetadataStore:
     # ------------------------------------------------------------ inits
     async def submit_init_job(self, tenant, name, num_examples, tasks, options,
                               quota: TenantQuota | None = None) -> Job:
-        validate_tenant(tenant)
-        validate_name(name)
-        tasks_json = json.dumps(tasks)
-
-        def tx(c: sqlite3.Connection) -> Job:
-            _drop_expired(c)
-            if quota is not None:
-                check_quota(init_quota(quota), tenant, name, **_quota_counts(c, tenant, name))
-            row = c.execute("SELECT last_version FROM init_counters WHERE tenant = ? AND name = ?",
-                            (tenant, name)).fetchone()
-            version = (row[0] if row else 0) + 1
-            c.execute("INSERT OR REPLACE INTO init_counters (tenant, name, last_version) VALUES (?, ?, ?)",
-                      (tenant, name, version))
-            job = Job(id=new_job_id(), tenant=tenant, adapter=name, version=version, num_examples=num_examples,
-                      options=dict(options), kind=JobKind.INIT)
-            _write_init_version(c, AdapterVersion(tenant=tenant, adapter=name, version=version, job_id=job.id,
-                                                  num_examples=num_examples, created_at=job.created_at,
-                                                  kind=JobKind.INIT))
-            _write_job(c, job)
-            _append_events(c, job.id, changed_job_events(job, None))
-            c.execute("INSERT INTO examples (job_id, data) VALUES (?, ?)", (job.id, tasks_json))
-            c.execute("INSERT INTO queue (job_id) VALUES (?)", (job.id,))
-            return job
-
-        return await self.db.call(tx, write=True)
+        job, _ = await self.submit_job_once(tenant, name, num_examples, tasks, options, quota, kind=JobKind.INIT)
+        return job
 
     async def list_inits(self, tenant: str) -> list[Adapter]:
         def read(c: sqlite3.Connection) -> list[Adapter]:
@@ -593,6 +574,7 @@ class SqliteMetadataStore:
                     _write_job(c, job)
                     _append_events(c, job.id, changed_job_events(job, previous))
             c.execute("DELETE FROM init_versions WHERE tenant = ? AND name = ?", (tenant, name))
+            _add_usage(c, tenant, -_stored_bytes(versions))
             return versions
 
         return await self.db.call(tx, write=True)
@@ -610,13 +592,14 @@ class SqliteMetadataStore:
         self.db.close()
 
 
-def _quota_counts(c: sqlite3.Connection, tenant: str, adapter: str) -> dict[str, int | bool]:
+def _quota_counts(c: sqlite3.Connection, tenant: str, creates: Sequence[str]) -> dict[str, int]:
+    """check_quota's counts: the tenant's jobs in flight, its adapter names, and how many of `creates` are new."""
     active = c.execute("SELECT count(*) FROM jobs WHERE expires_at IS NULL AND json_extract(record, '$.tenant') = ?",
                        (tenant,)).fetchone()[0]
     count = c.execute("SELECT count(DISTINCT adapter) FROM versions WHERE tenant = ?", (tenant,)).fetchone()[0]
-    exists = c.execute("SELECT 1 FROM versions WHERE tenant = ? AND adapter = ? LIMIT 1",
-                       (tenant, adapter)).fetchone() is not None
-    return {"active_jobs": active, "adapter_exists": exists, "adapter_count": count}
+    new = sum(c.execute("SELECT 1 FROM versions WHERE tenant = ? AND adapter = ? LIMIT 1",
+                        (tenant, name)).fetchone() is None for name in set(creates))
+    return {"active_jobs": active, "adapter_count": count, "new_adapters": new}
 
 
 @dataclass

@@ -18,18 +18,20 @@ from adapters.errors import (
 from adapters.idempotency import Dedupe
 from adapters.job_events import status_event
 from adapters.records import (
-    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobStatus, VersionStatus, now,
+    Adapter, AdapterVersion, Job, JobErrorCode, JobEvent, JobKind, JobStatus, VersionStatus, now,
 )
 
 
 @dataclass(frozen=True)
 class TenantQuota:
-    """Limits submit_job enforces in the same transaction as its writes (None = unlimited)."""
+    """Limits submit_job_once enforces, for adapt and init jobs alike, in the same transaction as its writes
+    (None = unlimited)."""
 
     max_active_jobs: int | None = None  # jobs queued or running
     max_adapters: int | None = None  # adapter names with at least one version
-    # Bytes of the tenant's stored adapter versions (AdapterVersion.size_bytes of its ready versions): a job is
-    # refused once the tenant is at it (its size is known only when it is written), an upload that would pass it.
+    # Bytes of the tenant's stored versions, adapters' and inits' (AdapterVersion.size_bytes of the ready ones): a
+    # job is refused once the tenant is at it (its size is known only when it is written), an upload that would
+    # pass it.
     max_bytes: int | None = None
 
 
@@ -55,12 +57,15 @@ class MetadataStore(Protocol):
         examples, and enqueue the job id."""
 
     async def submit_job_once(
-        self, tenant: str, adapter: str, num_examples: int, examples: list[dict[str, str]],
+        self, tenant: str, adapter: str, num_examples: int, examples: list[dict[str, Any]],
         options: dict[str, Any], quota: TenantQuota | None = None, dedupe: Dedupe | None = None,
+        kind: JobKind = JobKind.ADAPT,
     ) -> tuple[Job, bool]:
         """submit_job, unless `dedupe` finds the job this request already created (adapters/idempotency.py):
         then (that job, True) and nothing is written; a replay needs no quota. Raise IdempotencyKeyReused when
-        the key was used for another request. Otherwise (new job, False), remembering key and fingerprint."""
+        the key was used for another request. Otherwise (new job, False), remembering key and fingerprint.
+        kind=INIT submits an init family (submit_init_job) by the same rules: `adapter` is the init's name,
+        `examples` its tasks."""
 
     async def list_jobs(self, tenant: str, limit: int, after: str | None = None, adapter: str | None = None,
                         status: JobStatus | None = None) -> JobPage:
@@ -110,7 +115,7 @@ class MetadataStore(Protocol):
         caller deletes their files (adapters/retention.py). Returns what was removed."""
 
     async def tenant_usage(self, tenant: str) -> int:
-        """Bytes of the tenant's stored adapter versions (what TenantQuota.max_bytes limits)."""
+        """Bytes of the tenant's stored adapter and init versions (what TenantQuota.max_bytes limits)."""
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
         """Remove the name and all its versions; return what was removed. Its queued and running jobs are
@@ -143,9 +148,10 @@ class MetadataStore(Protocol):
         self, tenant: str, name: str, num_examples: int, tasks: list[dict[str, Any]], options: dict[str, Any],
         quota: TenantQuota | None = None,
     ) -> Job:
-        """submit_job for an init family, atomically: check `quota.max_active_jobs` (init jobs count like adapt
-        jobs; nothing written on QuotaExceeded), allocate init `name`'s next version, create its version record and
-        a job of kind INIT (both queued), store `tasks` as the job's examples, enqueue the job on the same queue."""
+        """submit_job_once(kind=INIT) without dedupe, returning the job: atomically check `quota` (check_quota and
+        check_bytes, as for an adapt job; nothing written on QuotaExceeded), allocate init `name`'s next version,
+        create its version record and a job of kind INIT (both queued), store `tasks` as the job's examples, enqueue
+        the job on the same queue. A ready init version's size_bytes count in tenant_usage like an adapter's."""
 
     async def list_inits(self, tenant: str) -> list[Adapter]: ...
 
@@ -156,7 +162,8 @@ class MetadataStore(Protocol):
         """resolve() for inits: InitNotFound, or InitNotReady when none is ready."""
 
     async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
-        """delete_adapter() for inits: its queued and running jobs are cancelled in the same transaction."""
+        """delete_adapter() for inits: its queued and running jobs are cancelled in the same transaction, and its
+        ready versions' bytes leave the tenant's usage."""
 
     # --- job metrics: counters the workers add to and /metrics reads (adapters/job_stats.py) ---
     async def add_stats(self, increments: dict[str, float]) -> None:
@@ -347,23 +354,28 @@ def pick_init_version(name: str, versions: list[AdapterVersion], version: int | 
         raise InitNotFound(exc.ref) from None
 
 
-def init_quota(quota: TenantQuota | None) -> TenantQuota | None:
-    """What limits an init job: the jobs in flight (the workers' queue is shared); an init is no adapter name."""
-    return None if quota is None else TenantQuota(max_active_jobs=quota.max_active_jobs)
+def adapters_created(kind: JobKind, name: str, payload: list[dict[str, Any]], options: dict[str, Any]) -> list[str]:
+    """The adapter names a job adds when it succeeds, which the adapter-count quota counts at submit: an adapt job's
+    own; an init family's task adapters when it registers them (an init itself is no adapter name)."""
+    if kind is JobKind.INIT:
+        return [task["name"] for task in payload] if options.get("register_task_adapters") else []
+    return [name]
 
 
-def check_quota(quota: TenantQuota | None, tenant: str, adapter: str, active_jobs: int, adapter_exists: bool,
-                adapter_count: int) -> None:
-    """submit_job's quota rule, given counts read inside its transaction. Raise QuotaExceeded."""
+def check_quota(quota: TenantQuota | None, tenant: str, active_jobs: int, adapter_count: int,
+                new_adapters: int) -> None:
+    """The one quota rule of every submitted job (adapt or init) and upload, given counts read inside its transaction:
+    `new_adapters` of the names it creates (adapters_created) the tenant does not have yet. Raise QuotaExceeded."""
     if quota is None:
         return
     if quota.max_active_jobs is not None and active_jobs >= quota.max_active_jobs:
         raise QuotaExceeded(
             f"quota exceeded: tenant {tenant!r} already has {active_jobs} adapt jobs queued or running (limit"
             f" {quota.max_active_jobs}); wait for one to finish", quota="max_active_jobs")
-    if quota.max_adapters is not None and not adapter_exists and adapter_count >= quota.max_adapters:
+    if quota.max_adapters is not None and new_adapters and adapter_count + new_adapters > quota.max_adapters:
+        adding = f" and this job adds {new_adapters} new adapters" if new_adapters > 1 else ""
         raise QuotaExceeded(
-            f"quota exceeded: tenant {tenant!r} already stores {adapter_count} adapters (limit"
+            f"quota exceeded: tenant {tenant!r} already stores {adapter_count} adapters{adding} (limit"
             f" {quota.max_adapters}); delete one or add a version to an existing adapter", quota="max_adapters")
 
 
