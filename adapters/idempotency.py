@@ -1,4 +1,4 @@
-"""Submitting the same adapt job twice returns the first job instead of training again.
+"""Submitting the same job twice (POST /adapt, POST /v1/inits) returns the first job instead of training again.
 
 Two ways to say "the same": an `Idempotency-Key` the client sends (replayed whatever became of its job,
 like Stripe's), and the request itself: same tenant, base model, adapter, examples and options. A request
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.records import AdapterVersion, Job, JobStatus
+from adapters.records import AdapterVersion, Job, JobKind, JobStatus
 
 # What clients may send as Idempotency-Key: visible ASCII, like a UUID or a request id.
 MAX_KEY_LENGTH = 255
@@ -34,10 +34,16 @@ class Dedupe:
     key_digest: str | None = None
 
 
-def request_fingerprint(base_model: str, adapter: str, examples: list[dict[str, Any]], options: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of what the job trains on; the tenant scopes it in the store."""
-    canonical = json.dumps({"base_model": base_model, "adapter": adapter, "examples": examples, "options": options},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def request_fingerprint(base_model: str, adapter: str, examples: list[dict[str, Any]], options: dict[str, Any],
+                        kind: JobKind = JobKind.ADAPT) -> str:
+    """sha256 of the canonical JSON of what the job trains on; the tenant scopes it in the store. An init
+    family's (kind INIT: `adapter` its name, `examples` its tasks) names its kind, so it never matches an adapt
+    request; an adapt request's leaves it out, so fingerprints and keys remembered before inits existed still
+    match."""
+    request = {"base_model": base_model, "adapter": adapter, "examples": examples, "options": options}
+    if kind is not JobKind.ADAPT:
+        request["kind"] = kind.value
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.records import JobStatus
+from adapters.records import Job, JobStatus
 from server.deps import GatewayDep, TenantDep
 from server.job_stream import sse_frames
 from server.protocol import (
@@ -27,6 +27,9 @@ router = APIRouter()
 
 MAX_WAIT_S = 3600.0
 
+IdempotencyKey = Annotated[str | None, Header(
+    description="the same key again (within METALORA_IDEMPOTENCY_WINDOW_S) returns the job it created")]
+
 
 @router.post("/adapt", status_code=202, response_model=SubmittedJobResponse)
 async def create_adapt_job(
@@ -37,12 +40,17 @@ async def create_adapt_job(
     gw: GatewayDep,
     wait: bool = False,
     timeout: float = Query(default=300.0, ge=0.0, le=MAX_WAIT_S),
-    idempotency_key: Annotated[str | None, Header(
-        description="the same key again (within METALORA_IDEMPOTENCY_WINDOW_S) returns the job it created")] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     job, replayed = await gw.submit_adapt(tenant, body, idempotency_key)
     if wait:
         job = await gw.wait_job(tenant, job.id, timeout, request.is_disconnected)
+    return _submitted(response, job, replayed)
+
+
+def _submitted(response: Response, job: Job, replayed: bool) -> SubmittedJobResponse:
+    """The answer to a submitted job, adapt or init: where to follow it, and whether it is the job an earlier
+    identical request (or the same Idempotency-Key) created; 200 once it has finished, else 202."""
     response.headers["Location"] = f"/adapt/{job.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -102,12 +110,11 @@ async def get_adapt_job(
     return JobResponse.from_job(job)
 
 
-@router.post("/v1/inits", status_code=202, response_model=JobResponse)
-async def create_init(body: InitRequest, response: Response, tenant: TenantDep, gw: GatewayDep):
+@router.post("/v1/inits", status_code=202, response_model=SubmittedJobResponse)
+async def create_init(body: InitRequest, response: Response, tenant: TenantDep, gw: GatewayDep,
+                      idempotency_key: IdempotencyKey = None):
     """Queue the meta-training of an init family; follow it at /adapt/{job_id} like any job."""
-    job = await gw.submit_init(tenant, body)
-    response.headers["Location"] = f"/adapt/{job.id}"
-    return JobResponse.from_job(job)
+    return _submitted(response, *await gw.submit_init(tenant, body, idempotency_key))
 
 
 @router.get("/v1/inits", response_model=InitList)

@@ -23,7 +23,7 @@ from adapters.errors import (AdapterNotFound, AdapterNotReady, ArtifactStoreUnav
                              JobNotFound, QuotaExceeded, StoreUnavailable)
 from adapters.idempotency import Dedupe, InvalidIdempotencyKey, key_digest, request_fingerprint
 from adapters.names import AdapterRef, parse_ref, parse_vllm_name, validate_name, version_label, vllm_name
-from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobStatus, VersionStatus
+from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobKind, JobStatus, VersionStatus
 from adapters.replicas import unload_stale
 from adapters.settings import Settings
 from adapters.store import JobPage, JobQueue, MetadataStore, TenantQuota
@@ -110,9 +110,16 @@ class Gateway:
         examples = await self._checked_lengths(request.examples, options["max_seq_len"], "examples")
         if request.init is not None:
             options["init"] = await self._init_version(tenant, request.init)
-        dedupe = self._dedupe(name, examples, options, idempotency_key)
-        return await self.store.submit_job_once(tenant, name, len(examples), examples, options, quota=self.quota,
-                                                dedupe=dedupe)
+        return await self._submit(tenant, JobKind.ADAPT, name, examples, options, idempotency_key)
+
+    async def _submit(self, tenant: str, kind: JobKind, name: str, payload: list[dict], options: dict,
+                      idempotency_key: str | None) -> tuple[Job, bool]:
+        """Every job goes in here, adapt or init: one quota (self.quota, checked by the store with its writes)
+        and one idempotency rule (adapters/idempotency.py)."""
+        dedupe = self._dedupe(kind, name, payload, options, idempotency_key)
+        num_examples = len(payload) if kind is JobKind.ADAPT else sum(len(t["examples"]) for t in payload)
+        return await self.store.submit_job_once(tenant, name, num_examples, payload, options, quota=self.quota,
+                                                dedupe=dedupe, kind=kind)
 
     # The limits of one job's examples, which an init family applies to each of its tasks.
     def _check_example_count(self, examples: list, param: str) -> None:
@@ -156,9 +163,11 @@ class Gateway:
         return examples
 
     # ------------------------------------------------------------ init families (POST /v1/inits)
-    async def submit_init(self, tenant: str, request: InitRequest) -> Job:
+    async def submit_init(self, tenant: str, request: InitRequest,
+                          idempotency_key: str | None = None) -> tuple[Job, bool]:
         """Validate the whole family (each task as one /adapt job's examples), THEN write: a rejected request
-        leaves no trace. The job goes on the adapt jobs' queue, under the same quota."""
+        leaves no trace. The job goes on the adapt jobs' queue, under the same quota and replay rule as
+        submit_adapt: (job, replayed)."""
         name = validate_name(request.name)
         tasks = request.tasks
         if not MIN_FAMILY_TASKS <= len(tasks) <= MAX_FAMILY_TASKS:
@@ -183,8 +192,7 @@ class Gateway:
                   for index, task in enumerate(tasks)]
         if request.register_task_adapters:
             options["register_task_adapters"] = True
-        return await self.store.submit_init_job(tenant, name, sum(len(t["examples"]) for t in family), family,
-                                                options, quota=self.quota)
+        return await self._submit(tenant, JobKind.INIT, name, family, options, idempotency_key)
 
     async def _init_version(self, tenant: str, ref: str) -> str:
         """The init version an adapt job starts from, pinned at submit ("name@vN"): a later version of the same
@@ -221,7 +229,8 @@ class Gateway:
         except InvalidAdapterName:  # no init can have it: the 404 an unknown name gets
             raise InitNotFound(name) from None
 
-    def _dedupe(self, name: str, examples: list[dict], options: dict, idempotency_key: str | None) -> Dedupe | None:
+    def _dedupe(self, kind: JobKind, name: str, payload: list[dict], options: dict,
+                idempotency_key: str | None) -> Dedupe | None:
         window = self.settings.idempotency_window_s
         if window <= 0:
             return None
@@ -229,7 +238,7 @@ class Gateway:
             digest = key_digest(idempotency_key) if idempotency_key is not None else None
         except InvalidIdempotencyKey as exc:
             raise InvalidRequest(str(exc), param="Idempotency-Key") from None
-        return Dedupe(request_fingerprint(self.base_model_name, name, examples, options), window, digest)
+        return Dedupe(request_fingerprint(self.base_model_name, name, payload, options, kind), window, digest)
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return await self.store.get_job(job_id, tenant)

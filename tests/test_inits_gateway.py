@@ -11,6 +11,7 @@ import pytest
 
 from adapters.records import JobKind, JobStatus
 from adapters.settings import Settings
+from adapters.store import TenantQuota
 from gateway_helpers import free_port, gateway_env, tokenizer_dir
 from helpers import REDIS_URL
 
@@ -133,3 +134,93 @@ async def test_init_family_lifecycle_over_http(env):
     assert error(await client.get("/v1/inits/desk"), 404)["code"] == "init_not_found"
     err = error(await client.post("/adapt", json={"adapter": "later", "examples": EXAMPLES, "init": "desk"}), 404)
     assert err["code"] == "init_not_found"
+
+
+async def submit(client, body: dict, headers=None) -> dict:
+    response = await client.post("/v1/inits", json=body, headers=headers or {})
+    assert response.status_code in (200, 202), response.text
+    return response.json() | {"_replayed_header": response.headers.get("idempotent-replayed")}
+
+
+async def test_init_submits_are_idempotent_like_adapt(env):
+    """POST /v1/inits replays by the rule of POST /adapt (adapters/idempotency.py): an identical request within the
+    window, or the same Idempotency-Key, returns the job it created, and says so."""
+    client, backend = env
+    body = {"name": "desk", "tasks": family("a", "b"), "outer_steps": 2}
+    first = await submit(client, body)
+    assert first["idempotent_replay"] is False and first["_replayed_header"] is None
+    same = await submit(client, body)
+    assert (same["id"], same["idempotent_replay"], same["_replayed_header"]) == (first["id"], True, "true")
+    assert (await submit(client, body | {"outer_steps": 3}))["version"] == 2  # other options: another job
+    # An adapt request is never a replay of an init job, even with the same name.
+    adapt = await client.post("/adapt", json={"adapter": "desk", "examples": EXAMPLES})
+    assert adapt.status_code == 202 and adapt.json()["kind"] == "adapt" and adapt.json()["idempotent_replay"] is False
+
+    keyed = await submit(client, {"name": "keyed", "tasks": family("a", "b")}, {"Idempotency-Key": "init-1"})
+    await client.post(f"/adapt/{keyed['id']}/cancel")
+    replay = await submit(client, {"name": "keyed", "tasks": family("a", "b")}, {"Idempotency-Key": "init-1"})
+    assert (replay["id"], replay["status"], replay["idempotent_replay"]) == (keyed["id"], "cancelled", True)
+    reused = await client.post("/v1/inits", json={"name": "keyed", "tasks": family("a", "c")},
+                               headers={"Idempotency-Key": "init-1"})
+    assert error(reused, 422)["code"] == "idempotency_key_reused"
+    # One key space per tenant: the key an init used cannot name an adapt job.
+    reused = await client.post("/adapt", json={"adapter": "keyed", "examples": EXAMPLES},
+                               headers={"Idempotency-Key": "init-1"})
+    assert error(reused, 422)["code"] == "idempotency_key_reused"
+    bad = error(await client.post("/v1/inits", json=body, headers={"Idempotency-Key": "a b"}), 400)
+    assert bad["param"] == "Idempotency-Key"
+    assert [v.version for v in (await backend.store.get_init("default", "keyed")).versions] == [1]
+
+    gw = client.app.state.gateway
+    gw.settings = gw.settings.model_copy(update={"idempotency_window_s": 0})
+    again = await submit(client, body)
+    assert (again["version"], again["idempotent_replay"]) == (3, False)
+
+
+async def test_init_submits_follow_the_adapt_quota(env):
+    """One quota rule for every job (adapters/store.py check_quota): jobs in flight, the stored-bytes limit, and the
+    adapter names a job creates (an init family's task adapters when it registers them). Refused: 429
+    quota_exceeded, nothing written; a replay needs no quota."""
+    client, backend = env
+    store = backend.store
+    gw = client.app.state.gateway
+    gw.quota = TenantQuota(max_active_jobs=2, max_adapters=3, max_bytes=1000)
+    tasks = family("t1", "t2", "t3")
+
+    # Adapter names: one stored adapter + 3 task adapters to register passes the limit of 3; without registering
+    # them (an init is no adapter name) or with one of them existing already, the family fits.
+    done = (await client.post("/adapt", json={"adapter": "t1", "examples": EXAMPLES})).json()
+    await store.update_job(done["id"], status=JobStatus.RUNNING)
+    await store.finish_job(done["id"], {}, size_bytes=10)
+    over = error(await client.post("/v1/inits", json={"name": "x", "tasks": family("a", "b", "c"),
+                                                       "register_task_adapters": True}), 429)
+    assert (over["code"], over["param"]) == ("quota_exceeded", "max_adapters") and "3 new adapters" in over["message"]
+    registered = await submit(client, {"name": "desk", "tasks": tasks, "register_task_adapters": True})
+    plain = await submit(client, {"name": "other", "tasks": family("a", "b", "c", "d")})
+
+    # Jobs in flight: the two init jobs above are the tenant's limit, for inits and adapt jobs alike.
+    busy = error(await client.post("/v1/inits", json={"name": "third", "tasks": tasks}), 429)
+    assert (busy["code"], busy["param"]) == ("quota_exceeded", "max_active_jobs")
+    assert error(await client.post("/adapt", json={"adapter": "t1", "examples": EXAMPLES, "seed": 1}),
+                 429)["param"] == "max_active_jobs"
+    replay = await submit(client, {"name": "desk", "tasks": tasks, "register_task_adapters": True})
+    assert (replay["id"], replay["idempotent_replay"]) == (registered["id"], True)
+
+    # Stored bytes: an init's files count like an adapter's, and a tenant at its limit gets no new job of either
+    # kind; deleting the init gives its bytes back.
+    for job in (registered, plain):
+        await store.update_job(job["id"], status=JobStatus.RUNNING)
+    await store.finish_job(registered["id"], {}, size_bytes=990)
+    assert await store.tenant_usage("default") == 1000
+    full = error(await client.post("/v1/inits", json={"name": "third", "tasks": tasks}), 429)
+    assert (full["code"], full["param"]) == ("quota_exceeded", "max_bytes")
+    assert error(await client.post("/adapt", json={"adapter": "t1", "examples": EXAMPLES, "seed": 1}),
+                 429)["param"] == "max_bytes"
+    assert (await client.delete("/v1/inits/desk")).status_code == 200
+    assert await store.tenant_usage("default") == 10
+    assert (await client.post("/v1/inits", json={"name": "third", "tasks": tasks})).status_code == 202
+
+    # Nothing a refusal wrote: the inits and adapters are the ones accepted above.
+    assert sorted(i.name for i in await store.list_inits("default")) == ["other", "third"]
+    assert [a.name for a in await store.list_adapters("default")] == ["t1"]
+    assert [j.kind.value for j in (await store.list_jobs("default", 100)).jobs] == ["init", "init", "init", "adapt"]
