@@ -9,13 +9,18 @@ Two phases, each interleaved: the engines of a phase run side by side (an idle v
 (configuration x target x load) run one after the other in rounds, every other round in reverse order, so drift
 in the shared box's load hits every cell alike and cancels out of every ratio.
   main:  "old" and "new" x {direct to vLLM, through the gateway} x {base, 1 adapter, 16 adapters};
-  knobs: each knob variant (new-*) against "new", directly, at the load(s) where the knob plausibly matters,
-         with fewer prompts; knob engines start a few at a time beside the running "new" engine.
+  knobs: each knob variant (new-*) against "new", directly, at base and 1 adapter (and where else the knob
+         plausibly matters), with fewer prompts; one knob engine at a time beside the running "new" engine.
+         "merged" is the first adapter folded into a copy of the base weights (benchmarks/merged_adapter.py) and
+         served as a plain model (no --enable-lora): its requests against "new"'s base and 1-adapter cells.
+At most MAX_ENGINES vLLM engines run at once: each holds its weights and KV cache (~4 GB here), and three beside
+the box's other work left under 1 GB free. Every engine requires a per-run API key, as `metalora serve`'s does.
 Every figure worth reading is a ratio inside one phase: adapter / base, gateway / direct, new / old, knob / new.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -31,6 +36,7 @@ from adapters.base_model import base_model_path, served_model_name
 from adapters.names import DEFAULT_TENANT, vllm_name
 from adapters.settings import Settings
 from benchmarks.common import log
+from benchmarks.merged_adapter import merge_in_subprocess
 from benchmarks.vllm_client import bench_serve, pool
 from metalora.vllm_command import vllm_command, vllm_env
 
@@ -39,19 +45,25 @@ ADAPTERS_PER_LOAD = {"base": 0, "1": 1, "16": 16}
 N_ADAPTERS = 16
 START_TIMEOUT_S = 900
 REFERENCE = "new"  # what every knob is measured against
+MAX_ENGINES = 2
+MERGED = "merged"  # the configuration served from the merged model folder
+LORA_FLAGS = {"--enable-lora": 0, "--max-loras": 1, "--max-lora-rank": 1, "--max-cpu-loras": 1}  # flag: values
 
 
 @dataclass
 class Config:
     """One way to run the engine: Settings fields, the env on top of os.environ, whether vllm_env's vLLM-CPU
-    tuning (LD_PRELOAD, thread binding, KV-cache size) applies, and (knobs) the loads it is measured at."""
+    tuning (LD_PRELOAD, thread binding, KV-cache size) applies, whether LoRA is enabled, and (knobs) the loads it
+    is measured at and the reference's loads beside it (default: the same)."""
     name: str
     doc: str
     settings: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)
     tuned: bool = True
     iomp: bool = True
-    loads: tuple[str, ...] = ("1",)
+    lora: bool = True
+    loads: tuple[str, ...] = ("base", "1")
+    ref_loads: tuple[str, ...] | None = None
 
 
 OLD_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # what vllm_env set before issue 21: nothing else
@@ -63,22 +75,26 @@ CONFIGS = {c.name: c for c in [
     Config("new-rank16", "new, --max-lora-rank 16 (the old limit; the adapters are rank 8)",
            {"vllm_max_lora_rank": 16}),
     Config("new-maxloras16", "new, --max-loras 16 (one slot per adapter in flight)", {"vllm_max_loras": 16},
-           loads=("16",)),
+           loads=("base", "1", "16")),
     Config("new-mbt256", "new, --max-num-batched-tokens 256 (vLLM-CPU's default is 2048)",
            {"vllm_extra_args": "--max-num-batched-tokens 256"}),
-    Config("new-lora-fp32", "new, --lora-dtype float32 (default: the model's, bf16)",
-           {"vllm_extra_args": "--lora-dtype float32"}),
+    # vLLM 0.32 takes auto (the model's dtype: bf16 here), bfloat16 or float16 for --lora-dtype, not float32.
+    Config("new-lora-fp16", "new, --lora-dtype float16 (default auto: the model's, bf16)",
+           {"vllm_extra_args": "--lora-dtype float16"}),
     Config("new-nochunk", "new, chunked prefill off", {"vllm_extra_args": "--no-enable-chunked-prefill"}),
     Config("new-maxloras1", "new, --max-loras 1", {"vllm_max_loras": 1}),
     Config("new-allcores", "new, but OpenMP threads bound to every allowed core",
-           {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))},
-           loads=("base", "1")),
-    Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False,
-           loads=("base", "1")),
+           {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))}),
+    Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False),
     Config("new-fp32", "new, --dtype float32 (no bf16 instructions on AVX2-only CPUs)",
-           {"vllm_extra_args": "--dtype float32"}, loads=("base", "1")),
+           {"vllm_extra_args": "--dtype float32"}),
+    Config("new-nolora", "new, LoRA off (no --enable-lora): the base model on a plain engine", lora=False,
+           loads=("base",)),
+    Config(MERGED, "new's env, LoRA off, serving the first adapter merged into the base weights (peft"
+           " merge_and_unload, saved as a model folder); its 'base' cells are requests to that merged model",
+           lora=False, loads=("base",), ref_loads=("base", "1")),
 ]}
-DEFAULT_KNOBS = ("new-rank16", "new-maxloras16", "new-mbt256")
+DEFAULT_KNOBS = ("new-rank16", "new-maxloras16", "new-mbt256", "new-nochunk", "new-lora-fp16", MERGED)
 
 
 def engine_env(config: Config, settings: Settings) -> dict[str, str]:
@@ -125,9 +141,11 @@ def knob_cells(phase: str, knobs: list[str]) -> list[Cell]:
     """Each knob at its loads, directly, next to the reference at the same load (one reference cell per load)."""
     cells: list[Cell] = []
     for knob in knobs:
-        for load in CONFIGS[knob].loads:
+        config = CONFIGS[knob]
+        for load in dict.fromkeys([*(config.ref_loads or config.loads), *config.loads]):
             ref = Cell(phase, REFERENCE, "direct", load)
-            cells += ([] if ref in cells else [ref]) + [Cell(phase, knob, "direct", load)]
+            cells += [] if ref in cells else [ref]
+            cells += [Cell(phase, knob, "direct", load)] if load in config.loads else []
     return cells
 
 
@@ -138,6 +156,25 @@ def interleave(cells: list[Cell], rounds: int) -> list[tuple[int, Cell]]:
 
 def batches(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def engines_at_once(configs: list[str], knob_batch: int) -> int:
+    """The most engines any phase keeps up: the main phase's configurations, or the reference and a knob batch
+    (the main phase's engines other than the reference stop before a knob phase starts its own)."""
+    return max(len(configs), 1 + knob_batch if knob_batch else 0)
+
+
+def plain_model_command(argv: list[str]) -> list[str]:
+    """vllm_command's argv without LoRA: the flags of LORA_FLAGS and their values dropped."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in LORA_FLAGS:
+            skip = LORA_FLAGS[arg]
+        else:
+            out.append(arg)
+    return out
 
 
 # ---------------------------------------------------------------- engines
@@ -199,6 +236,7 @@ class Engine:
     def start(self) -> None:
         self.port = _free_port()
         env, argv = engine_env(self.config, self.settings), vllm_command(self.settings, port=self.port)
+        argv = argv if self.config.lora else plain_model_command(argv)
         self.info = {"doc": self.config.doc, "engine_command": shlex.join(argv),
                      "engine_env": {k: env[k] for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
                                                         "VLLM_CPU_KVCACHE_SPACE") if env.get(k)}}
@@ -217,7 +255,8 @@ class Engine:
         if self.gateway:
             self.gateway_port = _free_port()
             gw_env = {**os.environ, "METALORA_DATA_DIR": str(self.settings.data_dir), "HF_HUB_OFFLINE": "1",
-                      "METALORA_PORT": str(self.gateway_port), "METALORA_VLLM_URLS": self.url}
+                      "METALORA_PORT": str(self.gateway_port), "METALORA_VLLM_URLS": self.url,
+                      "METALORA_VLLM_API_KEY": self.settings.vllm_api_key or ""}
             gw_log = self.tmp / f"{self.config.name}-gateway.log"
             self.gateway_proc = subprocess.Popen([sys.executable, "-m", "metalora", "gateway"], env=gw_env,
                                                  stdout=gw_log.open("w"), stderr=subprocess.STDOUT,
@@ -235,10 +274,12 @@ class Engine:
 
     def warm(self, targets: list[str], names: list[str]) -> None:
         # Loads each adapter once (the resolver, then vLLM's CPU cache) so the timed runs measure serving.
+        headers = {"Authorization": f"Bearer {self.settings.vllm_api_key}"}
         for target in targets:
-            url, adapters = self.target(target, names)
+            url, adapters = self.target(target, names if self.config.lora else [])
             for m in [served_model_name(self.settings), *adapters]:
-                httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi", "max_tokens": 2}, timeout=600)
+                httpx.post(f"{url}/v1/completions", json={"model": m, "prompt": "hi", "max_tokens": 2},
+                           headers=headers, timeout=600).raise_for_status()
 
     def stop(self) -> None:
         _stop(self.gateway_proc)
@@ -251,10 +292,21 @@ def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads:
                 on_result=None) -> dict:
     """`register(data_dir, names)` writes and registers the random adapters (benchmarks.serving). `prompts` and
     `knob_prompts` are per cell over all rounds. `on_result(partial_result)` after each cell."""
+    if engines_at_once(configs, knob_batch if knobs else 0) > MAX_ENGINES:
+        raise ValueError(f"at most {MAX_ENGINES} engines at once: {configs} in the main phase, {REFERENCE} and"
+                         f" {knob_batch} knob(s) in a knob phase")
     tmp = Path(tempfile.mkdtemp(prefix="metalora-cpu-serving-"))
     data_dir = tmp / "data"
     names = [f"cpu-a{i:02d}" for i in range(N_ADAPTERS)]
     register(data_dir, names)
+    key = secrets.token_urlsafe(32)  # vLLM's key, as `metalora serve` generates one per run
+    overrides = {n: {"vllm_api_key": key, **CONFIGS[n].settings} for n in [*configs, REFERENCE, *knobs]}
+    if MERGED in knobs:
+        t0, base = time.perf_counter(), Settings(data_dir=data_dir)
+        merged = merge_in_subprocess(base_model_path(base), base.adapter_root / vllm_name(DEFAULT_TENANT, names[0], 1),
+                                     tmp / f"{MERGED}-{names[0]}", tmp / f"{MERGED}.log")
+        overrides[MERGED]["base_model"] = str(merged)
+        log(f"part 7: {names[0]} merged into the base weights in {time.perf_counter() - t0:.0f}s ({merged})")
     runs: dict[Cell, list[dict]] = {}
     engines: dict[str, Engine] = {}
     info: dict[str, dict] = {}
@@ -269,12 +321,14 @@ def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads:
                 "adapters": f"{N_ADAPTERS} random-weight rank-8 LoRA (all 7 projections), round-robin over requests",
                 "configs": info, "cells": cells, "ratios": ratios(cells), "scratch": str(tmp)}
 
+    client_key = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = key  # what `vllm bench serve` sends as its bearer token
     try:
         for phase, needed, cells, n_prompts in phases:
             t0 = time.perf_counter()
             for name in [n for n in engines if n not in needed]:
                 engines.pop(name).stop()
-            fresh = [Engine(CONFIGS[n], Settings(data_dir=data_dir, **CONFIGS[n].settings), tmp,
+            fresh = [Engine(CONFIGS[n], Settings(data_dir=data_dir, **overrides[n]), tmp,
                             gateway=phase == "main" and "gateway" in targets) for n in needed if n not in engines]
             for e in fresh:
                 e.start()
@@ -288,6 +342,8 @@ def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads:
                     e.info["error"] = f"{type(exc).__name__}: {exc}"[:3000]
                     log(f"part 7 {e.config.name} failed to start: {e.info['error'][:300]}")
                 info[e.config.name] = e.info
+            if REFERENCE in needed and REFERENCE not in engines:  # every later phase would fail the same way
+                raise RuntimeError(f"part 7: the reference engine '{REFERENCE}' failed: {info[REFERENCE]['error']}")
             log(f"part 7 {phase}: engines {list(engines)} ready in {time.perf_counter() - t0:.0f}s")
             per_round = max(1, n_prompts // rounds)
             for r, cell in interleave([c for c in cells if c.config in engines], rounds):
@@ -307,6 +363,9 @@ def cpu_serving(configs: list[str], knobs: list[str], targets: list[str], loads:
     finally:
         for e in engines.values():
             e.stop()
+        os.environ.pop("OPENAI_API_KEY")
+        if client_key is not None:
+            os.environ["OPENAI_API_KEY"] = client_key
     return result()
 
 
@@ -340,7 +399,10 @@ def ratios(cells: dict) -> dict:
         if c["phase"] != "main" and c["config"] != REFERENCE:
             out[f"{c['config']} {c['load']}: knob / {REFERENCE}"] = _ratio(
                 c, cell(c["phase"], REFERENCE, "direct", c["load"]))
-    kinds = ("adapter(s) / base", "new / old", "gateway / direct", "knob /")
+        if c["config"] == MERGED:  # the same adapter's requests, merged vs as LoRA
+            out[f"{MERGED} model / its adapter as LoRA on {REFERENCE}"] = _ratio(
+                c, cell(c["phase"], REFERENCE, "direct", "1"))
+    kinds = ("adapter(s) / base", "new / old", "gateway / direct", "knob /", f"{MERGED} model /")
     order = sorted(out, key=lambda k: next(i for i, kind in enumerate(kinds) if kind in k))
     return {k: out[k] for k in order if out[k]}
 
@@ -375,5 +437,6 @@ def write_markdown(result: dict, path: Path, header: dict) -> None:
     for name, r in result.get("configs", {}).items():
         lines += [f"- {name}: {r.get('doc', '')}; started in {_f(r.get('start_s'), '.0f')} s; engine env"
                   f" {r.get('engine_env')}; start-log warnings: {r.get('engine_log_warnings')}"
-                  + (f"; error: {r['error'][:300]}" if "error" in r else "")]
+                  + (f"; error: {r['error'][:300]}" if "error" in r else "")
+                  + (f"\n  - command: `{r['engine_command']}`" if r.get("engine_command") else "")]
     path.write_text("\n".join(lines) + "\n")

@@ -16,8 +16,10 @@ then stops the stack and runs
   6. the GPU inner-loop script's JSON, if it was run on a GPU (benchmarks/gpu_inner_loop.py);
   7. vLLM-CPU serving speed with vLLM's own client (`vllm bench serve`), base vs 1 vs 16 adapters, directly and
      through the gateway, with the engine defaults before issue 21 and now, interleaved in one run, then the
-     engine knobs against the new defaults (benchmarks/cpu_serving.py), and vLLM-CPU's LoRA kernels against the
-     base projections, prefill and decode (benchmarks/lora_cpu_ops.py).
+     engine knobs and a merged copy of one adapter against the new defaults (benchmarks/cpu_serving.py), and
+     vLLM-CPU's LoRA kernels against the base projections, prefill and decode (benchmarks/lora_cpu_ops.py).
+     Written to <out>/cpu_serving.{json,md}, or <out>/cpu_serving_knobs.{json,md} by a knob-only run
+     (`--cpu-configs ''`), which leaves the main phase's files alone.
 Writes <out>/results.json, <out>/summary.md and <out>/*.png, with the command line and the git commit
 (trainer.provenance).
 """
@@ -65,14 +67,18 @@ def parse_args(argv=None):
                    help="part 7: the configurations compared at every target and load (benchmarks/cpu_serving.py)")
     p.add_argument("--cpu-knobs", default=",".join(cpu_serving.DEFAULT_KNOBS),
                    help="part 7: knob variants measured against 'new', directly, at their loads; any of "
-                   + ",".join(n for n in cpu_serving.CONFIGS if n not in ("old", "new")))
+                   + ",".join(n for n in cpu_serving.CONFIGS if n not in ("old", "new"))
+                   + f" ('{cpu_serving.MERGED}': the first adapter merged into the base weights, served without LoRA)")
     p.add_argument("--cpu-targets", default="direct,gateway", help="part 7: direct, gateway or both")
     p.add_argument("--cpu-loads", default="base,1,16", help="part 7: base, 1 and/or 16 adapters")
     p.add_argument("--cpu-rounds", type=int, default=2, help="part 7: interleaved rounds (every other reversed)")
     p.add_argument("--cpu-prompts", type=int, default=48, help="part 7: prompts per cell, over all rounds")
     p.add_argument("--cpu-knob-prompts", type=int, default=32, help="part 7: prompts per knob cell")
     p.add_argument("--cpu-knob-batch", type=int, default=1,
-                   help="part 7: knob engines up at once beside 'new' (each takes ~4 GB with its KV cache)")
+                   help="part 7: knob engines up at once beside 'new' (each takes ~4 GB with its KV cache; at most"
+                   f" {cpu_serving.MAX_ENGINES} engines in all)")
+    p.add_argument("--cpu-lora-ops", action=argparse.BooleanOptionalAction, default=True,
+                   help="part 7: also time vLLM-CPU's LoRA kernels (benchmarks/lora_cpu_ops.py)")
     return p.parse_args(argv)
 
 
@@ -166,8 +172,14 @@ def cpu_serving_part(args, on_config) -> dict:
         split(args.cpu_configs), split(args.cpu_knobs), split(args.cpu_targets), split(args.cpu_loads),
         serving.register_random_adapters, rounds=args.cpu_rounds, prompts=args.cpu_prompts,
         knob_prompts=args.cpu_knob_prompts, knob_batch=args.cpu_knob_batch, on_result=on_config)
-    result["lora_ops"] = _guard(lambda: lora_cpu_ops.main(["--repeats", "5"]))
+    if args.cpu_lora_ops:
+        result["lora_ops"] = _guard(lambda: lora_cpu_ops.main(["--repeats", "5"]))
     return {**result, "wall_s": time.perf_counter() - t0, "precision": "bfloat16 (vLLM-CPU's default dtype here)"}
+
+
+def cpu_serving_stem(args) -> str:
+    """A run without the main phase measures knobs only: its files sit beside the main phase's, not over them."""
+    return "cpu_serving" if [c for c in args.cpu_configs.split(",") if c] else "cpu_serving_knobs"
 
 
 def _guard(fn):
@@ -233,17 +245,19 @@ def main(argv=None) -> None:
     if 6 in parts:
         results["gpu_inner_loop"] = _guard(lambda: gpu_part(args.gpu_json, out))
     if 7 in parts:
+        stem = cpu_serving_stem(args)  # also its key in results.json
+
         def partial(cpu_result: dict) -> None:
-            results["cpu_serving"] = cpu_result
+            results[stem] = cpu_result
             checkpoint()
 
-        results["cpu_serving"] = _guard(lambda: cpu_serving_part(args, partial))
+        results[stem] = _guard(lambda: cpu_serving_part(args, partial))
         checkpoint()
         header = {"command": command, "commit": results["git_commit"], "started_at": results["started_at"],
-                  "precision": results["cpu_serving"].get("precision"), "machine": results["machine"],
-                  "wall time": f"{results['cpu_serving'].get('wall_s', 0) / 60:.1f} min"}
-        write_json(out / "cpu_serving.json", {**header, **results["cpu_serving"]})
-        _guard(lambda: cpu_serving.write_markdown(results["cpu_serving"], out / "cpu_serving.md", header))
+                  "precision": results[stem].get("precision"), "machine": results["machine"],
+                  "wall time": f"{results[stem].get('wall_s', 0) / 60:.1f} min"}
+        write_json(out / f"{stem}.json", {**header, **results[stem]})
+        _guard(lambda: cpu_serving.write_markdown(results[stem], out / f"{stem}.md", header))
     results["wall_s"] = time.time() - started
     write_json(out / "results.json", results)
     plots = _guard(lambda: write_plots(results, out))
