@@ -255,6 +255,8 @@ def write_summary(results: dict, out: Path, plots: list[str]) -> None:
         L.append(f"{g.get('status', 'not run')}; on a GPU: `{g.get('command', '')}`\n")
     L.append(f"CPU smoke check of the script (`--tiny`): {g.get('tiny_cpu_smoke', 'not run')}\n")
 
+    L.extend(cpu_serving_lines(_part7(results, out, "cpu_serving"), _part7(results, out, "cpu_serving_knobs")))
+
     if results.get("first_token"):
         L.extend(first_token_lines(results["first_token"]))
 
@@ -262,6 +264,67 @@ def write_summary(results: dict, out: Path, plots: list[str]) -> None:
         L.append("## Plots\n")
         L.extend(f"![{p}]({p})" for p in plots)
     (out / "summary.md").write_text("\n".join(L) + "\n")
+
+
+def _part7(results: dict, out: Path, stem: str) -> dict | None:
+    """Part 7's result from this run, else from its own file in the folder (a part-7 run writes both; the main
+    phase and a knob-only run are separate files, so one is not rerun to report the other)."""
+    if results.get(stem, {}).get("cells"):
+        return results[stem]
+    path = out / f"{stem}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _ratio_cells(ratio: dict | None) -> str:
+    return " | ".join(_f((ratio or {}).get(m)) for m in ("throughput", "ttft", "tpot"))
+
+
+def cpu_serving_lines(main: dict | None, knobs: dict | None) -> list[str]:
+    """Part 7 (benchmarks/cpu_serving.py): old vs new engine, base / 1 / 16 adapters, gateway / direct, issue
+    21's targets on the new engine; then each knob (and the merged adapter) against the new engine."""
+    L = ["## 7. vLLM-CPU serving speed (`vllm bench serve`, benchmarks/cpu_serving.py)\n"]
+    if not main and not knobs:
+        return L + ["not run\n"]
+    for label, r in (("main phase", main), ("knobs", knobs)):
+        if r:
+            load = r.get("load", {})
+            runs = "; ".join(f"`{x.get('command')}` at `{x.get('commit')}`, {x.get('started_at')}"
+                             for x in r.get("runs") or [r] if x.get("command"))  # "runs": a file joined by hand
+            L.append(f"- {label}: {runs or 'this run'}; {load.get('input_len')} in / {load.get('output_len')} out,"
+                     f" concurrency {load.get('concurrency')}, prompts per cell {load.get('prompts_per_cell')} over"
+                     f" {load.get('rounds')} interleaved rounds")
+    L.append("")
+    if main:
+        cells, ratios = main.get("cells", {}), main.get("ratios", {})
+        L.append("| config | target | load | output tok/s | median TTFT ms | median TPOT ms |")
+        L.append("|---|---|---|---|---|---|")
+        for c in cells.values():
+            if c["phase"] == "main":
+                L.append(f"| {c['config']} | {c['target']} | {c['load']} | {_f(c.get('output_throughput'), '{:.1f}')}"
+                         f" | {_f(c.get('median_ttft_ms'), '{:.0f}')} | {_f(c.get('median_tpot_ms'), '{:.0f}')} |")
+        L.append("\n| ratio (same run) | throughput | median TTFT | median TPOT |\n|---|---|---|---|")
+        L.extend(f"| {k} | {_ratio_cells(v)} |" for k, v in ratios.items())
+        L.append("")
+        for target in ("direct", "gateway"):
+            one = ratios.get(f"new {target}: 1 adapter(s) / base")
+            if one:
+                ok = one["throughput"] >= 0.6 and one["ttft"] is not None and one["ttft"] <= 2.0
+                L.append(f"- new engine, {target}: 1 adapter at {one['throughput']:.2f} of base throughput,"
+                         f" {_f(one['ttft'])}x its median TTFT (issue 21's target >= 0.6 and <= 2x: {_verdict(ok)})")
+        gw = [v["throughput"] for k, v in ratios.items() if k.startswith("new ") and k.endswith("gateway / direct")]
+        if gw:
+            L.append(f"- gateway / direct throughput on the new engine: {', '.join(f'{x:.2f}' for x in gw)}"
+                     f" (target >= 0.97: {_verdict(min(gw) >= 0.97)})")
+        L.append("")
+    if knobs:
+        L.append("| against the new engine, same phase | throughput | median TTFT | median TPOT |")
+        L.append("|---|---|---|---|")
+        L.extend(f"| {k} | {_ratio_cells(v)} |" for k, v in knobs.get("ratios", {}).items()
+                 if "knob /" in k or "model /" in k)
+        failed = [f"{n} ({r['error'][:120]})" for n, r in knobs.get("configs", {}).items() if "error" in r]
+        L.append("" if not failed else f"\nConfigurations that did not start: {'; '.join(failed)}")
+        L.append("")
+    return L
 
 
 def first_token_lines(ft: dict) -> list[str]:
