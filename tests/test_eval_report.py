@@ -127,3 +127,42 @@ def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols
     other = part("other", ROWS, scoring="per_char")
     with pytest.raises(ValueError, match="different scoring"):
         merge_reports([old, other], tmp_path / "bad")
+
+
+def test_a_table_with_family_columns_names_them_and_reads_each_target_off_its_interval():
+    n = 40  # items; every seed alike, so each interval is narrow around its difference
+    fewshot = [1] * 20 + [0] * 20  # 0.50
+    rows = []
+    for seed in (0, 1):
+        rows += [row("a", "standard_init", 30, seed, fewshot), row("a", "meta_init", 30, seed, [1] * n),
+                 row("a", "family_multitask_init", 30, seed, [1] * 26 + [0] * 14),  # 0.65
+                 row("a", "family_init", 0, seed, [1] * 18 + [0] * 22),  # 0.45
+                 row("a", "family_init", 30, seed, [1] * 30 + [0] * 10)]  # 0.75
+    report = report_for(rows, tasks={"a": {"n_test": n, "n_train_available": 500, "gold": None, "n_options": None}})
+    text = markdown(report)
+    assert text.startswith("# Multi-task setting") and "| few-shot LoRA+30 | meta_init+30 | multi-task LoRA+30 |" in text
+    targets = text.split("## The seed's targets")[1].split("\n## ")[0]
+    # +0.25 over few-shot (every item of the gain agrees: the whole interval clears 0.10), +0.10 over multi-task:
+    # the interval straddles 0.05; K = 0 is compared with few-shot at its largest K and falls short of it.
+    assert "| over few-shot LoRA by >= 0.10 | MeTA-LoRA family+30 − few-shot LoRA+30 | **+0.250**" in targets
+    lines = {line.split(" | ")[1]: line for line in targets.splitlines() if line.count(" | ") >= 3}
+    assert lines["MeTA-LoRA family+30 − few-shot LoRA+30"].endswith("| met |")
+    assert lines["MeTA-LoRA family+30 − multi-task LoRA+30"].endswith("| not resolved |")
+    assert lines["MeTA-LoRA family+0 − few-shot LoRA+30"].endswith("| missed |")
+    assert lines["MeTA-LoRA family+30 − full-data LoRA"].endswith("| not measured |")
+    assert "# Few-shot evaluation" in markdown(report_for(ROWS))  # without family columns, the plain table
+
+
+def test_merge_keeps_only_the_methods_asked_and_refuses_parts_of_other_test_items(tmp_path):
+    def part(name, tasks=None):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**report_for(ROWS), "command": name, "git_commit": name, "k_values": [5],
+                                    **({"tasks": tasks} if tasks else {})}))
+        return path
+
+    merged = merge_reports([part("one")], tmp_path / "std", methods=["standard_init"])
+    assert {r["method"] for r in merged["rows"]} == {"standard_init"} and merged["methods"] == ["standard_init"]
+    moved = report_for(ROWS)["tasks"]
+    moved["a"] = {**moved["a"], "gold": [1, 1, 1, 1]}
+    with pytest.raises(ValueError, match="task a has another gold"):
+        merge_reports([part("one"), part("two", moved)], tmp_path / "bad")

@@ -11,6 +11,9 @@ Per task and seed, `n_train` examples are drawn (seeded) from the task's train s
   init / the meta-learned init, on the n_train examples (each K scored as a fresh K-step run would be). A shared
   init is adapted with the learning rate and batch size in its metalora_meta.json, the procedure it was learned for
   (what the worker does too); the standard init with the harness's own.
+- family_multitask_init+K / family_init+K: the same, from inits trained on these very tasks' draws (the multi-task
+  setting, trainer/multitask.py): a multi-task LoRA and a meta-learned init family. Named apart from multitask_init
+  and meta_init, which are learned on other tasks, so that no table mistakes one for the other.
 - auto_k: what a job with `"steps": "auto"` gets: from the `--auto-init` init, K chosen on a held-out slice of the
   n_train examples (the worker's split and rule, trainer/selection.py); the row records the K chosen.
 - full_data: LoRA from the standard init on up to `full_data_cap` train examples, trained until its loss on the
@@ -34,11 +37,11 @@ from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
 from trainer.engine import load_shared_init, split_holdout
-from trainer.eval_report import EVAL_METHODS, K_METHODS, merge_reports, write_report
+from trainer.eval_report import EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, write_report
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
-from trainer.provenance import git_commit, machine_record
+from trainer.provenance import examples_digest, git_commit, machine_record
 from trainer.scoring import DEFAULT_SCORING, SCORING_RULES, answer_items
 from adapters.adapt_options import AUTO_K
 from trainer.selection import adapt_selecting_k
@@ -73,15 +76,28 @@ PROTOCOLS = {
 }
 
 
-def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
-    out = []
+def training_draw(task: Task, seed: int, n: int) -> list[dict]:
+    """The `n` train examples a seed adapts on: every method of the evaluation, and the inits the multi-task setting
+    trains on the same tasks (trainer/multitask.py), take the draw from here, so a seed means one set of examples."""
+    return random.Random(seed).sample(task.train, min(n, len(task.train)))
+
+
+def fitting_examples(tokenizer, examples: list[dict], max_seq_len: int) -> tuple[list[dict], list]:
+    """The examples that fit in `max_seq_len` (as prompt/completion pairs), and their encodings; longer ones are
+    left out, the same ones for every method that trains on them."""
+    kept, encoded = [], []
     for example in examples:
+        pair = {"prompt": example["prompt"], "completion": example["completion"]}
         try:
-            out += encode_examples(tokenizer, [{"prompt": example["prompt"], "completion": example["completion"]}],
-                                   max_seq_len)
+            encoded += encode_examples(tokenizer, [pair], max_seq_len)
         except ExampleTooLong:
-            pass  # stated in the results as n_train_used
-    return out
+            continue  # stated in the results as n_train_used
+        kept.append(pair)
+    return kept, encoded
+
+
+def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
+    return fitting_examples(tokenizer, examples, max_seq_len)[1]
 
 
 def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> tuple[str, int]:
@@ -131,10 +147,11 @@ class Harness:
 
 
 def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, k_values, n_train: int,
-                  record) -> None:
-    """Every method on one (task, seed): `record(method, k, answers, **extra)` once per measured cell."""
-    sample = random.Random(seed).sample(task.train, min(n_train, len(task.train)))
-    enc = encode_safe(h.tokenizer, sample, h.cfg.max_seq_len)
+                  record) -> str:
+    """Every method on one (task, seed): `record(method, k, answers, **extra)` once per measured cell. Returns the
+    digest of the examples the methods trained on (trainer/provenance.py examples_digest)."""
+    sample = training_draw(task, seed, n_train)
+    kept, enc = fitting_examples(h.tokenizer, sample, h.cfg.max_seq_len)
     if "zero_shot" in methods:
         set_lora_state(h.model, h.inits["zero"])
         record("zero_shot", 0, h.answers(task, test))
@@ -165,7 +182,7 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
         record("auto_k", 0, h.answers(task, test), chosen_k=chosen.k, steps_run=chosen.steps_run,
                init=h.auto_init, curve=chosen.curve)
     if "full_data" in methods:
-        pool = random.Random(seed).sample(task.train, min(h.full_data_cap, len(task.train)))
+        pool = training_draw(task, seed, h.full_data_cap)
         full = encode_safe(h.tokenizer, pool, h.cfg.max_seq_len)
         held = encode_safe(h.tokenizer, task.validation, h.cfg.max_seq_len)
         set_lora_state(h.model, h.inits["standard_init"])
@@ -173,10 +190,12 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
                                    eval_every=FULL_DATA_EVAL_EVERY, patience=FULL_DATA_PATIENCE)
         record("full_data", 0, h.answers(task, test), n_full=len(full), chosen_k=chosen.k,
                steps_run=chosen.steps_run, curve=chosen.curve)
+    return examples_digest(kept)
 
 
-def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, meta_init, multitask_init, auto_init, scoring,
+def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits: dict, auto_init, scoring,
                   icl_max_tokens, full_data_cap) -> tuple[Harness, torch.device]:
+    """`shared_inits`: method -> its shared-init folder (None where not given), for the SHARED_INIT_METHODS run."""
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
@@ -188,7 +207,8 @@ def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, meta_init, mu
     # Each init is adapted with the procedure it was learned for (its learning rate and batch size); K is swept.
     procedures = {"standard_init": cfg}
     wanted = set(methods) | ({auto_init} if "auto_k" in methods else set())
-    for method, path in (("meta_init", meta_init), ("multitask_init", multitask_init)):
+    for method in SHARED_INIT_METHODS:
+        path = shared_inits.get(method)
         if method in wanted:
             if not path:
                 raise ValueError(f"{method} needs the path of its shared-init folder")
@@ -198,10 +218,13 @@ def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, meta_init, mu
 
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
              model_dir: Path | str | None = None, meta_init: Path | str | None = None,
-             multitask_init: Path | str | None = None, auto_init: str = "standard_init",
+             multitask_init: Path | str | None = None, family_init: Path | str | None = None,
+             family_multitask_init: Path | str | None = None, auto_init: str = "standard_init",
              adapt_config: AdaptConfig | None = None, max_test: int = DEFAULT_MAX_TEST, command: str | None = None,
              device: str = "auto", scoring: str = DEFAULT_SCORING, protocol: str | None = None,
-             full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS) -> dict:
+             full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS,
+             provenance: dict | None = None) -> dict:
+    """`provenance`: more to record with the settings (the multi-task setting records the inits it trained)."""
     unknown = set(methods) - set(EVAL_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {EVAL_METHODS}")
@@ -211,8 +234,10 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         raise ValueError("auto_init must be standard_init or meta_init")
     # K methods train on all n_train examples; auto_k carves the worker's held-out slice (holdout_fraction) itself.
     cfg = adapt_config or AdaptConfig()
+    shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
+                    "family_multitask_init": family_multitask_init}
     h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
-                           meta_init=meta_init, multitask_init=multitask_init, auto_init=auto_init, scoring=scoring,
+                           shared_inits=shared_inits, auto_init=auto_init, scoring=scoring,
                            icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap)
     out = Path(out_dir)
     rows: list[dict] = []
@@ -221,13 +246,13 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     settings = {"command": command or " ".join(sys.argv), "git_commit": git_commit(), "machine": machine_record(dev),
                 "protocol": protocol, "scoring": scoring, "model_dir": str(model_dir), "adapt_config": cfg.to_dict(),
                 "n_train": n_train, "max_test": max_test, "seeds": list(seeds), "k_values": list(k_values),
-                "methods": list(methods), "meta_init": str(meta_init) if meta_init else None,
-                "multitask_init": str(multitask_init) if multitask_init else None, "auto_init": auto_init,
+                "methods": list(methods), **{m: str(path) if path else None for m, path in shared_inits.items()},
+                "auto_init": auto_init,
                 "procedures": {m: {"learning_rate": c.learning_rate, "batch_size": c.batch_size}
                                for m, c in h.procedures.items()},
                 "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
                               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
-                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens}
+                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, **(provenance or {})}
 
     def report() -> dict:
         return {**settings, "seconds": round(time.time() - t_start, 1), "tasks": tasks_meta, "rows": rows}
@@ -247,7 +272,9 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                              "pred": [a.pred for a in answers] if gold else None, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
-            run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
+            # Which examples the seed drew, so parts run apart (and inits trained on the draw) can be checked alike.
+            drawn = run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
+            tasks_meta[task.name].setdefault("train_sha256", {})[str(seed)] = drawn
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
 
@@ -266,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "table is measured with 'heldout'); task_dirs then default to its tasks under --tasks-root")
     p.add_argument("--tasks-root", type=Path, default=default_cache_dir() / "olmo",
                    help="where the protocol's task folders are (built by `metalora prepare-tasks`)")
-    p.add_argument("--methods", default=",".join(EVAL_METHODS), help=f"comma-separated, from {','.join(EVAL_METHODS)}")
+    p.add_argument("--methods", default=",".join(EVAL_METHODS), help=f"comma-separated, from {','.join(EVAL_METHODS)};"
+                   " with --merge, the methods whose rows the merged table keeps")
     p.add_argument("--k", default="0,5,10,30", help="K values (inner steps) scored for the *_init methods")
     p.add_argument("--seeds", help="adaptation seeds (which n_train examples, batch order); default 0,1,2, or the "
                    "protocol's; with --protocol a subset of its seeds, so that parts run apart can be merged")
@@ -276,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how an option's token log-probabilities are combined (the same for every method)")
     p.add_argument("--meta-init", type=Path, help="shared-init folder for meta_init (e.g. trainer/shared_init/<model>)")
     p.add_argument("--multitask-init", type=Path, help="shared-init folder for multitask_init")
+    p.add_argument("--family-init", type=Path, help="shared-init folder for family_init (the multi-task setting's "
+                   "meta-learned init, trained on these tasks' draws: trainer/multitask.py)")
+    p.add_argument("--family-multitask-init", type=Path, help="shared-init folder for family_multitask_init (the "
+                   "multi-task setting's multi-task LoRA)")
     p.add_argument("--auto-init", choices=("standard_init", "meta_init"), default="standard_init",
                    help="the init auto_k adapts from")
     p.add_argument("--model-dir", type=Path, help="base model folder (default: the converted SmolLM2)")
@@ -291,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     if a.merge:
-        merge_reports(a.task_dirs, a.out_dir)
+        merge_reports(a.task_dirs, a.out_dir, methods=a.methods.split(","))
         return
     seeds = [int(s) for s in (a.seeds or "0,1,2").split(",")]
     n_train, max_test, scoring = a.n_train, a.max_test, a.scoring
@@ -311,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     evaluate(task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], seeds, n_train, a.out_dir,
-             model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init, auto_init=a.auto_init,
+             model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
+             family_init=a.family_init, family_multitask_init=a.family_multitask_init, auto_init=a.auto_init,
              max_test=max_test, scoring=scoring, protocol=a.protocol, device=a.device,
              full_data_cap=a.full_data_cap, icl_max_tokens=a.icl_max_tokens,
              command=" ".join(["metalora evaluate", *(sys.argv[1:] if argv is None else argv)]))

@@ -2,6 +2,8 @@
 (train-meta's export, the evaluation, the benchmarks)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -39,3 +41,9 @@ def machine_record(device: torch.device) -> dict:
     the device, and the precision `autocast_for(device)` computes in ("bf16 autocast" | "fp32")."""
     return {"cpu_model": cpu_features()["model"], "cpus": os.cpu_count(), "torch": torch.__version__,
             "device": str(device), "precision": precision_for(device)}
+
+
+def examples_digest(examples: list[dict]) -> str:
+    """sha256 of a list of examples (order counts), to show that two runs trained on the same draw without storing
+    the data (task data is not ours to redistribute)."""
+    return hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
