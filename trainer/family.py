@@ -16,6 +16,7 @@ from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.engine import split_holdout
 from trainer.meta import Episode, MetaConfig, MetaLearner
+from trainer.provenance import examples_digest
 
 # fomaml: MeTA-LoRA's stage 2 (first-order: the query gradient at the adapted weights), the paper's method and
 # meta.py's default. Reptile moves θ towards the adapted weights instead, which needs many more outer steps to
@@ -82,12 +83,17 @@ class FamilyTask:
 
 
 def prepare_tasks(tokenizer, tasks: list[dict], config: FamilyConfig) -> list[FamilyTask]:
-    """Encode each task's examples and hold back its validation slice (the /adapt job's holdout rule)."""
+    """Encode each task's examples and hold back its validation slice (the /adapt job's holdout rule). A task that
+    brings `validation` examples of its own (the multi-task setting: the task's validation split) is reported on
+    those and trains on all of its examples."""
     split = AdaptConfig(holdout_fraction=config.holdout_fraction, seed=config.seed)
     prepared = []
     for task in tasks:
         encoded = encode_examples(tokenizer, task["examples"], config.max_seq_len)
-        train, validation = split_holdout(encoded, split)
+        if "validation" in task:
+            train, validation = encoded, encode_examples(tokenizer, task["validation"], config.max_seq_len)
+        else:
+            train, validation = split_holdout(encoded, split)
         prepared.append(FamilyTask(task["name"], train, validation))
     return prepared
 
@@ -148,8 +154,9 @@ def train_family(engine, tasks: list[dict], config: FamilyConfig,
             "method": FAMILY_METHOD,
             "meta_params": FAMILY_META_PARAMS,
             "meta_config": meta.to_dict(),
-            "tasks": [{"name": t.name, "num_train": len(t.train), "num_validation": len(t.validation)}
-                      for t in prepared],
+            # The digest shows which examples a task trained on without storing them (trainer/provenance.py).
+            "tasks": [{"name": t.name, "num_train": len(t.train), "num_validation": len(t.validation),
+                       "examples_sha256": examples_digest(task["examples"])} for t, task in zip(prepared, tasks)],
             "outer_steps": history,
             "validation_loss_before": history[0]["validation_loss"],
             "validation_loss_after": history[-1]["validation_loss"],
