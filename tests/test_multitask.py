@@ -1,0 +1,117 @@
+"""`metalora multitask` end to end on the tiny Llama (tests/test_inner_loop.py) and two tiny option tasks named as
+held-out protocol tasks: both inits train on exactly the examples evaluate draws for the seed (never a test item), the
+part holds every family column at every K with the inits' metadata, stages resume, and the merge with a few-shot
+part names the columns as the issue does and reads the targets off the intervals."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from test_inner_loop import save_tiny_model
+from trainer import multitask
+from trainer.evaluate import evaluate
+from trainer.provenance import examples_digest
+from trainer.tasks.format import write_task
+
+WORDS = "red blue green black white gold pink gray".split()
+TASKS = ("sst2", "copa")
+
+
+def option_rows(task: str, start: int, n: int) -> list[dict]:
+    # Distinct prompts per split (numbered by position), so a test item can never pass for a train example.
+    rows = []
+    for i in range(start, start + n):
+        word, other = WORDS[i % len(WORDS)], WORDS[(i + 3) % len(WORDS)]
+        options = [f" {word}", f" {other}"] if i % 2 else [f" {other}", f" {word}"]
+        rows.append({"prompt": f"{task} {i}: {word} ->", "completion": f" {word}", "options": options,
+                     "answer": options.index(f" {word}")})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask")
+    for task in TASKS:  # 120 train examples: the protocol's draw of 100 is a real choice among them
+        write_task(root / "tasks" / task, {"train": option_rows(task, 0, 120), "validation": option_rows(task, 200, 4),
+                                          "test": option_rows(task, 300, 6)})
+    return root, save_tiny_model(root / "tiny")
+
+
+def args(root, model_dir, *extra):
+    return ["--seeds", "0", "--tasks", ",".join(TASKS), "--tasks-root", str(root / "tasks"), "--model-dir",
+            str(model_dir), "--runs-dir", str(root / "runs"), "--parts-dir", str(root / "parts"), "--outer-steps", "2",
+            "--steps", "2", "--support-size", "4", "--query-size", "4", "--val-examples", "3", "--k", "0,2",
+            "--device", "cpu", *extra]
+
+
+def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(setup):
+    root, model_dir = setup
+    multitask.main(args(root, model_dir))
+    part_path = root / "parts" / "multitask-s0.json"
+    part = json.loads(part_path.read_text())
+    assert part["protocol"] == "heldout" and part["setting"] == "multitask" and part["seeds"] == [0]
+    cells = {(r["task"], r["method"], r["k"], r["seed"]) for r in part["rows"]}
+    assert cells == {(t, m, k, 0) for t in TASKS for m in ("family_multitask_init", "family_init") for k in (0, 2)}
+    assert all(len(r["correct"]) == 6 for r in part["rows"])
+
+    for task in TASKS:
+        # The draw, by evaluate's rule written out here: 100 of the 120 train examples, seeded by the seed.
+        train = [json.loads(line) for line in (root / "tasks" / task / "train.jsonl").read_text().splitlines()]
+        drawn = random.Random(0).sample(train, 100)
+        digest = examples_digest([{"prompt": e["prompt"], "completion": e["completion"]} for e in drawn])
+        assert part["tasks"][task]["train_sha256"] == {"0": digest}  # what evaluate adapted on
+        for method in ("family_init", "family_multitask_init"):
+            trained = {t["name"]: t for t in part["inits"][method]["meta"]["metrics"]["tasks"]}
+            assert trained[task]["examples_sha256"] == digest and trained[task]["num_train"] == 100
+        test = [json.loads(line)["prompt"] for line in (root / "tasks" / task / "test.jsonl").read_text().splitlines()]
+        assert not {e["prompt"] for e in drawn} & set(test)
+
+    # The part carries each init's metalora_meta.json as written, and the wall time of every stage.
+    for method in ("family_init", "family_multitask_init"):
+        on_disk = json.loads((root / "runs" / "s0" / method / "metalora_meta.json").read_text())
+        assert part["inits"][method]["meta"] == on_disk and on_disk["adapt_config"]["steps"] == 2
+    family = part["inits"]["family_init"]["meta"]["metrics"]
+    assert family["method"] == "fomaml" and [s["step"] for s in family["outer_steps"]] == [0, 1, 2]
+    mt = part["inits"]["family_multitask_init"]["meta"]["metrics"]
+    # The family's compute in batch-8 steps: 2 outer steps x 2 tasks x (2 support batches of 8 + a query of 4).
+    assert mt["max_steps"] == 10 and mt["num_train"] == 200 and 0 <= mt["chosen_steps"] <= mt["steps_run"] <= 10
+    assert set(part["stage_seconds"]) == {"family_init", "family_multitask_init", "evaluate"}
+    assert part["git_commit"] and part["machine"]["device"] == "cpu"
+
+    # A finished seed is skipped; without its part, the finished inits are reused and only evaluation reruns.
+    multitask.main(args(root, model_dir))
+    assert json.loads(part_path.read_text()) == part
+    part_path.unlink()
+    multitask.main(args(root, model_dir))
+    again = json.loads(part_path.read_text())
+    assert again["inits"] == part["inits"] and again["rows"] == part["rows"]
+    part_path.unlink()
+    with pytest.raises(SystemExit, match="another setting"):  # an init of another recipe is never reused
+        multitask.main(args(root, model_dir, "--outer-steps", "3"))
+
+    # The few-shot LoRA column comes from an evaluate part of the same protocol and seed; the merge checks the draws.
+    few_shot = evaluate([root / "tasks" / t for t in TASKS], ["standard_init"], [2], [0], 100, root / "fewshot",
+                        model_dir=model_dir, protocol="heldout", max_test=250, device="cpu")
+    assert few_shot["tasks"]["sst2"]["train_sha256"] == part["tasks"]["sst2"]["train_sha256"]
+    part_path.write_text(json.dumps(part))
+    multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(part_path), "--out-dir",
+                    str(root / "table")])
+    text = (root / "table" / "results.md").read_text()
+    for column in ("few-shot LoRA+2", "multi-task LoRA+0", "multi-task LoRA+2", "MeTA-LoRA family+0",
+                   "MeTA-LoRA family+2"):
+        assert column in text
+    targets = text.split("## The seed's targets")[1].split("\n## ")[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and "−" in line]
+    assert len(rows) == 2 * 3  # three targets at each K of the family
+    assert "| over few-shot LoRA by >= 0.10 | MeTA-LoRA family+0 − few-shot LoRA+2 |" in targets
+    assert all(r.rstrip(" |").endswith(("met", "missed", "not resolved")) for r in rows if "full-data" not in r)
+    assert all(r.endswith("| not measured |") for r in rows if "full-data" in r)
+
+    other = json.loads(part_path.read_text())
+    other["tasks"]["copa"]["train_sha256"]["0"] = "0" * 64
+    (root / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="drew other train examples"):
+        multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(root / "other.json"), "--out-dir",
+                        str(root / "bad")])
