@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from drill_records import TEST_STARTED
 from helpers import REDIS_URL
 STACK_START_TIMEOUT_S = 420
 
@@ -97,6 +98,12 @@ def delete_redis_prefix(prefix: str) -> None:
     keys = list(client.scan_iter(f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture(autouse=True)
+def record_test_start(request):
+    """A test's start, for the wall time its results/drills record states (tests/drill_records.py)."""
+    TEST_STARTED[request.node.nodeid] = time.monotonic()
 
 
 @pytest.fixture(autouse=True)

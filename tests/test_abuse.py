@@ -22,10 +22,10 @@ from adapters.backend import open_backend
 from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.settings import Settings
 from adapters.warmup import load_everywhere
+from drill_records import write_record
 from gateway_helpers import ServerThread, fake_replica, gateway_client, tokenizer_dir
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "drills" / "abuse_tampered_adapter.json"
 GOOD = [{"prompt": "hello world", "completion": "positive"}]
 TEN_MB = 10 * 1024 * 1024
 
@@ -277,8 +277,7 @@ def test_tampered_adapter_folder_is_an_error_answer_not_an_outage(stack):
             assert client.get("/health").status_code == 200
             base = client.post("/v1/completions", json={"model": stack.base_model, "prompt": "Hi", "max_tokens": 2})
             assert base.status_code == 200, base.text
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(observed, indent=2) + "\n")
+    write_record("abuse_tampered_adapter", observed)
     print("\ntampered adapter answers:", json.dumps(observed, indent=2))
 
 

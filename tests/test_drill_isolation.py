@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from conftest import Stack, free_port, stop_stack
-from test_drills import RESULTS, create_key, drill_clock, write_figures  # noqa: F401 (drill_clock: autouse)
+from test_drills import create_key, write_figures
 
 DRILL_MAX_INFLIGHT = 2
 FLOOD_CLIENTS = 16
@@ -148,8 +148,6 @@ def test_drill_one_tenant_flooding_does_not_starve_another(isolation_stack):
         "flood_requests_ok": result["flood"]["ok"], "flood_requests_429": result["flood"]["rate_limited"],
         "flood_requests_other_errors": result["flood"]["other"],
         "flood_other_samples": result["flood_other_samples"],
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=RESULTS.parents[1]).stdout.strip(),
     }
     write_figures("tenant_isolation", figures)
     assert not result["errors"], result["errors"][:5]

@@ -19,7 +19,6 @@ Run: `flock /tmp/metalora-heavy.lock python -m pytest -q -m stack tests/test_dri
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -31,14 +30,12 @@ import httpx
 import psutil
 import pytest
 import redis
-import torch
 
 from conftest import Stack, free_port, stop_stack
+from drill_records import write_record
 from stack_data import HELD_OUT, WORDS, prompt_for
-from trainer.precision import cpu_features, precision_for
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "results" / "drills"
 LEASE_S = 6  # a killed worker's job is redelivered after this
 TENANTS = ("acme", "globex")
 NAMES = ("m0", "m1", "m2", "m3")  # the same names in both tenants: a cross-tenant mix-up would show
@@ -64,29 +61,9 @@ def marker_examples(marker: str, n: int = 30) -> list[dict[str, str]]:
     return [{"prompt": prompt_for(w), "completion": f" @@{marker}@@"} for w in WORDS[:n]]
 
 
-_DRILL_STARTED: dict[str, float] = {}
-
-
-@pytest.fixture(autouse=True)
-def drill_clock(request):
-    """Each drill's wall time, from its test's start to its figures (the stack start-up is not included)."""
-    _DRILL_STARTED[request.node.nodeid] = time.monotonic()
-    yield
-
-
 def write_figures(drill: str, figures: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
-    started = _DRILL_STARTED.get(node)
-    figures = {"drill": drill, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "command": f"METALORA_LOAD_DRILL=1 python -m pytest -s '{node}'  (all drills: make drills)",
-               "machine": {"cpu_model": cpu_features()["model"], "cpus": os.cpu_count(),
-                           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
-               "precision": "vLLM-CPU serving in its default dtype (bfloat16); the worker's K steps in "
-                            f"{precision_for(torch.device('cpu'))}",
-               "wall_s": round(time.monotonic() - started, 1) if started is not None else None, **figures}
-    (RESULTS / f"{drill}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"\n[drill {drill}] " + json.dumps(figures))
+    path = write_record(drill, {"drill": drill, **figures})
+    print(f"\n[drill {drill}] " + path.read_text())
 
 
 # ---------------------------------------------------------------- our own Redis

@@ -17,7 +17,6 @@ import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -30,10 +29,11 @@ from adapters.api_keys import new_api_key  # noqa: E402
 from adapters.backend import open_backend  # noqa: E402
 from adapters.settings import Settings  # noqa: E402
 from server.app import create_app  # noqa: E402
+from drill_records import RESULTS as DRILL_RESULTS, provenance  # noqa: E402
 from gateway_helpers import ServerThread, fake_replica, tokenizer_dir  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "drills" / "fuzz.json"
+RESULTS = DRILL_RESULTS / "fuzz.json"  # one record per store, each with its own provenance
 EXAMPLES = int(os.environ.get("METALORA_FUZZ_EXAMPLES", "1000"))
 # ?wait=true would block for `timeout` seconds with no worker running; generated waits are capped to this.
 MAX_WAIT_S = 0.05
@@ -176,7 +176,7 @@ def test_fuzz_gateway_from_its_openapi_schema(kind, tmp_path, replica):
     _results[kind] = summary
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    existing[kind] = summary
+    existing[kind] = {**provenance(), **summary}
     RESULTS.write_text(json.dumps(existing, indent=2) + "\n")
     print(f"\nfuzz[{kind}]: {total} requests in {elapsed:.0f}s, statuses {summary['status_histogram']},"
           f" unexpected 5xx {summary['5xx_unexpected']}, upstream 503 {upstream_503}")
