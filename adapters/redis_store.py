@@ -116,6 +116,11 @@ def _versions_from_hash(raw: dict[str, str]) -> list[AdapterVersion]:
     return sorted(versions, key=lambda v: v.version)
 
 
+async def _read_versions(reader, key: str) -> list[AdapterVersion]:
+    """The versions in one hash (an adapter's or an init's), oldest first; `reader` is the client or a pipe."""
+    return _versions_from_hash(await reader.hgetall(key))
+
+
 class RedisMetadataStore:
     def __init__(self, client: aioredis.Redis, settings: Settings):
         self.r = client
@@ -430,9 +435,13 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def get_adapter(self, tenant: str, name: str) -> Adapter:
-        versions = _versions_from_hash(await self.r.hgetall(self.keys.versions(tenant, name)))
+        return await self._get_named(tenant, name, self.keys.versions, AdapterNotFound)
+
+    async def _get_named(self, tenant: str, name: str, versions_key, not_found: type[Exception]) -> Adapter:
+        """An adapter or an init (the same records in two namespaces) with its versions; `not_found` when none."""
+        versions = await _read_versions(self.r, versions_key(tenant, name))
         if not versions:
-            raise AdapterNotFound(name)
+            raise not_found(name)
         return Adapter(tenant, name, versions)
 
     @unavailable_on_connection_errors
@@ -447,7 +456,7 @@ class RedisMetadataStore:
             return AdapterVersion.from_dict(json.loads(raw))
         # No latest: no ready version (the list names the newest one's status), or one recorded before the
         # pointer existed.
-        return pick_version(name, _versions_from_hash(await self.r.hgetall(k.versions(tenant, name))), None)
+        return pick_version(name, await _read_versions(self.r, k.versions(tenant, name)), None)
 
     @unavailable_on_connection_errors
     async def prune_versions(self, tenant: str, adapter: str, keep: int) -> list[AdapterVersion]:
@@ -455,7 +464,7 @@ class RedisMetadataStore:
         vkey, pruned_key = k.versions(tenant, adapter), k.pruned_through(tenant, adapter)
 
         async def body(pipe) -> list[AdapterVersion]:
-            pruned = retention_plan(_versions_from_hash(await pipe.hgetall(vkey)), keep)
+            pruned = retention_plan(await _read_versions(pipe, vkey), keep)
             if not pruned:
                 return []
             through = max(int(await pipe.get(pruned_key) or 0), max(v.version for v in pruned))
@@ -474,13 +483,22 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
+        return await self._delete_named(tenant, name, JobKind.ADAPT)
+
+    async def _delete_named(self, tenant: str, name: str, kind: JobKind) -> list[AdapterVersion]:
+        """delete_adapter (kind ADAPT) and delete_init (kind INIT): the same records in two namespaces."""
         k = self.keys
-        vkey = k.versions(tenant, name)
+        init = kind is JobKind.INIT
+        vkey = k.init_versions(tenant, name) if init else k.versions(tenant, name)
+        names_key = k.init_names(tenant) if init else k.adapter_names(tenant)
+        # An init has no latest pointer or pruned mark: those keys belong to the adapter of the same name.
+        dropped = [vkey] if init else [vkey, k.latest(tenant, name), k.pruned_through(tenant, name)]
+        not_found, reason = (InitNotFound, INIT_DELETED_ERROR) if init else (AdapterNotFound, ADAPTER_DELETED_ERROR)
 
         async def body(pipe) -> list[AdapterVersion]:
-            versions = _versions_from_hash(await pipe.hgetall(vkey))
+            versions = await _read_versions(pipe, vkey)
             if not versions:
-                raise AdapterNotFound(name)
+                raise not_found(name)
             # In-flight jobs are cancelled in the same transaction, so a worker that claims one later sees
             # a finished job and skips it, and one training it stops at its next progress report.
             jobs = []
@@ -490,13 +508,14 @@ class RedisMetadataStore:
                 if raw is not None:
                     job = Job.from_dict(json.loads(raw))
                     previous = job.status
-                    # A task adapter an init family registered: its job trains the init, which lives on.
-                    if not job.status.finished and job.kind is JobKind.ADAPT:
-                        cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
+                    # Only jobs of `kind` train what is deleted: a task adapter an init family registered names
+                    # the init's job, and the init lives on.
+                    if not job.status.finished and job.kind is kind:
+                        cancel_change(job, None, reason, JobErrorCode.ADAPTER_DELETED.value)
                         jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
             pipe.multi()
-            pipe.delete(vkey, k.latest(tenant, name), k.pruned_through(tenant, name))
-            pipe.srem(k.adapter_names(tenant), name)
+            pipe.delete(*dropped)
+            pipe.srem(names_key, name)
             if _stored_bytes(versions):
                 pipe.decrby(k.tenant_bytes(tenant), _stored_bytes(versions))
             for job, events, last_id in jobs:
@@ -588,48 +607,15 @@ class RedisMetadataStore:
 
     @unavailable_on_connection_errors
     async def get_init(self, tenant: str, name: str) -> Adapter:
-        versions = _versions_from_hash(await self.r.hgetall(self.keys.init_versions(tenant, name)))
-        if not versions:
-            raise InitNotFound(name)
-        return Adapter(tenant, name, versions)
+        return await self._get_named(tenant, name, self.keys.init_versions, InitNotFound)
 
     @unavailable_on_connection_errors
     async def resolve_init(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
-        versions = _versions_from_hash(await self.r.hgetall(self.keys.init_versions(tenant, name)))
-        return pick_init_version(name, versions, version)
+        return pick_init_version(name, await _read_versions(self.r, self.keys.init_versions(tenant, name)), version)
 
     @unavailable_on_connection_errors
     async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
-        k = self.keys
-        vkey = k.init_versions(tenant, name)
-
-        async def body(pipe) -> list[AdapterVersion]:
-            versions = _versions_from_hash(await pipe.hgetall(vkey))
-            if not versions:
-                raise InitNotFound(name)
-            jobs = []
-            for v in versions:
-                await pipe.watch(k.job(v.job_id))
-                raw = await pipe.get(k.job(v.job_id))
-                if raw is not None:
-                    job = Job.from_dict(json.loads(raw))
-                    previous = job.status
-                    if not job.status.finished:
-                        cancel_change(job, None, INIT_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
-                        jobs.append((job, changed_job_events(job, previous), await self._last_event_id(pipe, job.id)))
-            pipe.multi()
-            pipe.delete(vkey)
-            pipe.srem(k.init_names(tenant), name)
-            if _stored_bytes(versions):
-                pipe.decrby(k.tenant_bytes(tenant), _stored_bytes(versions))
-            for job, events, last_id in jobs:
-                self._queue_events(pipe, job, events, last_id)
-                pipe.set(k.job(job.id), json.dumps(job.to_dict()), ex=K.FINISHED_JOB_TTL_S)
-                pipe.delete(k.job_examples(job.id))
-                pipe.srem(k.active_jobs(tenant), job.id)
-            return versions
-
-        return await _transaction(self.r, [vkey], body)
+        return await self._delete_named(tenant, name, JobKind.INIT)
 
     # ------------------------------------------------------------ job metrics
     @unavailable_on_connection_errors
