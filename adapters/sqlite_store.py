@@ -140,8 +140,16 @@ def _read_job(c: sqlite3.Connection, job_id: str) -> Job:
     return Job.from_dict(json.loads(row[0]))
 
 
-def _read_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[AdapterVersion]:
-    rows = c.execute("SELECT record FROM versions WHERE tenant = ? AND adapter = ? ORDER BY version",
+def _versions_table(kind: JobKind) -> tuple[str, str]:
+    """The table holding one kind's version records (an adapter's or an init's: the same records in two
+    namespaces) and its name column."""
+    return ("init_versions", "name") if kind is JobKind.INIT else ("versions", "adapter")
+
+
+def _read_versions(c: sqlite3.Connection, tenant: str, name: str,
+                   kind: JobKind = JobKind.ADAPT) -> list[AdapterVersion]:
+    table, name_column = _versions_table(kind)
+    rows = c.execute(f"SELECT record FROM {table} WHERE tenant = ? AND {name_column} = ? ORDER BY version",
                      (tenant, name)).fetchall()
     return [AdapterVersion.from_dict(json.loads(r[0])) for r in rows]
 
@@ -176,19 +184,16 @@ def _read_init_version(c: sqlite3.Connection, job: Job) -> AdapterVersion | None
     return AdapterVersion.from_dict(json.loads(row[0])) if row else None
 
 
-def _group_by_name(tenant: str, rows) -> list[Adapter]:
-    """(record,) rows ordered by name then version, as one Adapter per name (adapters and inits alike)."""
+def _list_named(c: sqlite3.Connection, tenant: str, kind: JobKind) -> list[Adapter]:
+    """The tenant's adapters (kind ADAPT) or inits (kind INIT), by name, each with its versions oldest first."""
+    table, name_column = _versions_table(kind)
+    rows = c.execute(f"SELECT record FROM {table} WHERE tenant = ? ORDER BY {name_column}, version",
+                     (tenant,)).fetchall()
     by_name: dict[str, list[AdapterVersion]] = {}
     for (record,) in rows:
         v = AdapterVersion.from_dict(json.loads(record))
         by_name.setdefault(v.adapter, []).append(v)
     return [Adapter(tenant, name, vs) for name, vs in by_name.items()]
-
-
-def _read_init_versions(c: sqlite3.Connection, tenant: str, name: str) -> list[AdapterVersion]:
-    rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? AND name = ? ORDER BY version",
-                     (tenant, name)).fetchall()
-    return [AdapterVersion.from_dict(json.loads(r[0])) for r in rows]
 
 
 def _write_init_version(c: sqlite3.Connection, v: AdapterVersion) -> None:
@@ -400,17 +405,16 @@ class SqliteMetadataStore:
         await self._change_job(job_id, fail_change(error, code))
 
     async def list_adapters(self, tenant: str) -> list[Adapter]:
-        def read(c: sqlite3.Connection) -> list[Adapter]:
-            rows = c.execute("SELECT record FROM versions WHERE tenant = ? ORDER BY adapter, version",
-                             (tenant,)).fetchall()
-            return _group_by_name(tenant, rows)
-
-        return await self.db.call(read)
+        return await self.db.call(lambda c: _list_named(c, tenant, JobKind.ADAPT))
 
     async def get_adapter(self, tenant: str, name: str) -> Adapter:
-        versions = await self.db.call(lambda c: _read_versions(c, tenant, name))
+        return await self._get_named(tenant, name, JobKind.ADAPT)
+
+    async def _get_named(self, tenant: str, name: str, kind: JobKind) -> Adapter:
+        """get_adapter (kind ADAPT) and get_init (kind INIT): the same records in two tables."""
+        versions = await self.db.call(lambda c: _read_versions(c, tenant, name, kind))
         if not versions:
-            raise AdapterNotFound(name)
+            raise (InitNotFound if kind is JobKind.INIT else AdapterNotFound)(name)
         return Adapter(tenant, name, versions)
 
     async def resolve(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
@@ -452,10 +456,18 @@ class SqliteMetadataStore:
         return await self.db.call(lambda c: _usage(c, tenant))
 
     async def delete_adapter(self, tenant: str, name: str) -> list[AdapterVersion]:
+        return await self._delete_named(tenant, name, JobKind.ADAPT)
+
+    async def _delete_named(self, tenant: str, name: str, kind: JobKind) -> list[AdapterVersion]:
+        """delete_adapter (kind ADAPT) and delete_init (kind INIT): the same records in two tables."""
+        init = kind is JobKind.INIT
+        table, name_column = _versions_table(kind)
+        not_found, reason = (InitNotFound, INIT_DELETED_ERROR) if init else (AdapterNotFound, ADAPTER_DELETED_ERROR)
+
         def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
-            versions = _read_versions(c, tenant, name)
+            versions = _read_versions(c, tenant, name, kind)
             if not versions:
-                raise AdapterNotFound(name)
+                raise not_found(name)
             # Cancel in-flight jobs too, so a worker that claims one later skips it (see redis_store).
             for v in versions:
                 try:
@@ -463,13 +475,15 @@ class SqliteMetadataStore:
                 except JobNotFound:
                     continue
                 previous = job.status
-                # A task adapter an init family registered: its job trains the init, which lives on.
-                if not job.status.finished and job.kind is JobKind.ADAPT:
-                    cancel_change(job, None, ADAPTER_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
+                # Only jobs of `kind` train what is deleted: a task adapter an init family registered names the
+                # init's job, and the init lives on.
+                if not job.status.finished and job.kind is kind:
+                    cancel_change(job, None, reason, JobErrorCode.ADAPTER_DELETED.value)
                     _write_job(c, job)
                     _append_events(c, job.id, changed_job_events(job, previous))
-            c.execute("DELETE FROM versions WHERE tenant = ? AND adapter = ?", (tenant, name))
-            c.execute("DELETE FROM adapter_heads WHERE tenant = ? AND adapter = ?", (tenant, name))
+            c.execute(f"DELETE FROM {table} WHERE tenant = ? AND {name_column} = ?", (tenant, name))
+            if not init:  # an init has no head (latest pointer, pruned mark): the row is the same-named adapter's
+                c.execute("DELETE FROM adapter_heads WHERE tenant = ? AND adapter = ?", (tenant, name))
             _add_usage(c, tenant, -_stored_bytes(versions))
             return versions
 
@@ -541,43 +555,17 @@ class SqliteMetadataStore:
         return job
 
     async def list_inits(self, tenant: str) -> list[Adapter]:
-        def read(c: sqlite3.Connection) -> list[Adapter]:
-            rows = c.execute("SELECT record FROM init_versions WHERE tenant = ? ORDER BY name, version",
-                             (tenant,)).fetchall()
-            return _group_by_name(tenant, rows)
-
-        return await self.db.call(read)
+        return await self.db.call(lambda c: _list_named(c, tenant, JobKind.INIT))
 
     async def get_init(self, tenant: str, name: str) -> Adapter:
-        versions = await self.db.call(lambda c: _read_init_versions(c, tenant, name))
-        if not versions:
-            raise InitNotFound(name)
-        return Adapter(tenant, name, versions)
+        return await self._get_named(tenant, name, JobKind.INIT)
 
     async def resolve_init(self, tenant: str, name: str, version: int | None) -> AdapterVersion:
-        versions = await self.db.call(lambda c: _read_init_versions(c, tenant, name))
+        versions = await self.db.call(lambda c: _read_versions(c, tenant, name, JobKind.INIT))
         return pick_init_version(name, versions, version)
 
     async def delete_init(self, tenant: str, name: str) -> list[AdapterVersion]:
-        def tx(c: sqlite3.Connection) -> list[AdapterVersion]:
-            versions = _read_init_versions(c, tenant, name)
-            if not versions:
-                raise InitNotFound(name)
-            for v in versions:
-                try:
-                    job = _read_job(c, v.job_id)
-                except JobNotFound:
-                    continue
-                previous = job.status
-                if not job.status.finished:
-                    cancel_change(job, None, INIT_DELETED_ERROR, JobErrorCode.ADAPTER_DELETED.value)
-                    _write_job(c, job)
-                    _append_events(c, job.id, changed_job_events(job, previous))
-            c.execute("DELETE FROM init_versions WHERE tenant = ? AND name = ?", (tenant, name))
-            _add_usage(c, tenant, -_stored_bytes(versions))
-            return versions
-
-        return await self.db.call(tx, write=True)
+        return await self._delete_named(tenant, name, JobKind.INIT)
 
     # ------------------------------------------------------------ job metrics
     async def add_stats(self, increments: dict[str, float]) -> None:
