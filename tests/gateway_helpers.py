@@ -5,6 +5,7 @@
   /v1/chat/completions incl. SSE, /v1/unload_lora_adapter) that records what it received. For pool/proxy
   unit tests only; end-to-end tests use the real vLLM.
 - `write_wordlevel_tokenizer(folder)`: a tiny whitespace `tokenizers` tokenizer.json (1 token per word).
+- `store_settings(store, tmp_path, prefix)` and `gateway_env(settings)`: a gateway on SQLite or Redis, in-process.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import httpx
 import uvicorn
@@ -29,7 +31,7 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from adapters.backend import open_backend
 from adapters.base_model import base_model_path
 from adapters.settings import Settings
-from helpers import drop_redis_keys
+from helpers import REDIS_URL, drop_redis_keys
 from server.app import create_app
 
 
@@ -138,6 +140,17 @@ def tokenizer_dir(tmp_path: Path) -> Path:
     if (real / "tokenizer.json").is_file():
         return real
     return write_wordlevel_tokenizer(tmp_path / "tiny-model")
+
+
+def store_settings(store: str, tmp_path: Path, prefix: str, **overrides) -> Settings:
+    """Gateway Settings on `store`: "sqlite" (a file under tmp_path) or "redis" (the real Redis under a fresh key
+    prefix starting with `prefix`), with tokenizer_dir's base model and one vLLM URL where nothing listens;
+    `overrides` win."""
+    common = {"data_dir": tmp_path / "data", "base_model": str(tokenizer_dir(tmp_path)),
+              "vllm_urls": [f"http://127.0.0.1:{free_port()}"], "health_interval_s": 0.2, **overrides}
+    if store == "sqlite":
+        return Settings(redis_url=None, **common)
+    return Settings(redis_url=REDIS_URL, redis_prefix=f"{prefix}-{uuid4().hex}", **common)
 
 
 @contextlib.asynccontextmanager

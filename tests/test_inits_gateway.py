@@ -5,15 +5,12 @@ tests/test_inits_stack.py runs the real one)."""
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 
 from adapters.records import JobKind, JobStatus
-from adapters.settings import Settings
 from adapters.store import TenantQuota
-from gateway_helpers import free_port, gateway_env, tokenizer_dir
-from helpers import REDIS_URL
+from gateway_helpers import gateway_env, store_settings
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}, {"prompt": "bad world", "completion": "negative"}]
 MAX_EXAMPLES = 5
@@ -25,12 +22,7 @@ def family(*names: str, examples=EXAMPLES) -> list[dict]:
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def env(request, tmp_path: Path):
-    common = dict(data_dir=tmp_path / "data", base_model=str(tokenizer_dir(tmp_path)), max_examples=MAX_EXAMPLES,
-                  vllm_urls=[f"http://127.0.0.1:{free_port()}"], health_interval_s=0.2)
-    if request.param == "sqlite":
-        settings = Settings(redis_url=None, **common)
-    else:
-        settings = Settings(redis_url=REDIS_URL, redis_prefix=f"test-inits-{uuid4().hex}", **common)
+    settings = store_settings(request.param, tmp_path, "test-inits", max_examples=MAX_EXAMPLES)
     async with gateway_env(settings) as (client, backend):
         yield client, backend
 

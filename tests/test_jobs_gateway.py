@@ -6,27 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from uuid import uuid4
 
 import pytest
 
 from adapters.job_events import evaluation_event, step_event
 from adapters.records import JobStatus, now
-from adapters.settings import Settings
-from gateway_helpers import free_port, gateway_env, tokenizer_dir
-from helpers import REDIS_URL
+from gateway_helpers import gateway_env, store_settings
 
 EXAMPLES = [{"prompt": "hello world", "completion": "positive"}, {"prompt": "bad world", "completion": "negative"}]
 
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def env(request, tmp_path: Path):
-    common = dict(data_dir=tmp_path / "data", base_model=str(tokenizer_dir(tmp_path)),
-                  vllm_urls=[f"http://127.0.0.1:{free_port()}"], health_interval_s=0.2)
-    if request.param == "sqlite":
-        settings = Settings(redis_url=None, **common)
-    else:
-        settings = Settings(redis_url=REDIS_URL, redis_prefix=f"test-jobs-{uuid4().hex}", **common)
+    settings = store_settings(request.param, tmp_path, "test-jobs")
     async with gateway_env(settings) as (client, backend):
         yield client, backend
 
