@@ -16,15 +16,13 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from conftest import Stack, free_port, stop_stack
-from test_drills import create_key, write_figures
+from conftest import stop_stack
+from test_drills import start_stack_with_keys, write_figures
 
 DRILL_MAX_INFLIGHT = 2
 FLOOD_CLIENTS = 16
@@ -37,32 +35,9 @@ PROMPT = "Write a short list of fruits:"
 
 @pytest.fixture(scope="module")
 def isolation_stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("isolation")
-    data_dir, log_dir = tmp / "data", tmp / "logs"
-    data_dir.mkdir()
-    port, engine_port = free_port(), free_port()
-    env = {**os.environ, "METALORA_DATA_DIR": str(data_dir), "METALORA_PORT": str(port),
-           "METALORA_VLLM_URLS": f"http://127.0.0.1:{engine_port}", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "METALORA_AUTH": "required",
-           "METALORA_TENANT_MAX_INFLIGHT": str(DRILL_MAX_INFLIGHT)}
-    env.pop("METALORA_REDIS_URL", None)
-    keys = {tenant: create_key(env, tenant) for tenant in ("flood", "victim")}
-    process = subprocess.Popen([sys.executable, "-m", "metalora", "serve", "--log-dir", str(log_dir)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, log_dir, process, "")
+    stack, keys = start_stack_with_keys(tmp_path_factory.mktemp("isolation"), ("flood", "victim"),
+                                        {"METALORA_TENANT_MAX_INFLIGHT": str(DRILL_MAX_INFLIGHT)})
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"metalora serve exited early:\n{process.stdout.read()}\n{stack.logs()}")
-            try:
-                if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stack not healthy in time\n{stack.logs()}")
-            time.sleep(1)
         yield stack, keys
     finally:
         stop_stack(stack)

