@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from adapters.logs import LogLevel
-from adapters.lora_limits import DEFAULT_MAX_LORA_RANK
+from adapters.lora_limits import DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS
 
 
 def _default_home() -> Path:
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # --- engine(s) ---
     # vLLM OpenAI servers the gateway routes to. The embedded supervisor starts the first itself.
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:8001"])
-    vllm_max_loras: int = 4
+    vllm_max_loras: int = DEFAULT_MAX_LORAS
     vllm_max_cpu_loras: int = 64
     vllm_max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     vllm_max_model_len: int = 1024
