@@ -152,6 +152,12 @@ def cmd_adapt(client: MetaloraClient, args) -> int:
         options["init"] = args.init
     job = client.adapt(args.adapter, read_examples(args.examples), options)
     print(f"{job['id']}: {job['model']} {job['status']}", file=sys.stderr)
+    return _follow(client, job, args)
+
+
+def _follow(client: MetaloraClient, job: dict, args) -> int:
+    """After a submit (adapt or init): with --wait follow the job to its end (1 unless it succeeded), then print
+    the job (--json) or its id."""
     if args.wait:
         job = client.wait(job["id"], ProgressBar())
         if job["status"] != "succeeded":
@@ -173,10 +179,15 @@ def cmd_jobs(client: MetaloraClient, args) -> None:
 
 @_client
 def cmd_adapters(client: MetaloraClient, args) -> None:
+    _print_named(client.adapters())
+
+
+def _print_named(rows: list[dict]) -> None:
+    """Adapters and inits, one table: name, ready and latest version, status, created."""
     print(f"{'name':<32} {'ready':>6} {'latest':>7} {'status':<10} created")
-    for a in client.adapters():
-        print(f"{a['name']:<32} {a['ready_version'] or '-':>6} {a['latest_version'] or '-':>7}"
-              f" {a['status'] or '-':<10} {_when(a['created_at'])}")
+    for r in rows:
+        print(f"{r['name']:<32} {r['ready_version'] or '-':>6} {r['latest_version'] or '-':>7}"
+              f" {r['status'] or '-':<10} {_when(r['created_at'])}")
 
 
 @_client
@@ -187,21 +198,12 @@ def cmd_init(client: MetaloraClient, args) -> int:
     tasks = [{"name": path.stem, "examples": read_examples(path)} for path in args.tasks]
     job = client.create_init(args.name, tasks, options)
     print(f"{job['id']}: init {job['model']} {job['status']}", file=sys.stderr)
-    if args.wait:
-        job = client.wait(job["id"], ProgressBar())
-        if job["status"] != "succeeded":
-            print(f"error: job {job['id']} {job['status']}: {job.get('error')}", file=sys.stderr)
-            return 1
-    print(json.dumps(job) if args.json else job["id"])
-    return 0
+    return _follow(client, job, args)
 
 
 @_client
 def cmd_inits(client: MetaloraClient, args) -> None:
-    print(f"{'name':<32} {'ready':>6} {'latest':>7} {'status':<10} created")
-    for i in client.inits():
-        print(f"{i['name']:<32} {i['ready_version'] or '-':>6} {i['latest_version'] or '-':>7}"
-              f" {i['status'] or '-':<10} {_when(i['created_at'])}")
+    _print_named(client.inits())
 
 
 @_client
