@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     vllm_max_lora_rank: int = DEFAULT_MAX_LORA_RANK
     vllm_max_model_len: int = 1024
     vllm_extra_args: str = ""
+    # vLLM-CPU's LoRA ops: "grouped" (metalora/cpu_lora_kernels.py: one matmul per adapter instead of a copy of
+    # the adapter per token) or vLLM's own ("vllm"). No effect on a GPU.
+    cpu_lora_kernels: Literal["grouped", "vllm"] = "grouped"
     upstream_timeout_s: float = 300.0
     # The key vLLM requires on its API (passed as VLLM_API_KEY): only the gateway and the worker hold it, so
     # whoever else reaches a replica can neither complete nor load adapters into it. Unset: `metalora serve`

