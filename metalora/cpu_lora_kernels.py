@@ -25,21 +25,26 @@ if TYPE_CHECKING:
 ENV = "METALORA_CPU_LORA_KERNELS"
 PLUGIN = "metalora_cpu_lora_kernels"
 CHOICES = ("grouped", "vllm")
+# Below this many rows per adapter (a decode step of many adapters: a row or two each) one small matmul per adapter
+# costs more than vLLM's per-row copies, so those calls keep vLLM's op; one adapter is always one matmul.
+MIN_ROWS_PER_ADAPTER = 16
 DEFAULT = "grouped"
 
 
 def _lora_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor | None:
-    """`einsum("bi,boi->bo", inputs, weights[indices])` as one matmul per distinct index, or None when the call is
-    not the per-token shape this handles (vLLM's op then runs)."""
+    """`einsum("bi,boi->bo", inputs, weights[indices])` as one matmul per distinct index, or None where vLLM's op
+    should run: a call not of the per-row shape this handles, or too few rows per adapter."""
     import torch
 
     if weights.dim() == 4:
         weights = weights.squeeze(dim=1)
     if weights.dim() != 3 or indices.dim() != 1 or indices.shape[0] != inputs.shape[0]:
         return None
-    inputs = inputs.to(dtype=dtype)
     distinct = torch.unique(indices)
+    if distinct.numel() > 1 and indices.shape[0] < MIN_ROWS_PER_ADAPTER * distinct.numel():
+        return None
+    inputs = inputs.to(dtype=dtype)
     if distinct.numel() == 1:
         return inputs @ weights[distinct[0]].to(dtype=dtype).T
     out = inputs.new_empty((inputs.shape[0], weights.shape[1]))

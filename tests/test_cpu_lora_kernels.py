@@ -16,7 +16,7 @@ SLOTS, RANK, IN, OUT = 4, 8, 64, 48
 
 def _case(dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    seq_lens = torch.tensor([5, 1, 7, 3, 2])
+    seq_lens = torch.tensor([20, 17, 25, 18, 19])  # enough rows per adapter to take the grouped path
     lora_of_seq = torch.tensor([2, -1, 0, 2, 3])
     tokens = int(seq_lens.sum())
     return {
@@ -71,6 +71,7 @@ def test_every_op_matches_vllm(dtype, add):
         torch.testing.assert_close(ours.float(), theirs.float(), **tol, msg=name)
     # The -1 slot is read as vLLM reads it (the last slot), so the rows with no adapter agree too.
     assert (c["token_idx"] == -1).any()
+    assert cpu_lora_kernels._lora_rows(c["x"], c["a"], c["token_idx"], dtype) is not None  # grouped, not vLLM's
 
 
 def test_decode_one_adapter_for_all_rows_matches():
@@ -113,3 +114,17 @@ def test_engine_env_names_the_plugin_and_the_choice(tmp_path):
     assert grouped[cpu_lora_kernels.ENV] == "grouped"
     plain = vllm_env(Settings(data_dir=tmp_path, cpu_lora_kernels="vllm"))
     assert plain["VLLM_PLUGINS"] == "lora_filesystem_resolver" and plain[cpu_lora_kernels.ENV] == "vllm"
+
+
+def test_few_rows_per_adapter_keep_vllms_op(monkeypatch):
+    """A decode step of many adapters (a row each) goes to vLLM's op; the same step with one adapter is grouped."""
+    c = _case(torch.float32, seed=4)
+    calls = []
+    real = torch_ops.bgmv_shrink
+    monkeypatch.setattr(torch_ops, "bgmv_shrink", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ops = cpu_lora_kernels.make_ops(torch_ops)
+    x, out = c["x"][:4], torch.zeros(4, RANK)
+    ops["bgmv_shrink"](x, c["a"], out, torch.tensor([0, 1, 2, 3]), 1.0)
+    assert calls == [1]
+    ops["bgmv_shrink"](x, c["a"], out, torch.tensor([2, 2, 2, 2]), 1.0)
+    assert calls == [1]
