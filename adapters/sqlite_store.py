@@ -146,6 +146,11 @@ def _versions_table(kind: JobKind) -> tuple[str, str]:
     return ("init_versions", "name") if kind is JobKind.INIT else ("versions", "adapter")
 
 
+def _counters_table(kind: JobKind) -> tuple[str, str]:
+    """The table of one kind's last version numbers, and its name column (the versions table's)."""
+    return ("init_counters" if kind is JobKind.INIT else "counters"), _versions_table(kind)[1]
+
+
 def _read_versions(c: sqlite3.Connection, tenant: str, name: str,
                    kind: JobKind = JobKind.ADAPT) -> list[AdapterVersion]:
     table, name_column = _versions_table(kind)
@@ -294,7 +299,7 @@ class SqliteMetadataStore:
         validate_name(adapter)
         examples_json = json.dumps(examples)
         creates = adapters_created(kind, adapter, examples, options)
-        counters, name_column = ("init_counters", "name") if kind is JobKind.INIT else ("counters", "adapter")
+        counters, name_column = _counters_table(kind)
 
         def tx(c: sqlite3.Connection) -> tuple[Job, bool]:
             _drop_expired(c)
