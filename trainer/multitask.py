@@ -38,7 +38,8 @@ from trainer.config import AdaptConfig
 from trainer.data import encode_examples
 from trainer.engine import AdaptEngine
 from trainer.eval_report import FAMILY_METHODS, merge_reports
-from trainer.evaluate import PROTOCOLS, evaluate, fitting_examples, protocol_task_dirs, training_draw
+from trainer.evaluate import (FULL_DATA_EVAL_EVERY, FULL_DATA_PATIENCE, PROTOCOLS, evaluate, fitting_examples,
+                              protocol_task_dirs, training_draw)
 from trainer.family import FamilyConfig, train_family
 from trainer.model_prep import ensure_base_model
 from trainer.provenance import examples_digest, git_commit
@@ -49,9 +50,6 @@ from trainer.tasks.format import load_task
 PROTOCOL = "heldout"
 # The table's columns: few-shot LoRA (the held-out parts' standard_init), the two family inits, full-data LoRA.
 TABLE_METHODS = ("standard_init", *FAMILY_METHODS, "full_data")
-# Multi-task LoRA's early stop, as full_data's in trainer/evaluate.py: a check every 25 steps, 3 without progress.
-MULTITASK_EVAL_EVERY = 25
-MULTITASK_PATIENCE = 3
 
 
 @dataclass(frozen=True)
@@ -163,13 +161,14 @@ def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, se
         train = [e for n in data.names for e in encode_examples(tok, data.train[n], config.max_seq_len)]
         held = [e for n in data.names for e in encode_examples(tok, data.validation[n], config.max_seq_len)]
         engine.reset_lora(config, shared=None)  # the standard init under the seed, as the family starts from
+        # Stopped by full_data's rule (trainer/evaluate.py), so both "trained until validation stops" columns agree.
         chosen = adapt_selecting_k(
-            engine.model, train, held, config, max_steps=max_steps, eval_every=MULTITASK_EVAL_EVERY,
-            patience=MULTITASK_PATIENCE,
+            engine.model, train, held, config, max_steps=max_steps, eval_every=FULL_DATA_EVAL_EVERY,
+            patience=FULL_DATA_PATIENCE,
             on_eval=lambda step, loss: print(f"multi-task LoRA seed {seed} step {step}/{max_steps}: "
                                              f"validation {loss:.4f}", flush=True))
     metrics = {"method": "multitask", "num_train": len(train), "num_validation": len(held), "max_steps": max_steps,
-               "eval_every": MULTITASK_EVAL_EVERY, "patience": MULTITASK_PATIENCE, "chosen_steps": chosen.k,
+               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE, "chosen_steps": chosen.k,
                "steps_run": chosen.steps_run, "validation_curve": chosen.curve,
                "tasks": [{"name": n, "num_train": len(data.train[n]), "examples_sha256": examples_digest(data.train[n])}
                          for n in data.names]}
