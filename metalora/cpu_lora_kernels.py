@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 if TYPE_CHECKING:
     import torch
 
-# The Settings field cpu_lora_kernels (adapters/settings.py) is this variable; metalora/vllm_command.py sets it in
-# the engine's environment and names the plugin (pyproject's entry point) in VLLM_PLUGINS. No torch at import:
-# the supervisor imports these names.
+# The Settings field cpu_lora_kernels (adapters/settings.py: its choices and default) is this variable;
+# metalora/vllm_command.py sets it in the engine's environment and names the plugin (pyproject's entry point) in
+# VLLM_PLUGINS. No torch at import: the supervisor imports these names.
 ENV = "METALORA_CPU_LORA_KERNELS"
 PLUGIN = "metalora_cpu_lora_kernels"
-CHOICES = ("grouped", "vllm")
+SETTING = "cpu_lora_kernels"
 # Below this many rows per adapter (a decode step of many adapters: a row or two each) one small matmul per adapter
 # costs more than vLLM's per-row copies, so those calls keep vLLM's op; one adapter is always one matmul.
 MIN_ROWS_PER_ADAPTER = 16
-DEFAULT = "grouped"
 
 
 def _lora_rows(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -110,9 +109,14 @@ def make_ops(vllm_ops) -> dict:
 
 
 def chosen() -> str:
-    value = os.environ.get(ENV, DEFAULT).strip().lower()
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(CHOICES)}")
+    """The choice in this process's environment, checked against the Settings field (unset: its default)."""
+    from adapters.settings import Settings
+
+    field = Settings.model_fields[SETTING]
+    choices = get_args(field.annotation)
+    value = os.environ.get(ENV, field.default).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{ENV}={value!r}: choose one of {', '.join(choices)}")
     return value
 
 
