@@ -48,8 +48,8 @@ def p95(values: list[float]) -> float:
 
 
 @pytest.mark.stack
-# Run by scripts/drills.sh (`make drills`), not by `make test`: the drill has not yet completed a run (stop 23: it
-# waited on a loaded box), so its 2x bound is unmeasured and must not gate CI before it has been measured once.
+# Run by scripts/drills.sh (`make drills`), not by `make test`: its guarantee is a latency ratio, which a shared CI
+# box (other jobs on the same cores) can break by itself; results/drills/tenant_isolation.json holds its figures.
 @pytest.mark.skipif(not os.environ.get("METALORA_LOAD_DRILL"), reason="the load drill runs under `make drills`")
 def test_drill_one_tenant_flooding_does_not_starve_another(isolation_stack):
     stack, keys = isolation_stack
