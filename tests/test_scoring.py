@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from test_inner_loop import save_tiny_model
 from trainer.config import AdaptConfig
 from trainer.precision import autocast_for
-from trainer.scoring import SCORING_RULES, answer_items, option_scores
+from trainer.scoring import SCORING_RULES, answer_items, encode_shared_prefix, option_scores
 
 OPTIONS = [" yes", " no, never", " maybe so"]
 
@@ -67,3 +67,39 @@ def test_answer_items_records_prediction_and_restores_mode(model_and_tokenizer):
     assert len(preds) == 1  # same prompt, same options: the same pick, right for exactly one of the three golds
     (pred,) = preds
     assert [a.correct for a in answers] == [int(gold == pred) for gold in range(3)]
+
+
+DEMOS = "Question: is fire cold?\nAnswer: no\n\nQuestion: is ice cold?\nAnswer: yes\n\n"
+
+
+@pytest.mark.parametrize("prompt", [
+    "Question: is the sky blue?\nAnswer:",
+    "\n\nQuestion: a prompt whose first characters merge with the prefix's last ones\nAnswer:",
+])
+def test_shared_prefix_cache_scores_as_the_whole_prompt(model_and_tokenizer, prompt):
+    model, tokenizer = model_and_tokenizer
+    shared = encode_shared_prefix(model, tokenizer, DEMOS)
+    got = option_scores(model, tokenizer, DEMOS + prompt, OPTIONS, "sum", shared=shared)
+    want = full_sequence_scores(model, tokenizer, DEMOS + prompt, OPTIONS, "sum")
+    assert got == pytest.approx(want, rel=2e-3)
+    # The cache is copied per item, never extended in place: a second item sees the demos only.
+    again = option_scores(model, tokenizer, DEMOS + prompt, OPTIONS, "sum", shared=shared)
+    assert again == pytest.approx(got, rel=1e-6)
+
+
+def test_shared_prefix_that_does_not_match_is_not_used(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    shared = encode_shared_prefix(model, tokenizer, "Some other text entirely. " * 3)
+    prompt = DEMOS + "Question: is the sky blue?\nAnswer:"
+    got = option_scores(model, tokenizer, prompt, OPTIONS, "sum", shared=shared)
+    assert got == pytest.approx(full_sequence_scores(model, tokenizer, prompt, OPTIONS, "sum"), rel=2e-3)
+
+
+def test_answer_items_with_a_prefix_answer_as_without_the_cache(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    items = [{"prompt": f"Question: is {w} hot?\nAnswer:", "options": OPTIONS, "answer": i % 3}
+             for i, w in enumerate(["tea", "snow", "lava", "rain"])]
+    cached = answer_items(model, tokenizer, items, has_options=True, prefix=DEMOS)
+    for ex, answer in zip(items, cached):
+        scores = full_sequence_scores(model, tokenizer, DEMOS + ex["prompt"], OPTIONS, "sum")
+        assert answer.pred == max(range(3), key=scores.__getitem__)

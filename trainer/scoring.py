@@ -7,10 +7,13 @@ demos end in a blank line.) `SCORING_RULES` names how the token log-probabilitie
 the rule it used.
 
 The prompt is run once per item and its KV cache shared by the options, so an item costs about one forward of the
-prompt whatever the number of options (the prompt is most of each sequence).
+prompt whatever the number of options (the prompt is most of each sequence). A prefix every item starts with (the
+in-context demos, most of those prompts) is run once per task: each item copies its cache and runs only its own
+tokens.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,36 @@ class Answer:
     correct: int
 
 
+@dataclass
+class SharedPrefix:
+    """The KV cache of text that every prompt of a run starts with, and the tokens it holds."""
+    ids: list[int]
+    cache: object
+
+
+@torch.no_grad()
+def encode_shared_prefix(model, tokenizer, prefix: str) -> SharedPrefix:
+    device = model_device(model)
+    ids = _prompt_ids(tokenizer, prefix, 10**6)
+    with autocast_for(device):
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+    return SharedPrefix(ids, out.past_key_values)
+
+
+def _reusable_tokens(shared: SharedPrefix | None, prompt_ids: list[int]) -> int:
+    """How many leading tokens of `prompt_ids` the shared cache holds. Compared token by token, not assumed: the
+    prompt is encoded whole (so a merge across the seam, or a left cut, is seen), and at least its last token is
+    run so that there are logits to read."""
+    if shared is None:
+        return 0
+    n = 0
+    for a, b in zip(shared.ids, prompt_ids[:-1]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def _prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
     # Encoded alone, with special tokens, exactly as the training data and vLLM encode a prompt. Cut from the left
     # (an in-context prefix loses its oldest demos, never the question).
@@ -42,7 +75,7 @@ def _prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
 
 @torch.no_grad()
 def option_scores(model, tokenizer, prompt: str, options: list[str], rule: str = DEFAULT_SCORING,
-                  max_prompt_tokens: int = 10**6) -> list[float]:
+                  max_prompt_tokens: int = 10**6, shared: SharedPrefix | None = None) -> list[float]:
     if rule not in SCORING_RULES:
         raise ValueError(f"scoring rule must be one of {SCORING_RULES}, got {rule!r}")
     device = model_device(model)
@@ -58,8 +91,14 @@ def option_scores(model, tokenizer, prompt: str, options: list[str], rule: str =
         batch[row, :len(ids)] = torch.tensor(ids)
         mask[row, :len(ids)] = 1
     p = len(prompt_ids)
+    reuse = _reusable_tokens(shared, prompt_ids)
+    past = None
+    if reuse:
+        past = copy.deepcopy(shared.cache)
+        past.crop(reuse)
     with autocast_for(device):
-        out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.tensor([prompt_ids[reuse:]], device=device), past_key_values=past,
+                    use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).expand(n, -1)
@@ -93,9 +132,11 @@ def answer_items(model, tokenizer, items: list[dict], *, has_options: bool, rule
     model.eval()
     try:
         answers = []
+        shared = encode_shared_prefix(model, tokenizer, prefix) if prefix and has_options else None
         for ex in items:
             if has_options:
-                scores = option_scores(model, tokenizer, prefix + ex["prompt"], ex["options"], rule, max_prompt_tokens)
+                scores = option_scores(model, tokenizer, prefix + ex["prompt"], ex["options"], rule, max_prompt_tokens,
+                                       shared)
                 pred = max(range(len(scores)), key=scores.__getitem__)
                 answers.append(Answer(pred, int(pred == ex["answer"])))
             else:
