@@ -95,7 +95,8 @@ def option_scores(model, tokenizer, prompt: str, options: list[str], rule: str =
     past = None
     if reuse:
         past = copy.deepcopy(shared.cache)
-        past.crop(reuse)
+        if reuse < len(shared.ids):
+            past.crop(reuse - len(shared.ids))  # a negative length drops that many tokens from the end
     with autocast_for(device):
         out = model(input_ids=torch.tensor([prompt_ids[reuse:]], device=device), past_key_values=past,
                     use_cache=True, logits_to_keep=1)
