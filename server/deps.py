@@ -10,7 +10,9 @@ from server.services import Gateway
 from server.tenancy import current_tenant
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
+    # async, so that FastAPI calls it on the event loop: a plain `def` dependency costs every request a hop
+    # through the thread pool, on the proxy's hot path.
     return request.app.state.gateway
 
 
