@@ -35,8 +35,8 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    adapters_created, check_quota, fail_change, finish_change, owns, pick_init_version, pick_version, QueueDepth,
-    update_change, check_bytes, pick_pinned, retention_plan,
+    adapters_created, check_quota, check_upload_quota, fail_change, finish_change, owns, pick_init_version,
+    pick_version, QueueDepth, update_change, check_bytes, pick_pinned, retention_plan,
 )
 
 T = TypeVar("T")
@@ -580,9 +580,9 @@ class RedisMetadataStore:
         names_key = k.adapter_names(version.tenant)
 
         async def body(pipe) -> None:
-            # Only max_adapters applies (an upload is no job), read under the same WATCH as the write.
-            check_quota(quota, version.tenant, active_jobs=0, adapter_count=int(await pipe.scard(names_key)),
-                        new_adapters=int(not await pipe.sismember(names_key, version.adapter)))
+            # Counts read under the same WATCH as the write.
+            check_upload_quota(quota, version.tenant, adapter_count=int(await pipe.scard(names_key)),
+                               new_adapters=int(not await pipe.sismember(names_key, version.adapter)))
             if quota is not None and quota.max_bytes is not None:
                 check_bytes(quota, version.tenant, await self._usage(pipe, version.tenant), version.size_bytes)
             ready = await self._became_ready(pipe, version) if version.status is VersionStatus.READY else None

@@ -31,8 +31,8 @@ from adapters.records import (
 from adapters.settings import Settings
 from adapters.store import (
     ADAPTER_DELETED_ERROR, INIT_DELETED_ERROR, JobPage, LeaseLost, TenantQuota, cancel_change, changed_job_events,
-    adapters_created, check_quota, fail_change, finish_change, owns, pick_init_version, pick_version, QueueDepth,
-    update_change, check_bytes, pick_pinned, retention_plan,
+    adapters_created, check_quota, check_upload_quota, fail_change, finish_change, owns, pick_init_version,
+    pick_version, QueueDepth, update_change, check_bytes, pick_pinned, retention_plan,
 )
 
 T = TypeVar("T")
@@ -545,7 +545,8 @@ class SqliteMetadataStore:
     async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
         def tx(c: sqlite3.Connection) -> None:
             if quota is not None:
-                check_quota(quota, version.tenant, **_quota_counts(c, version.tenant, [version.adapter]))
+                counts = _quota_counts(c, version.tenant, [version.adapter])
+                check_upload_quota(quota, version.tenant, counts["adapter_count"], counts["new_adapters"])
                 check_bytes(quota, version.tenant, _usage(c, version.tenant), version.size_bytes)
             _write_version(c, version)
             if version.status is VersionStatus.READY:

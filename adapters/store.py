@@ -370,13 +370,19 @@ def check_quota(quota: TenantQuota | None, tenant: str, active_jobs: int, adapte
         return
     if quota.max_active_jobs is not None and active_jobs >= quota.max_active_jobs:
         raise QuotaExceeded(
-            f"quota exceeded: tenant {tenant!r} already has {active_jobs} adapt jobs queued or running (limit"
+            f"quota exceeded: tenant {tenant!r} already has {active_jobs} jobs (adapt or init) queued or running (limit"
             f" {quota.max_active_jobs}); wait for one to finish", quota="max_active_jobs")
     if quota.max_adapters is not None and new_adapters and adapter_count + new_adapters > quota.max_adapters:
         adding = f" and this job adds {new_adapters} new adapters" if new_adapters > 1 else ""
         raise QuotaExceeded(
             f"quota exceeded: tenant {tenant!r} already stores {adapter_count} adapters{adding} (limit"
             f" {quota.max_adapters}); delete one or add a version to an existing adapter", quota="max_adapters")
+
+
+def check_upload_quota(quota: TenantQuota | None, tenant: str, adapter_count: int, new_adapters: int) -> None:
+    """check_quota for an uploaded version: an upload is no job, so only max_adapters applies (the tenant's jobs in
+    flight do not hold it back)."""
+    check_quota(quota, tenant, active_jobs=0, adapter_count=adapter_count, new_adapters=new_adapters)
 
 
 def retention_plan(versions: list[AdapterVersion], keep: int) -> list[AdapterVersion]:

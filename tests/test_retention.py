@@ -147,6 +147,22 @@ async def test_stored_bytes_quota(backend: Backend):  # noqa: F811
     assert (await s.submit_job("globex", "adp", 1, [{"prompt": "a", "completion": "b"}], {}, quota=quota)).version == 1
 
 
+async def test_jobs_in_flight_do_not_hold_back_an_upload(backend: Backend):  # noqa: F811
+    # An upload is no job: a tenant at its in-flight job limit can still upload; at its adapter limit it cannot.
+    s = backend.store
+    await s.submit_job("acme", "adp", 1, [{"prompt": "a", "completion": "b"}], {}, quota=TenantQuota(max_active_jobs=1))
+    with pytest.raises(QuotaExceeded) as info:
+        await s.submit_job("acme", "adp", 1, [{"prompt": "a", "completion": "b"}], {}, quota=TenantQuota(max_active_jobs=1))
+    assert info.value.quota == "max_active_jobs"
+    upload = AdapterVersion(tenant="acme", adapter="up", version=await s.allocate_version("acme", "up"),
+                            job_id="upload-1", num_examples=0, status=VersionStatus.READY, size_bytes=10)
+    with pytest.raises(QuotaExceeded) as info:
+        await s.add_version(upload, TenantQuota(max_active_jobs=1, max_adapters=1))
+    assert info.value.quota == "max_adapters"
+    await s.add_version(upload, TenantQuota(max_active_jobs=1, max_adapters=2))
+    assert (await s.resolve("acme", "up", None)).version == 1
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 async def env(request, tmp_path):
     settings = make_settings(request.param, tmp_path, quota_max_stored_bytes=120)
