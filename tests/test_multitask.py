@@ -115,3 +115,14 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     with pytest.raises(ValueError, match="drew other train examples"):
         multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(root / "other.json"), "--out-dir",
                         str(root / "bad")])
+
+
+def test_a_run_of_one_family_method_trains_only_its_init_and_names_its_part(setup):
+    root, model_dir = setup
+    runs = ["--runs-dir", str(root / "runs-one"), "--parts-dir", str(root / "parts-one")]
+    multitask.main(args(root, model_dir, "--methods", "family_multitask_init", *runs))
+    assert not (root / "runs-one" / "s0" / "family_init").exists()  # the meta-training it does not score: not run
+    part = json.loads((root / "parts-one" / "multitask-s0-family_multitask_init.json").read_text())
+    assert {r["method"] for r in part["rows"]} == {"family_multitask_init"}
+    assert set(part["stage_seconds"]) == {"family_multitask_init", "evaluate"}
+    assert not (root / "parts-one" / "multitask-s0.json").exists()  # a full run of the seed is still to do

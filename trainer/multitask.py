@@ -180,8 +180,12 @@ def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, se
 
 def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list[int], methods: list[str],
              model_dir: Path, runs_dir: Path, parts_dir: Path, device: str, command: str) -> Path:
-    """One seed end to end; returns its part. A seed whose part exists is skipped."""
-    part = parts_dir / f"multitask-s{seed}.json"
+    """One seed end to end; returns its part. A seed whose part exists is skipped. Only the inits that `methods`
+    scores are trained, and a part of fewer than every family method is named by its methods, so that a later run
+    of the others is not mistaken for done."""
+    wanted = [m for m in FAMILY_METHODS if m in methods]
+    suffix = "" if list(methods) == list(FAMILY_METHODS) else "-" + "-".join(methods)
+    part = parts_dir / f"multitask-s{seed}{suffix}.json"
     if part.is_file():
         print(f"{part}: seed {seed} done before, skipped", flush=True)
         return part
@@ -192,13 +196,12 @@ def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list
     setting = {"seed": seed, "recipe": asdict(recipe), "n_train": proto.n_train,
                "max_seq_len": procedure.max_seq_len, "train_sha256": data.digests()}
     folder = runs_dir / f"s{seed}"
-    inits = {"family_init": train_family_init(engine, data, recipe, seed, procedure, folder / "family_init", setting),
-             "family_multitask_init": train_multitask_init(engine, data, recipe, seed, procedure,
-                                                           folder / "family_multitask_init", setting)}
+    trainers = {"family_init": train_family_init, "family_multitask_init": train_multitask_init}
+    inits = {m: trainers[m](engine, data, recipe, seed, procedure, folder / m, setting) for m in wanted}
     del engine  # evaluate loads its own model: one resident copy at a time
     evaluated = time.time()
     report = evaluate(task_dirs, methods, k_values, [seed], proto.n_train, folder / "eval", model_dir=model_dir,
-                      family_init=folder / "family_init", family_multitask_init=folder / "family_multitask_init",
+                      **{m: folder / m for m in wanted},
                       adapt_config=procedure, max_test=proto.max_test, scoring=proto.scoring, protocol=PROTOCOL,
                       device=device, command=command,
                       provenance={"setting": "multitask", "inits": {m: {"path": str(folder / m), "meta": meta}
