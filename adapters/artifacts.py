@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 from adapters.errors import ArtifactCorrupt, InvalidAdapterName
+from adapters.names import parse_vllm_name, vllm_name
 from adapters.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKSUMS
 
 TMP_PREFIX = ".tmp-"
@@ -57,6 +58,9 @@ class ArtifactStore(Protocol):
     def delete(self, vllm_name: str) -> bool: ...
 
     def sweep_orphans(self, max_age_s: float) -> list[str]: ...
+
+    def version_ages(self, tenant: str, name: str) -> dict[int, float]:
+        """The versions of one adapter that have a folder, each with the seconds since it was last written."""
 
 
 def _check_name(vllm_name: str) -> str:
@@ -143,6 +147,18 @@ class LocalArtifactStore:
             return False
         shutil.rmtree(trash, ignore_errors=True)
         return True
+
+    def version_ages(self, tenant: str, name: str) -> dict[int, float]:
+        prefix, now, ages = vllm_name(tenant, name, 0).removesuffix("0"), time.time(), {}
+        for entry in self.root.iterdir():
+            parsed = parse_vllm_name(entry.name) if entry.name.startswith(prefix) else None
+            if parsed is None or parsed[:2] != (tenant, name):
+                continue
+            try:
+                ages[parsed[2]] = now - entry.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+        return ages
 
     def sweep_orphans(self, max_age_s: float) -> list[str]:
         """Remove `.tmp-*` / `.trash-*` left by crashed writers, older than max_age_s (so a staging

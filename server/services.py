@@ -25,6 +25,7 @@ from adapters.idempotency import Dedupe, InvalidIdempotencyKey, key_digest, requ
 from adapters.names import AdapterRef, parse_ref, parse_vllm_name, validate_name, version_label, vllm_name
 from adapters.records import Adapter, AdapterVersion, Job, JobEvent, JobKind, JobStatus, VersionStatus
 from adapters.replicas import unload_stale
+from adapters.retention import sweep_leftovers
 from adapters.settings import Settings
 from adapters.store import JobPage, JobQueue, MetadataStore, TenantQuota
 from adapters.token_count import example_lengths, is_chat
@@ -311,6 +312,13 @@ class Gateway:
         names = [vllm_name(tenant, v.adapter, v.version) for v in removed]
         await asyncio.gather(self._delete_artifacts(artifacts, names), *(
             self.pool.broadcast("/v1/unload_lora_adapter", {"lora_name": n}) for n in names))
+        try:  # folders retention lost track of (adapters/retention.py): no record names them any more either
+            leftovers = await asyncio.to_thread(sweep_leftovers, artifacts, tenant, name,
+                                                max(v.version for v in removed), set())
+        except OSError:
+            log.exception("could not sweep the leftover folders of %s", name)
+            leftovers = []
+        await asyncio.gather(*(self.pool.broadcast("/v1/unload_lora_adapter", {"lora_name": n}) for n in leftovers))
         return removed
 
     async def _delete_artifacts(self, artifacts, names: list[str]) -> None:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import sqlite3
+import time
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -22,7 +26,9 @@ from adapters import keys as K
 from adapters.backend import Backend, open_backend
 from adapters.errors import AdapterNotFound, AdapterNotReady, QuotaExceeded, VersionPruned
 from adapters.records import AdapterVersion, JobStatus, VersionStatus
-from adapters.retention import folder_bytes
+from adapters.artifacts import LocalArtifactStore
+from adapters.names import vllm_name
+from adapters.retention import LEFTOVER_MIN_AGE_S, folder_bytes, prune
 from adapters.settings import Settings
 from adapters.store import TenantQuota
 from gateway_helpers import free_port, gateway_env
@@ -188,6 +194,43 @@ async def test_gateway_answers_pruned_pins_and_the_bytes_quota(env):
     assert json.loads((await client.get("/v1/adapters/adp")).text)["name"] == "adp"
 
 
+async def test_prune_sweeps_the_folders_a_crash_left_once_they_are_old(backend: Backend, tmp_path):  # noqa: F811
+    s = backend.store
+    artifacts = LocalArtifactStore(tmp_path / "adapters")
+    unloaded: list[str] = []
+
+    async def unload(name: str) -> None:
+        unloaded.append(name)
+
+    def write(version: int) -> Path:  # a version's folder, as the worker leaves it
+        folder = artifacts.path(vllm_name("acme", "adp", version))
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        return folder
+
+    def age(folder: Path) -> None:
+        old = time.time() - 2 * LEFTOVER_MIN_AGE_S
+        os.utime(folder, (old, old))
+
+    for version in (1, 2, 3):
+        await ready(backend)
+        write(version)
+    # A crash between the records' removal and the folders': v1's record is gone, its folder stays.
+    assert [v.version for v in await s.prune_versions("acme", "adp", 2)] == [1]
+    await ready(backend)
+    write(4)
+    assert [v.version for v in await prune(s, artifacts, "acme", "adp", 2, unload)] == [2]
+    assert sorted(artifacts.version_ages("acme", "adp")) == [1, 3, 4]  # v1 written just now: spared
+    age(artifacts.path(vllm_name("acme", "adp", 1)))
+    upload = write(await s.allocate_version("acme", "adp"))  # v5: an upload whose record is not written yet
+    age(upload)
+    await ready(backend)  # v6
+    write(6)
+    assert [v.version for v in await prune(s, artifacts, "acme", "adp", 2, unload)] == [3]
+    assert sorted(artifacts.version_ages("acme", "adp")) == [4, 5, 6]  # v5 is above every version removed
+    assert unloaded == [vllm_name("acme", "adp", v) for v in (2, 3, 1)]
+
+
 # ---------------------------------------------------------------- uploads: the gateway's own retention and quota
 @pytest.fixture(params=["sqlite", "redis"])
 async def upload_env(request, tmp_path, replica):  # noqa: F811
@@ -221,6 +264,20 @@ async def test_an_upload_prunes_old_versions_files_and_loads(upload_env):
         assert [v["version"] for v in (await client.get("/v1/adapters/keep")).json()["versions"]] == [2, 3]
         one = (await backend.store.resolve("default", "keep", 3)).size_bytes
         assert one > 0 and await backend.store.tenant_usage("default") == 2 * one
+
+
+async def test_deleting_an_adapter_removes_the_folders_retention_left(upload_env):
+    async with upload_env(retain_versions=2) as (client, backend, settings, replica_app):
+        for _ in range(3):
+            assert (await client.post("/v1/adapters/keep/versions", files=multipart(adapter_files()))).status_code == 201
+        # v1's folder back, as a crash between its record's prune and its folder's removal leaves it.
+        leftover = settings.adapter_root / "default~keep@v1"
+        shutil.copytree(settings.adapter_root / "default~keep@v2", leftover)
+        old = time.time() - 2 * LEFTOVER_MIN_AGE_S
+        os.utime(leftover, (old, old))
+        assert (await client.delete("/v1/adapters/keep")).status_code == 200
+        assert not [p.name for p in settings.adapter_root.iterdir() if "keep" in p.name]
+        assert [c for c in replica_app.state.calls if c == ("unload", {"lora_name": "default~keep@v1"})]
 
 
 async def test_an_upload_over_the_stored_bytes_quota_writes_nothing(upload_env):
