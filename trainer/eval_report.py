@@ -52,7 +52,7 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
     by_key: dict[tuple, tuple[int, dict]] = {}
     for i, part in enumerate(parts):
         for r in part["rows"]:
-            if methods is None or r["method"] in methods:
+            if methods is None or split_variant(r["method"])[0] in methods:
                 by_key[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
     kept = [sum(1 for i, _ in by_key.values() if i == n) for n in range(len(parts))]
     merged = {key: parts[0].get(key) for key in ("protocol", "scoring", "n_train", "max_test", "adapt_config",
@@ -93,12 +93,22 @@ def _merge_tasks(parts: list[dict], paths: list[Path]) -> dict[str, dict]:
     return tasks
 
 
-def _method_rank(method: str) -> int:
-    return EVAL_METHODS.index(method) if method in EVAL_METHODS else len(EVAL_METHODS)
+def split_variant(method: str) -> tuple[str, str | None]:
+    """`standard_init[kcenter]` -> ("standard_init", "kcenter"): an ablation's rows carry their variant in the
+    method's name (trainer/evaluate.py variant_name)."""
+    base, sep, rest = method.partition("[")
+    return (base, rest.removesuffix("]")) if sep else (method, None)
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    base, variant = split_variant(method)
+    return (EVAL_METHODS.index(base) if base in EVAL_METHODS else len(EVAL_METHODS), variant or "")
 
 
 def column_name(method: str, k: int, labels: dict[str, str] | None = None) -> str:
-    return (labels or {}).get(method, method) + (f"+{k}" if method in K_METHODS else "")
+    base, variant = split_variant(method)
+    return ((labels or {}).get(base, base) + (f"[{variant}]" if variant else "")
+            + (f"+{k}" if base in K_METHODS else ""))
 
 
 def columns(by_cell: dict) -> list[tuple[str, int]]:
@@ -113,6 +123,11 @@ def comparisons(cols: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tupl
     std_ks = [k for m, k in cols if m == "standard_init"]
     out = []
     for m, k in cols:
+        base, variant = split_variant(m)
+        if variant is not None:  # an ablation: against the column it varies, at the same K
+            if (base, k) in present:
+                out.append(((m, k), (base, k)))
+            continue
         if m in K_METHODS and k > 0:
             fewer = [kk for mm, kk in cols if mm == m and kk < k]
             if fewer:
@@ -172,10 +187,12 @@ def markdown(report: dict) -> str:
         label = f"{t} ({meta.get('n_test', '?')}, {min(report['n_train'], meta.get('n_train_available', 10**9))})"
         lines.append(f"| {label} | " + " | ".join(
             f"{acc[(t, m, k)][0]:.3f} ± {acc[(t, m, k)][1]:.3f}" if (t, m, k) in acc else "-" for m, k in cols) + " |")
-    complete = [t for t in tasks if all((t, m, k) in acc for m, k in cols)]
+    # An ablation column measured on fewer tasks gets '-' here rather than shrinking every other column's mean.
+    complete = [t for t in tasks if all((t, m, k) in acc for m, k in cols if split_variant(m)[1] is None)]
     if complete:
         lines.append(f"| **mean over {len(complete)} task(s) with every column** | " + " | ".join(
-            f"**{sum(acc[(t, m, k)][0] for t in complete) / len(complete):.3f}**" for m, k in cols) + " |")
+            f"**{sum(acc[(t, m, k)][0] for t in complete) / len(complete):.3f}**"
+            if all((t, m, k) in acc for t in complete) else "-" for m, k in cols) + " |")
     if len(complete) < len(tasks):
         lines += ["", f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run."]
     if family:

@@ -23,7 +23,6 @@ The report (trainer/eval_report.py) holds every item's answer, so methods are co
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
+from trainer.data_selection import DRAWS, kcenter_draw, random_draw
 from trainer.engine import load_shared_init, split_holdout
 from trainer.eval_report import EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, write_report
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
@@ -79,7 +79,20 @@ PROTOCOLS = {
 def training_draw(task: Task, seed: int, n: int) -> list[dict]:
     """The `n` train examples a seed adapts on: every method of the evaluation, and the inits the multi-task setting
     trains on the same tasks (trainer/multitask.py), take the draw from here, so a seed means one set of examples."""
-    return random.Random(seed).sample(task.train, min(n, len(task.train)))
+    return random_draw(task.train, seed, n)
+
+
+def variant_name(rank: int | None, draw: str) -> str | None:
+    """The label an ablation's rows carry (`standard_init[kcenter]`, `standard_init[r16]`): a part that changes the
+    LoRA rank or the draw rule measures another column than the protocol's, and must not replace its rows in a
+    merge. None for the protocol's own settings."""
+    parts = ([] if rank is None else [f"r{rank}"]) + ([] if draw == "random" else [draw])
+    return "+".join(parts) or None
+
+
+def draw_key(seed: int, draw: str) -> str:
+    """Where a task's record keeps the digest of a seed's draw: a k-center draw is another set of examples."""
+    return str(seed) if draw == "random" else f"{seed}[{draw}]"
 
 
 def fitting_examples(tokenizer, examples: list[dict], max_seq_len: int) -> tuple[list[dict], list]:
@@ -140,6 +153,13 @@ class Harness:
     icl_max_tokens: int
     full_data_cap: int
     auto_init: str
+    draw: str = "random"
+
+    def drawn(self, task: Task, seed: int, n: int) -> list[dict]:
+        """The seed's n examples by this run's draw rule (k-center embeds with the base model, adapters off)."""
+        if self.draw == "random":
+            return training_draw(task, seed, n)
+        return kcenter_draw(self.model, self.tokenizer, task.train, seed, n, self.cfg.max_seq_len)
 
     def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6) -> list:
         return answer_items(self.model, self.tokenizer, items, has_options=task.has_options, rule=self.scoring,
@@ -150,7 +170,7 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
                   record) -> str:
     """Every method on one (task, seed): `record(method, k, answers, **extra)` once per measured cell. Returns the
     digest of the examples the methods trained on (trainer/provenance.py examples_digest)."""
-    sample = training_draw(task, seed, n_train)
+    sample = h.drawn(task, seed, n_train)
     kept, enc = fitting_examples(h.tokenizer, sample, h.cfg.max_seq_len)
     if "zero_shot" in methods:
         set_lora_state(h.model, h.inits["zero"])
@@ -194,7 +214,7 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
 
 
 def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits: dict, auto_init, scoring,
-                  icl_max_tokens, full_data_cap) -> tuple[Harness, torch.device]:
+                  icl_max_tokens, full_data_cap, draw: str = "random") -> tuple[Harness, torch.device]:
     """`shared_inits`: method -> its shared-init folder (None where not given), for the SHARED_INIT_METHODS run."""
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -213,7 +233,8 @@ def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits:
             if not path:
                 raise ValueError(f"{method} needs the path of its shared-init folder")
             inits[method], procedures[method] = load_init(path, model, cfg)
-    return Harness(model, tokenizer, cfg, inits, procedures, scoring, icl_max_tokens, full_data_cap, auto_init), dev
+    return Harness(model, tokenizer, cfg, inits, procedures, scoring, icl_max_tokens, full_data_cap, auto_init,
+                   draw), dev
 
 
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
@@ -223,8 +244,11 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
              adapt_config: AdaptConfig | None = None, max_test: int = DEFAULT_MAX_TEST, command: str | None = None,
              device: str = "auto", scoring: str = DEFAULT_SCORING, protocol: str | None = None,
              full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS,
-             provenance: dict | None = None) -> dict:
-    """`provenance`: more to record with the settings (the multi-task setting records the inits it trained)."""
+             provenance: dict | None = None, draw: str = "random", rank: int | None = None) -> dict:
+    """`provenance`: more to record with the settings (the multi-task setting records the inits it trained).
+    `draw` and `rank` make an ablation part: its rows are named by `variant_name` (e.g. `standard_init[kcenter]`)."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}")
     unknown = set(methods) - set(EVAL_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {EVAL_METHODS}")
@@ -234,11 +258,14 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         raise ValueError("auto_init must be standard_init or meta_init")
     # K methods train on all n_train examples; auto_k carves the worker's held-out slice (holdout_fraction) itself.
     cfg = adapt_config or AdaptConfig()
+    if rank is not None:
+        cfg = replace(cfg, rank=rank)
+    variant = variant_name(rank, draw)
     shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
                     "family_multitask_init": family_multitask_init}
     h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
                            shared_inits=shared_inits, auto_init=auto_init, scoring=scoring,
-                           icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap)
+                           icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap, draw=draw)
     out = Path(out_dir)
     rows: list[dict] = []
     tasks_meta: dict[str, dict] = {}
@@ -252,7 +279,8 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                                for m, c in h.procedures.items()},
                 "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
                               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
-                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, **(provenance or {})}
+                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, "draw": draw, "variant": variant,
+                **(provenance or {})}
 
     def report() -> dict:
         return {**settings, "seconds": round(time.time() - t_start, 1), "tasks": tasks_meta, "rows": rows}
@@ -267,6 +295,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
             def record(method, k, answers, **extra):
                 correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
+                method = f"{method}[{variant}]" if variant else method
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
                              "n_train_used": min(n_train, len(task.train)), "n_test": len(test), "correct": correct,
                              "pred": [a.pred for a in answers] if gold else None, **extra})
@@ -274,7 +303,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
 
             # Which examples the seed drew, so parts run apart (and inits trained on the draw) can be checked alike.
             drawn = run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
-            tasks_meta[task.name].setdefault("train_sha256", {})[str(seed)] = drawn
+            tasks_meta[task.name].setdefault("train_sha256", {})[draw_key(seed, draw)] = drawn
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
 
@@ -314,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("results/eval"), help="where results.{json,md} and plots go")
     p.add_argument("--full-data-cap", type=int, default=FULL_DATA_CAP, help="train examples for full_data at most")
     p.add_argument("--icl-max-tokens", type=int, default=ICL_MAX_TOKENS, help="context budget for in_context")
+    p.add_argument("--draw", choices=DRAWS, default="random", help="how a seed's n_train examples are chosen: the "
+                   "protocol's random draw, or k-center over the base model's hidden states (an ablation: its rows "
+                   "are named method[kcenter])")
+    p.add_argument("--rank", type=int, help="LoRA rank for the standard init (an ablation: rows named method[r<rank>])")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--merge", action="store_true", help="task_dirs are results.json files to merge into --out-dir")
@@ -346,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
              model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
              family_init=a.family_init, family_multitask_init=a.family_multitask_init, auto_init=a.auto_init,
              max_test=max_test, scoring=scoring, protocol=a.protocol, device=a.device,
-             full_data_cap=a.full_data_cap, icl_max_tokens=a.icl_max_tokens,
+             full_data_cap=a.full_data_cap, icl_max_tokens=a.icl_max_tokens, draw=a.draw, rank=a.rank,
              command=" ".join(["metalora evaluate", *(sys.argv[1:] if argv is None else argv)]))
 
 
