@@ -4,7 +4,6 @@ changes the draw or the rank keeps its rows apart from the protocol's columns (n
 beside them and is compared with the column it varies."""
 from __future__ import annotations
 
-
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
