@@ -58,14 +58,15 @@ async def prune(store: MetadataStore, artifacts: ArtifactStore, tenant: str, ada
     return pruned
 
 
-def sweep_leftovers(artifacts: ArtifactStore, tenant: str, adapter: str, through: int, recorded: set[int],
+def sweep_leftovers(artifacts: ArtifactStore, tenant: str, adapter: str, through: int | None, recorded: set[int],
                     min_age_s: float = LEFTOVER_MIN_AGE_S) -> list[str]:
-    """Delete the folders of `adapter`'s versions up to `through` that no record names (`recorded`: the versions the
-    store still has) and that were not written in the last `min_age_s`; the names deleted. A crash between a record's
-    removal and its folder's leaves such folders; versions are never reused, so none can belong to a later job."""
+    """Delete the folders of `adapter`'s versions up to `through` (None: all) that no record names (`recorded`: the
+    versions the store still has) and that were not written in the last `min_age_s`; the names deleted. A crash
+    between a record's removal and its folder's leaves such folders; versions are never reused, so none can belong
+    to a later job."""
     removed = []
     for version, age in sorted(artifacts.version_ages(tenant, adapter).items()):
-        if version <= through and version not in recorded and age >= min_age_s:
+        if (through is None or version <= through) and version not in recorded and age >= min_age_s:
             name = vllm_name(tenant, adapter, version)
             if artifacts.delete(name):
                 removed.append(name)

@@ -312,10 +312,11 @@ class Gateway:
         names = [vllm_name(tenant, v.adapter, v.version) for v in removed]
         await asyncio.gather(self._delete_artifacts(artifacts, names), *(
             self.pool.broadcast("/v1/unload_lora_adapter", {"lora_name": n}) for n in names))
-        try:  # folders retention lost track of (adapters/retention.py): no record names them any more either
-            leftovers = await asyncio.to_thread(sweep_leftovers, artifacts, tenant, name,
-                                                max(v.version for v in removed), set())
-        except OSError:
+        # Folders retention lost track of (adapters/retention.py), or an upload that died before its record: no
+        # record names any folder of the name now, and versions are never reused, so every old one goes.
+        try:
+            leftovers = await asyncio.to_thread(sweep_leftovers, artifacts, tenant, name, None, set())
+        except Exception:  # the records are gone and the answer stands: the log names what is left
             log.exception("could not sweep the leftover folders of %s", name)
             leftovers = []
         await asyncio.gather(*(self.pool.broadcast("/v1/unload_lora_adapter", {"lora_name": n}) for n in leftovers))

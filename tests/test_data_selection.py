@@ -4,6 +4,7 @@ changes the draw or the rank keeps its rows apart from the protocol's columns (n
 beside them and is compared with the column it varies."""
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,7 +15,7 @@ from test_multitask import option_rows
 from trainer.config import AdaptConfig
 from trainer.data_selection import kcenter, kcenter_draw, random_draw
 from trainer.eval_report import comparisons, markdown, merge_reports
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, variant_name
 from trainer.tasks.format import write_task
 
 
@@ -33,12 +34,13 @@ def test_kcenter_draw_is_seeded_distinct_and_not_the_random_draw(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(directory), AdaptConfig().lora_config())
     examples = option_rows("sst2", 0, 60)
-    a = kcenter_draw(model, tokenizer, examples, seed=0, n=10, max_tokens=64, pool=40)
-    assert a == kcenter_draw(model, tokenizer, examples, seed=0, n=10, max_tokens=64, pool=40)
-    assert len({e["prompt"] for e in a}) == 10 and all(e in examples for e in a)
-    assert a[0] == random_draw(examples, 0, 40)[0]  # k-center starts from the seed's first candidate
+    candidates = random_draw(examples, 0, 40)
+    a = kcenter_draw(model, tokenizer, candidates, n=10, max_tokens=64)
+    assert a == kcenter_draw(model, tokenizer, candidates, n=10, max_tokens=64)
+    assert len({e["prompt"] for e in a}) == 10 and all(e in candidates for e in a)
+    assert a[0] == candidates[0]  # k-center starts from the seed's first candidate
     assert a != random_draw(examples, 0, 10)
-    assert kcenter_draw(model, tokenizer, examples[:8], seed=0, n=10, max_tokens=64) == random_draw(examples[:8], 0, 10)
+    assert kcenter_draw(model, tokenizer, candidates[:8], n=10, max_tokens=64) == candidates[:8]
 
 
 def test_an_ablation_part_keeps_its_rows_apart_and_is_compared_with_the_column_it_varies(tmp_path):
@@ -52,7 +54,10 @@ def test_an_ablation_part_keeps_its_rows_apart_and_is_compared_with_the_column_i
                        **common)
     ranked = evaluate([root / "tasks" / "sst2"], ["standard_init"], [2], [0], 12, root / "r4", rank=4, **common)
     assert {r["method"] for r in diverse["rows"]} == {"standard_init[kcenter]"}
-    assert {r["method"] for r in ranked["rows"]} == {"standard_init[r4]"} and ranked["adapt_config"]["rank"] == 4
+    assert {r["method"] for r in ranked["rows"]} == {"standard_init[r4]"}
+    assert (ranked["adapt_config"]["rank"], ranked["adapt_config"]["alpha"]) == (4, 8)  # alpha / rank kept at 2
+    with pytest.raises(ValueError, match="standard init only"):
+        evaluate([root / "tasks" / "sst2"], ["meta_init"], [2], [0], 12, root / "bad", rank=4, **common)
     assert set(diverse["tasks"]["sst2"]["train_sha256"]) == {"0[kcenter]"}
     assert diverse["tasks"]["sst2"]["train_sha256"]["0[kcenter]"] != plain["tasks"]["sst2"]["train_sha256"]["0"]
 
@@ -71,3 +76,10 @@ def test_an_ablation_column_on_fewer_tasks_does_not_shrink_the_mean_row():
     assert "| **mean over 2 task(s) with every column** | **0.625** | - |" in text
     assert comparisons([("standard_init", 5), ("standard_init[kcenter]", 5)]) == [
         (("standard_init[kcenter]", 5), ("standard_init", 5))]
+
+
+def test_a_row_names_only_the_settings_that_change_it():
+    assert variant_name("standard_init", 4, "kcenter") == "standard_init[r4+kcenter]"
+    assert variant_name("in_context", 4, "kcenter") == "in_context[kcenter]"  # demos come from the draw
+    assert variant_name("zero_shot", 4, "kcenter") == "zero_shot"
+    assert variant_name("standard_init", None, "random") == "standard_init"

@@ -5,7 +5,8 @@ kcenter: the greedy k-center rule over the base model's mean-pooled last hidden 
 completion): start from the seed's first candidate, then repeatedly take the candidate farthest from every one taken
 so far, so that the n examples cover the task's inputs instead of its most common kind. Candidates are a seeded
 random pool of at most KCENTER_POOL train examples (embedding all 5,000 of a large task costs ~10 min on 2 cores).
-Every method that trains on a seed's draw takes it from here, so a draw is named by (rule, seed) alone.
+The embeddings run in the harness's precision, so a k-center draw is (rule, seed, precision); the digest of every
+draw is recorded with the results and a merge refuses parts that drew differently.
 """
 from __future__ import annotations
 
@@ -65,11 +66,12 @@ def kcenter(points: torch.Tensor, n: int) -> list[int]:
     return chosen
 
 
-def kcenter_draw(model, tokenizer, examples: list[dict], seed: int, n: int, max_tokens: int,
-                 pool: int = KCENTER_POOL) -> list[dict]:
-    candidates = random_draw(examples, seed, pool)
+def kcenter_draw(model, tokenizer, candidates: list[dict], n: int, max_tokens: int) -> list[dict]:
+    """n of `candidates` by greedy k-center, starting from the first. The caller draws the candidates (a seeded
+    random pool of at most KCENTER_POOL) and leaves out those it cannot train on: k-center favours outliers, and
+    an outlier dropped after the choice would leave fewer than n examples."""
     if len(candidates) <= n:
-        return candidates
+        return list(candidates)
     emb = F.normalize(mean_pooled(model, tokenizer, [c["prompt"] + c["completion"] for c in candidates],
                                   max_tokens), dim=-1)
     return [candidates[i] for i in kcenter(emb, n)]

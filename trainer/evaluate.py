@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
-from trainer.data_selection import DRAWS, kcenter_draw, random_draw
+from trainer.data_selection import DRAWS, KCENTER_POOL, kcenter_draw, random_draw
 from trainer.engine import load_shared_init, split_holdout
 from trainer.eval_report import EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, write_report
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
@@ -82,12 +82,14 @@ def training_draw(task: Task, seed: int, n: int) -> list[dict]:
     return random_draw(task.train, seed, n)
 
 
-def variant_name(rank: int | None, draw: str) -> str | None:
-    """The label an ablation's rows carry (`standard_init[kcenter]`, `standard_init[r16]`): a part that changes the
+def variant_name(method: str, rank: int | None, draw: str) -> str:
+    """The name an ablation's row carries (`standard_init[kcenter]`, `standard_init[r16]`): a part that changes the
     LoRA rank or the draw rule measures another column than the protocol's, and must not replace its rows in a
-    merge. None for the protocol's own settings."""
-    parts = ([] if rank is None else [f"r{rank}"]) + ([] if draw == "random" else [draw])
-    return "+".join(parts) or None
+    merge. Only what changes the row names it: the rank changes what is trained, the draw every method but
+    zero-shot (in-context reads its demos from the draw)."""
+    parts = ([f"r{rank}"] if rank is not None and method not in ("zero_shot", "in_context") else []) + (
+        [draw] if draw != "random" and method != "zero_shot" else [])
+    return f"{method}[{'+'.join(parts)}]" if parts else method
 
 
 def draw_key(seed: int, draw: str) -> str:
@@ -159,7 +161,8 @@ class Harness:
         """The seed's n examples by this run's draw rule (k-center embeds with the base model, adapters off)."""
         if self.draw == "random":
             return training_draw(task, seed, n)
-        return kcenter_draw(self.model, self.tokenizer, task.train, seed, n, self.cfg.max_seq_len)
+        pool = fitting_examples(self.tokenizer, random_draw(task.train, seed, KCENTER_POOL), self.cfg.max_seq_len)[0]
+        return kcenter_draw(self.model, self.tokenizer, pool, n, self.cfg.max_seq_len)
 
     def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6) -> list:
         return answer_items(self.model, self.tokenizer, items, has_options=task.has_options, rule=self.scoring,
@@ -259,8 +262,10 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     # K methods train on all n_train examples; auto_k carves the worker's held-out slice (holdout_fraction) itself.
     cfg = adapt_config or AdaptConfig()
     if rank is not None:
-        cfg = replace(cfg, rank=rank)
-    variant = variant_name(rank, draw)
+        if set(methods) & set(SHARED_INIT_METHODS) or (auto_init != "standard_init" and "auto_k" in methods):
+            raise ValueError("--rank applies to the standard init only: a shared init has the rank it was learned at")
+        # alpha / rank is LoRA's scale: kept at the default's, so that the ablation changes the rank, not the step.
+        cfg = replace(cfg, rank=rank, alpha=rank * cfg.alpha // cfg.rank)
     shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
                     "family_multitask_init": family_multitask_init}
     h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
@@ -279,7 +284,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                                for m, c in h.procedures.items()},
                 "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
                               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
-                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, "draw": draw, "variant": variant,
+                "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, "draw": draw, "rank": rank,
                 **(provenance or {})}
 
     def report() -> dict:
@@ -295,7 +300,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
             def record(method, k, answers, **extra):
                 correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
-                method = f"{method}[{variant}]" if variant else method
+                method = variant_name(method, rank, draw)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
                              "n_train_used": min(n_train, len(task.train)), "n_test": len(test), "correct": correct,
                              "pred": [a.pred for a in answers] if gold else None, **extra})

@@ -184,7 +184,7 @@ def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list
     scores are trained, and a part of fewer than every family method is named by its methods, so that a later run
     of the others is not mistaken for done."""
     wanted = [m for m in FAMILY_METHODS if m in methods]
-    suffix = "" if list(methods) == list(FAMILY_METHODS) else "-" + "-".join(methods)
+    suffix = "" if set(FAMILY_METHODS) <= set(methods) else "-" + "-".join(sorted(set(methods)))
     part = parts_dir / f"multitask-s{seed}{suffix}.json"
     if part.is_file():
         print(f"{part}: seed {seed} done before, skipped", flush=True)
