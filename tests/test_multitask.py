@@ -11,6 +11,7 @@ import pytest
 
 from test_inner_loop import save_tiny_model
 from trainer import multitask
+from trainer.family import FamilyConfig
 from trainer.evaluate import evaluate
 from trainer.provenance import examples_digest
 from trainer.tasks.format import write_task
@@ -126,3 +127,25 @@ def test_a_run_of_one_family_method_trains_only_its_init_and_names_its_part(setu
     assert {r["method"] for r in part["rows"]} == {"family_multitask_init"}
     assert set(part["stage_seconds"]) == {"family_multitask_init", "evaluate"}
     assert not (root / "parts-one" / "multitask-s0.json").exists()  # a full run of the seed is still to do
+
+
+def test_the_aggregation_ablation_trains_its_own_family_init_with_its_outer_step(setup):
+    root, model_dir = setup
+    runs = ["--runs-dir", str(root / "runs-agg"), "--parts-dir", str(root / "parts-agg")]
+    with pytest.raises(SystemExit, match="family init only"):
+        multitask.main(args(root, model_dir, "--family-method", "reptile", *runs))
+    multitask.main(args(root, model_dir, "--family-method", "reptile", "--methods", "family_init", *runs))
+    part = json.loads((root / "parts-agg" / "multitask-s0-family_init-reptile.json").read_text())
+    assert {r["method"] for r in part["rows"]} == {"family_init[reptile]"}
+    meta = json.loads((root / "runs-agg" / "s0" / "family_init[reptile]" / "metalora_meta.json").read_text())
+    config = meta["metrics"]["meta_config"]
+    assert meta["metrics"]["method"] == "reptile" and (config["outer_optimizer"], config["outer_lr"]) == ("sgd", 0.5)
+    assert not (root / "runs-agg" / "s0" / "family_init").exists()
+
+
+def test_family_aggregations_take_their_outer_step_and_fomaml_keeps_the_job_option():
+    assert (FamilyConfig(outer_lr=3e-4).meta_config(3).outer_lr, FamilyConfig().meta_config(3).method) == (3e-4, "fomaml")
+    reptile = FamilyConfig(method="reptile", outer_lr=3e-4).meta_config(3)
+    assert (reptile.method, reptile.outer_optimizer, reptile.outer_lr, reptile.outer_grad_clip) == ("reptile", "sgd", 0.5, 0.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        FamilyConfig(method="multitask")

@@ -172,7 +172,7 @@ def markdown(report: dict) -> str:
     tasks = sorted({t for t, _, _ in by_cell})
     cols = columns(by_cell)
     acc = {key: mean_and_sd([r["accuracy"] for r in rows]) for key, rows in by_cell.items()}
-    family = any(m in FAMILY_METHODS for m, _ in cols)
+    family = any(split_variant(m)[0] in FAMILY_METHODS for m, _ in cols)
     labels = FAMILY_LABELS if family else {}
     lines = _header(report, "Multi-task setting: inits trained on these tasks' own draws" if family
                     else "Few-shot evaluation")

@@ -247,9 +247,11 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
              adapt_config: AdaptConfig | None = None, max_test: int = DEFAULT_MAX_TEST, command: str | None = None,
              device: str = "auto", scoring: str = DEFAULT_SCORING, protocol: str | None = None,
              full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS,
-             provenance: dict | None = None, draw: str = "random", rank: int | None = None) -> dict:
+             provenance: dict | None = None, draw: str = "random", rank: int | None = None,
+             row_names: dict[str, str] | None = None) -> dict:
     """`provenance`: more to record with the settings (the multi-task setting records the inits it trained).
-    `draw` and `rank` make an ablation part: its rows are named by `variant_name` (e.g. `standard_init[kcenter]`)."""
+    `draw` and `rank` make an ablation part: its rows are named by `variant_name` (e.g. `standard_init[kcenter]`).
+    `row_names`: another name for a method's rows (the multi-task setting's aggregation ablation)."""
     if draw not in DRAWS:
         raise ValueError(f"draw must be one of {DRAWS}")
     unknown = set(methods) - set(EVAL_METHODS)
@@ -300,7 +302,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
             def record(method, k, answers, **extra):
                 correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
-                method = variant_name(method, rank, draw)
+                method = variant_name((row_names or {}).get(method, method), rank, draw)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
                              "n_train_used": min(n_train, len(task.train)), "n_test": len(test), "correct": correct,
                              "pred": [a.pred for a in answers] if gold else None, **extra})

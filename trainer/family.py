@@ -15,13 +15,15 @@ from adapters.adapt_options import FAMILY_DEFAULTS, FAMILY_OPTIONS
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.engine import split_holdout
-from trainer.meta import Episode, MetaConfig, MetaLearner
+from trainer.meta import OUTER_DEFAULTS, Episode, MetaConfig, MetaLearner
 from trainer.provenance import examples_digest
 
 # fomaml: MeTA-LoRA's stage 2 (first-order: the query gradient at the adapted weights), the paper's method and
 # meta.py's default. Reptile moves θ towards the adapted weights instead, which needs many more outer steps to
-# carry signal, and a CPU family has only a handful.
+# carry signal, and a CPU family has only a handful. The others are the aggregation ablation of the multi-task
+# setting (trainer/multitask.py --family-method), not a job option.
 FAMILY_METHOD = "fomaml"
+FAMILY_AGGREGATIONS = ("fomaml", "reptile", "average")
 # "all": the family's tasks are the very tasks its adapters serve, so the init should carry what they share
 # (answer formats included). meta.py's "lora_A" guards unseen tasks against inheriting those habits; a family
 # wants them.
@@ -45,10 +47,13 @@ class FamilyConfig:
     seed: int = FAMILY_DEFAULTS["seed"]
     holdout_fraction: float = FAMILY_DEFAULTS["holdout_fraction"]
     max_seq_len: int = FAMILY_DEFAULTS["max_seq_len"]
+    method: str = FAMILY_METHOD
 
     def __post_init__(self):
         for name, spec in FAMILY_OPTIONS.items():
             object.__setattr__(self, name, spec.check(getattr(self, name)))
+        if self.method not in FAMILY_AGGREGATIONS:
+            raise ValueError(f"method must be one of {FAMILY_AGGREGATIONS}, got {self.method!r}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "FamilyConfig":
@@ -70,8 +75,13 @@ class FamilyConfig:
         inner = AdaptConfig(steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
                             rank=self.rank, alpha=self.alpha, max_seq_len=self.max_seq_len, seed=self.seed,
                             holdout_fraction=0.0)
-        return MetaConfig(method=FAMILY_METHOD, outer_steps=self.outer_steps, meta_batch_tasks=num_tasks,
-                          support_size=self.support_size, query_size=self.query_size, outer_lr=self.outer_lr,
+        # outer_lr is the fomaml step's (an AdamW learning rate); the other aggregations take their own outer step
+        # (Reptile's β, the average's 1), as train-meta does.
+        outer = {**OUTER_DEFAULTS[self.method]}
+        if self.method == FAMILY_METHOD:
+            outer["outer_lr"] = self.outer_lr
+        return MetaConfig(method=self.method, outer_steps=self.outer_steps, meta_batch_tasks=num_tasks,
+                          support_size=self.support_size, query_size=self.query_size, **outer,
                           meta_params=FAMILY_META_PARAMS, seed=self.seed, inner=inner)
 
 
@@ -138,20 +148,20 @@ def train_family(engine, tasks: list[dict], config: FamilyConfig,
         engine.reset_lora(meta.inner, shared=None)
         learner = MetaLearner(engine.model, meta)
         rng = random.Random(config.seed)
-        report = OuterStep(0, meta.outer_steps, FAMILY_METHOD, None,
+        report = OuterStep(0, meta.outer_steps, meta.method, None,
                            validation_losses(engine.model, prepared, config.batch_size))
         history = [report.to_dict()]
         if on_outer_step:
             on_outer_step(report)
         for step in range(1, meta.outer_steps + 1):
             stats = learner.meta_step([sample_episode(t, config, rng) for t in prepared])
-            report = OuterStep(step, meta.outer_steps, FAMILY_METHOD, stats.get("query_loss"),
+            report = OuterStep(step, meta.outer_steps, meta.method, stats.get("query_loss"),
                                validation_losses(engine.model, prepared, config.batch_size))
             history.append(report.to_dict())
             if on_outer_step:
                 on_outer_step(report)
         return {
-            "method": FAMILY_METHOD,
+            "method": meta.method,
             "meta_params": FAMILY_META_PARAMS,
             "meta_config": meta.to_dict(),
             # The digest shows which examples a task trained on without storing them (trainer/provenance.py).

@@ -29,6 +29,17 @@ from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_
 from trainer.precision import autocast_for
 
 META_METHODS = ("fomaml", "reptile", "average", "multitask")
+# The outer step's defaults depend on the method, since the pseudo-gradients differ in kind: Reptile's is a weight
+# difference, which SGD with β = 0.5 moves halfway along (the paper's θ ← θ + β·mean(θ_i − θ)) and `average` moves
+# all the way (β = 1: θ ← mean θ_i); fomaml's and multitask's are loss gradients, which take AdamW's bounded
+# per-coordinate step. train-meta's --outer_optimizer (adamw | sgd), --outer_lr and --outer_grad_clip (0 = off)
+# override them.
+OUTER_DEFAULTS = {
+    "reptile": {"outer_optimizer": "sgd", "outer_lr": 0.5, "outer_grad_clip": 0.0},  # the shipped init
+    "average": {"outer_optimizer": "sgd", "outer_lr": 1.0, "outer_grad_clip": 0.0},  # the only step MetaConfig allows
+    "fomaml": {"outer_optimizer": "adamw", "outer_lr": 1e-3, "outer_grad_clip": 1.0},
+    "multitask": {"outer_optimizer": "adamw", "outer_lr": 2e-3, "outer_grad_clip": 1.0},  # the baseline init
+}
 # adamw: normalises the pseudo-gradient per coordinate, so noise moves θ as far as signal does;
 # sgd: θ ← θ − lr·g, which for Reptile with lr β is the paper's θ ← θ + β·mean(θ_i − θ).
 OUTER_OPTIMIZERS = ("adamw", "sgd")

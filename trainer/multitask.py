@@ -40,7 +40,7 @@ from trainer.engine import AdaptEngine
 from trainer.eval_report import FAMILY_METHODS, merge_reports
 from trainer.evaluate import (FULL_DATA_EVAL_EVERY, FULL_DATA_PATIENCE, PROTOCOLS, evaluate, fitting_examples,
                               protocol_task_dirs, training_draw)
-from trainer.family import FamilyConfig, train_family
+from trainer.family import FAMILY_AGGREGATIONS, FAMILY_METHOD, FamilyConfig, train_family
 from trainer.model_prep import ensure_base_model
 from trainer.provenance import examples_digest, git_commit
 from trainer.selection import adapt_selecting_k
@@ -68,9 +68,15 @@ class Recipe:
     query_size: int = FAMILY_DEFAULTS["query_size"]
     outer_lr: float = FAMILY_DEFAULTS["outer_lr"]
     val_examples: int = 16
+    method: str = FAMILY_METHOD  # the aggregation of the task updates (an ablation: family_init[reptile], ...)
+
+    @property
+    def family_row(self) -> str:
+        """The name of the family init's rows and folder: the method's own name for the paper's aggregation."""
+        return "family_init" if self.method == FAMILY_METHOD else f"family_init[{self.method}]"
 
     def family_config(self, seed: int, procedure: AdaptConfig) -> FamilyConfig:
-        return FamilyConfig(outer_steps=self.outer_steps, steps=self.steps, outer_lr=self.outer_lr,
+        return FamilyConfig(method=self.method, outer_steps=self.outer_steps, steps=self.steps, outer_lr=self.outer_lr,
                             support_size=self.support_size, query_size=self.query_size,
                             learning_rate=procedure.learning_rate, batch_size=procedure.batch_size,
                             rank=procedure.rank, alpha=procedure.alpha, seed=seed, max_seq_len=procedure.max_seq_len)
@@ -185,6 +191,8 @@ def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list
     of the others is not mistaken for done."""
     wanted = [m for m in FAMILY_METHODS if m in methods]
     suffix = "" if set(FAMILY_METHODS) <= set(methods) else "-" + "-".join(sorted(set(methods)))
+    if recipe.method != FAMILY_METHOD:
+        suffix += f"-{recipe.method}"
     part = parts_dir / f"multitask-s{seed}{suffix}.json"
     if part.is_file():
         print(f"{part}: seed {seed} done before, skipped", flush=True)
@@ -197,14 +205,15 @@ def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list
                "max_seq_len": procedure.max_seq_len, "train_sha256": data.digests()}
     folder = runs_dir / f"s{seed}"
     trainers = {"family_init": train_family_init, "family_multitask_init": train_multitask_init}
-    inits = {m: trainers[m](engine, data, recipe, seed, procedure, folder / m, setting) for m in wanted}
+    folders = {m: folder / (recipe.family_row if m == "family_init" else m) for m in wanted}
+    inits = {m: trainers[m](engine, data, recipe, seed, procedure, folders[m], setting) for m in wanted}
     del engine  # evaluate loads its own model: one resident copy at a time
     evaluated = time.time()
     report = evaluate(task_dirs, methods, k_values, [seed], proto.n_train, folder / "eval", model_dir=model_dir,
-                      **{m: folder / m for m in wanted},
+                      **folders, row_names={"family_init": recipe.family_row},
                       adapt_config=procedure, max_test=proto.max_test, scoring=proto.scoring, protocol=PROTOCOL,
                       device=device, command=command,
-                      provenance={"setting": "multitask", "inits": {m: {"path": str(folder / m), "meta": meta}
+                      provenance={"setting": "multitask", "inits": {m: {"path": str(folders[m]), "meta": meta}
                                                                     for m, meta in inits.items()}})
     # Wall time of the whole seed; the stages apart (an init reused from an earlier run counts its own time).
     stages = {m: meta["seconds"] for m, meta in inits.items()}
@@ -241,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--support-size", type=int, default=d.support_size, help="support examples per task and outer step")
     p.add_argument("--query-size", type=int, default=d.query_size, help="query examples per task and outer step")
     p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="the family's outer (AdamW) learning rate")
+    p.add_argument("--family-method", choices=FAMILY_AGGREGATIONS, default=d.method,
+                   help="how the task updates are aggregated (an ablation: fomaml, MeTA-LoRA's query-gradient mean, "
+                        "is the paper's; reptile and average take train-meta's outer steps; rows family_init[<method>])")
     p.add_argument("--val-examples", type=int, default=d.val_examples,
                    help="first examples of each task's validation split: reported (family), stopped on (multi-task)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/multitask"), help="the inits, per seed (not committed)")
@@ -270,11 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     methods = a.methods.split(",")
     if not set(methods) <= {*FAMILY_METHODS, "full_data"}:
         raise SystemExit(f"--methods: from {', '.join(FAMILY_METHODS)}, full_data")
+    if a.family_method != FAMILY_METHOD and methods != ["family_init"]:
+        raise SystemExit("--family-method changes the family init only: run it with --methods family_init")
     if a.threads:
         torch.set_num_threads(a.threads)
     task_dirs = [d for d in protocol_task_dirs(PROTOCOL, a.tasks_root) if d.name in names]
     recipe = Recipe(outer_steps=a.outer_steps, steps=a.steps, support_size=a.support_size, query_size=a.query_size,
-                    outer_lr=a.outer_lr, val_examples=a.val_examples)
+                    outer_lr=a.outer_lr, val_examples=a.val_examples, method=a.family_method)
     model_dir = a.model_dir or ensure_base_model(Settings())
     for seed in seeds:
         run_seed(seed, task_dirs, recipe, k_values=[int(k) for k in a.k.split(",")], methods=methods,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import AdaptConfig
-from trainer.meta import MetaConfig
+from trainer.meta import OUTER_DEFAULTS, MetaConfig
 from trainer.meta_run import checkpoint, export, log_step, sample_episodes, setup, validate_and_log
 from trainer.tasks.pool import POOLS
 
@@ -41,16 +41,6 @@ meta_batch_tasks = 3  # tasks per outer step
 # 2.5 times, a regime the service never runs.
 support_size = 96
 query_size = 16  # examples per task the adapted weights are judged on, disjoint from the support set
-# The outer step's defaults depend on the method, since the pseudo-gradients differ in kind: Reptile's is a weight
-# difference, which SGD with β = 0.5 moves halfway along (the paper's θ ← θ + β·mean(θ_i − θ)) and `average` moves
-# all the way (β = 1: θ ← mean θ_i); fomaml's and multitask's are loss gradients, which take AdamW's bounded
-# per-coordinate step. --outer_optimizer (adamw | sgd), --outer_lr and --outer_grad_clip (0 = off) override them.
-OUTER_DEFAULTS = {
-    "reptile": {"outer_optimizer": "sgd", "outer_lr": 0.5, "outer_grad_clip": 0.0},  # the shipped init
-    "average": {"outer_optimizer": "sgd", "outer_lr": 1.0, "outer_grad_clip": 0.0},  # the only step MetaConfig allows
-    "fomaml": {"outer_optimizer": "adamw", "outer_lr": 1e-3, "outer_grad_clip": 1.0},
-    "multitask": {"outer_optimizer": "adamw", "outer_lr": 2e-3, "outer_grad_clip": 1.0},  # the baseline init
-}
 meta_params = "all"  # all | lora_A (learn only A; B stays zero, so the init leaves the base model's outputs as they are)
 inner_steps = 5  # K during meta-training (serving may use more: the init is evaluated at several K)
 inner_lr = 2e-3  # AdamW learning rate of the inner loop
