@@ -220,7 +220,7 @@ async def test_active_job_quota_is_429_and_writes_nothing(tight_env):
     before = await _store_rows(env)
     error = assert_error(await env.client.post("/adapt", headers=env.as_("acme"),
                                                json={"adapter": "c", "examples": EXAMPLES}), 429, "quota_exceeded")
-    assert "2 adapt jobs queued or running" in error["message"] and error["param"] == "max_active_jobs"
+    assert "2 jobs (adapt or init) queued or running" in error["message"] and error["param"] == "max_active_jobs"
     assert await _store_rows(env) == before
     # Another tenant has its own quota.
     assert (await env.client.post("/adapt", headers=env.as_("globex"),
