@@ -93,6 +93,11 @@ def _merge_tasks(parts: list[dict], paths: list[Path]) -> dict[str, dict]:
     return tasks
 
 
+def with_variant(method: str, variant: str | None) -> str:
+    """The name of a method's rows in an ablation that varies it (`standard_init[kcenter]`); split_variant's inverse."""
+    return f"{method}[{variant}]" if variant else method
+
+
 def split_variant(method: str) -> tuple[str, str | None]:
     """`standard_init[kcenter]` -> ("standard_init", "kcenter"): an ablation's rows carry their variant in the
     method's name (trainer/evaluate.py variant_name)."""

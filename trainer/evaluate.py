@@ -37,7 +37,8 @@ from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
 from trainer.data_selection import DRAWS, KCENTER_POOL, kcenter_draw, random_draw
 from trainer.engine import load_shared_init, split_holdout
-from trainer.eval_report import EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, write_report
+from trainer.eval_report import (EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, with_variant,
+                                 write_report)
 from trainer.inner_loop import adapt, get_lora_state, set_lora_state
 from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
@@ -89,7 +90,7 @@ def variant_name(method: str, rank: int | None, draw: str) -> str:
     zero-shot (in-context reads its demos from the draw)."""
     parts = ([f"r{rank}"] if rank is not None and method not in ("zero_shot", "in_context") else []) + (
         [draw] if draw != "random" and method != "zero_shot" else [])
-    return f"{method}[{'+'.join(parts)}]" if parts else method
+    return with_variant(method, "+".join(parts))
 
 
 def draw_key(seed: int, draw: str) -> str:

@@ -37,7 +37,7 @@ from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import encode_examples
 from trainer.engine import AdaptEngine
-from trainer.eval_report import FAMILY_METHODS, merge_reports
+from trainer.eval_report import FAMILY_METHODS, merge_reports, with_variant
 from trainer.evaluate import (FULL_DATA_EVAL_EVERY, FULL_DATA_PATIENCE, PROTOCOLS, evaluate, fitting_examples,
                               protocol_task_dirs, training_draw)
 from trainer.family import FAMILY_AGGREGATIONS, FAMILY_METHOD, FamilyConfig, train_family
@@ -73,7 +73,7 @@ class Recipe:
     @property
     def family_row(self) -> str:
         """The name of the family init's rows and folder: the method's own name for the paper's aggregation."""
-        return "family_init" if self.method == FAMILY_METHOD else f"family_init[{self.method}]"
+        return with_variant("family_init", None if self.method == FAMILY_METHOD else self.method)
 
     def family_config(self, seed: int, procedure: AdaptConfig) -> FamilyConfig:
         return FamilyConfig(method=self.method, outer_steps=self.outer_steps, steps=self.steps, outer_lr=self.outer_lr,
