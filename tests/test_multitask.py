@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from test_inner_loop import save_tiny_model
 from trainer import multitask
@@ -54,7 +55,8 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     part = json.loads(part_path.read_text())
     assert part["protocol"] == "heldout" and part["setting"] == "multitask" and part["seeds"] == [0]
     cells = {(r["task"], r["method"], r["k"], r["seed"]) for r in part["rows"]}
-    assert cells == {(t, m, k, 0) for t in TASKS for m in ("family_multitask_init", "family_init") for k in (0, 2)}
+    methods = ("family_multitask_init", "family_init", "family_full_fomaml")
+    assert cells == {(t, m, k, 0) for t in TASKS for m in methods for k in (0, 2)}
     assert all(len(r["correct"]) == 6 for r in part["rows"])
 
     for task in TASKS:
@@ -63,14 +65,14 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
         drawn = random.Random(0).sample(train, 100)
         digest = examples_digest([{"prompt": e["prompt"], "completion": e["completion"]} for e in drawn])
         assert part["tasks"][task]["train_sha256"] == {"0": digest}  # what evaluate adapted on
-        for method in ("family_init", "family_multitask_init"):
+        for method in methods:
             trained = {t["name"]: t for t in part["inits"][method]["meta"]["metrics"]["tasks"]}
             assert trained[task]["examples_sha256"] == digest and trained[task]["num_train"] == 100
         test = [json.loads(line)["prompt"] for line in (root / "tasks" / task / "test.jsonl").read_text().splitlines()]
         assert not {e["prompt"] for e in drawn} & set(test)
 
     # The part carries each init's metalora_meta.json as written, and the wall time of every stage.
-    for method in ("family_init", "family_multitask_init"):
+    for method in methods:
         on_disk = json.loads((root / "runs" / "s0" / method / "metalora_meta.json").read_text())
         assert part["inits"][method]["meta"] == on_disk and on_disk["adapt_config"]["steps"] == 2
     family = part["inits"]["family_init"]["meta"]["metrics"]
@@ -78,7 +80,7 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     mt = part["inits"]["family_multitask_init"]["meta"]["metrics"]
     # The family's compute in batch-8 steps: 2 outer steps x 2 tasks x (2 support batches of 8 + a query of 4).
     assert mt["max_steps"] == 10 and mt["num_train"] == 200 and 0 <= mt["chosen_steps"] <= mt["steps_run"] <= 10
-    assert set(part["stage_seconds"]) == {"family_init", "family_multitask_init", "evaluate"}
+    assert set(part["stage_seconds"]) == {*methods, "evaluate"}
     assert part["git_commit"] and part["machine"]["device"] == "cpu"
 
     # A finished seed is skipped; without its part, the finished inits are reused and only evaluation reruns.
@@ -101,8 +103,9 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
                     str(root / "table")])
     text = (root / "table" / "results.md").read_text()
     for column in ("few-shot LoRA+2", "multi-task LoRA+0", "multi-task LoRA+2", "MeTA-LoRA family+0",
-                   "MeTA-LoRA family+2"):
+                   "MeTA-LoRA family+2", "full-model FOMAML+0", "full-model FOMAML+2"):
         assert column in text
+    assert "MeTA-LoRA family+2 − full-model FOMAML+2" in text
     targets = text.split("## The seed's targets")[1].split("\n## ")[0]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "−" in line]
     assert len(rows) == 2 * 3  # three targets at each K of the family
@@ -149,3 +152,46 @@ def test_family_aggregations_take_their_outer_step_and_fomaml_keeps_the_job_opti
     assert (reptile.method, reptile.outer_optimizer, reptile.outer_lr, reptile.outer_grad_clip) == ("reptile", "sgd", 0.5, 0.0)
     with pytest.raises(ValueError, match="method must be one of"):
         FamilyConfig(method="multitask")
+
+
+def test_the_full_model_fomaml_baseline_learns_every_weight_on_the_family_episodes_and_is_scored_as_a_column(setup):
+    from safetensors.torch import load_file
+    from trainer.full_model import FullModelConfig
+
+    root, model_dir = setup
+    runs = ["--runs-dir", str(root / "runs-full"), "--parts-dir", str(root / "parts-full")]
+    multitask.main(args(root, model_dir, "--methods", "family_full_fomaml", *runs))
+    folder = root / "runs-full" / "s0" / "family_full_fomaml"
+    meta = json.loads((folder / "metalora_meta.json").read_text())
+    metrics = meta["metrics"]
+    assert meta["kind"] == "full_model" and metrics["meta_params"] == "full_model" and metrics["method"] == "fomaml"
+    assert [s["step"] for s in metrics["outer_steps"]] == [0, 1, 2] and metrics["outer_steps"][1]["query_loss"] > 0
+    # The family's episodes, K and batch with the full-model learning rates; evaluation adapts at the inner one.
+    config = FullModelConfig(**metrics["full_model_config"])
+    assert (config.family.outer_steps, config.family.steps, config.family.support_size) == (2, 2, 4)
+    assert meta["adapt_config"]["learning_rate"] == config.inner_lr == metrics["meta_config"]["inner"]["learning_rate"]
+    assert metrics["meta_config"]["outer_lr"] == config.outer_lr
+    # Every kind of weight moved (attention, MLP, norms, the tied embedding), and the base model's folder did not.
+    learned, base = load_file(str(folder / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    moved = {name.split(".")[-2] for name in base if not torch.equal(learned[name], base[name])}
+    assert {"q_proj", "down_proj", "input_layernorm", "embed_tokens"} <= moved
+
+    part = json.loads((root / "parts-full" / "multitask-s0-family_full_fomaml.json").read_text())
+    assert {(r["task"], r["method"], r["k"]) for r in part["rows"]} == {
+        (t, "family_full_fomaml", k) for t in TASKS for k in (0, 2)}
+    assert part["inits"]["family_full_fomaml"]["meta"] == meta
+    # K = 0 is the learned weights as saved, one model for every task: scored again here, the same answers.
+    again = evaluate([root / "tasks" / t for t in TASKS], ["family_full_fomaml"], [0], [0], 100, root / "full-again",
+                     model_dir=model_dir, family_full_fomaml=folder, protocol="heldout", max_test=250, device="cpu")
+    assert [r["correct"] for r in again["rows"]] == [r["correct"] for r in part["rows"] if r["k"] == 0]
+
+
+
+def test_full_model_learning_rates_are_bounded_for_pretrained_weights():
+    from trainer.full_model import FullModelConfig
+
+    with pytest.raises(ValueError, match="inner_lr must be in"):
+        FullModelConfig(FamilyConfig(), inner_lr=2e-3)  # the LoRA step: it would wreck pretrained weights
+    with pytest.raises(ValueError, match="fomaml"):
+        from trainer.full_model import train_full_fomaml
+        train_full_fomaml(None, None, [], FullModelConfig(FamilyConfig(method="reptile")))

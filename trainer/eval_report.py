@@ -13,15 +13,18 @@ from trainer.eval_stats import (balanced_accuracy, cells, majority_rate, mean_ac
 # The evaluation's methods, in table order (trainer/evaluate.py runs them); the K methods are scored at several K.
 # family_*: inits trained on the evaluated tasks' own draws (the multi-task setting, trainer/multitask.py), never
 # on other tasks as multitask_init and meta_init are.
+# family_full_fomaml: the seed's baseline, first-order MAML on every weight of the base model (trainer/full_model.py).
 EVAL_METHODS = ("zero_shot", "in_context", "standard_init", "multitask_init", "meta_init", "family_multitask_init",
-                "family_init", "auto_k", "full_data")
-K_METHODS = ("standard_init", "multitask_init", "meta_init", "family_multitask_init", "family_init")
-SHARED_INIT_METHODS = ("multitask_init", "meta_init", "family_multitask_init", "family_init")  # read from a folder
-FAMILY_METHODS = ("family_multitask_init", "family_init")
+                "family_init", "family_full_fomaml", "auto_k", "full_data")
+K_METHODS = ("standard_init", "multitask_init", "meta_init", "family_multitask_init", "family_init",
+             "family_full_fomaml")
+SHARED_INIT_METHODS = ("multitask_init", "meta_init", "family_multitask_init", "family_init")  # LoRA, from a folder
+FAMILY_METHODS = ("family_multitask_init", "family_init", "family_full_fomaml")
 # A table with family columns is the multi-task setting's, where the columns take the names MeTA-LoRA's paper
 # (and issue 17) gives them.
 FAMILY_LABELS = {"standard_init": "few-shot LoRA", "family_multitask_init": "multi-task LoRA",
-                 "family_init": "MeTA-LoRA family", "full_data": "full-data LoRA"}
+                 "family_init": "MeTA-LoRA family", "family_full_fomaml": "full-model FOMAML",
+                 "full_data": "full-data LoRA"}
 # The seed's targets for MeTA-LoRA in that setting: (what it is compared with, by how much it must lead, the target
 # in words). The last is "within 2-5 points of full-data LoRA", taken at its loose end: at most 0.05 behind it.
 FAMILY_TARGETS = (("standard_init", 0.10, "over few-shot LoRA by >= 0.10"),
@@ -141,8 +144,9 @@ def comparisons(cols: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tupl
                 for ref_k in sorted({k, max(std_ks, default=k)}):
                     if ("standard_init", ref_k) in present:
                         out.append(((m, k), ("standard_init", ref_k)))
-            if m == "family_init" and ("family_multitask_init", k) in present:
-                out.append(((m, k), ("family_multitask_init", k)))
+            if m == "family_init":
+                out += [((m, k), (other, k)) for other in ("family_multitask_init", "family_full_fomaml")
+                        if (other, k) in present]
             if ("in_context", 0) in present:
                 out.append(((m, k), ("in_context", 0)))
             if ("full_data", 0) in present:
@@ -183,7 +187,7 @@ def markdown(report: dict) -> str:
                     else "Few-shot evaluation")
     if family:
         lines += [f"Columns: {', '.join(f'{v} = `{k}`' for k, v in FAMILY_LABELS.items())} (trainer/multitask.py "
-                  "trains the two family inits on each seed's draw of every task's train split: the same examples "
+                  "trains the family inits on each seed's draw of every task's train split: the same examples "
                   "the few-shot LoRA adapts on).", ""]
     head = [column_name(m, k, labels) for m, k in cols]
     lines += ["| task (items, train examples) | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]

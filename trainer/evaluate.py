@@ -14,6 +14,8 @@ Per task and seed, `n_train` examples are drawn (seeded) from the task's train s
 - family_multitask_init+K / family_init+K: the same, from inits trained on these very tasks' draws (the multi-task
   setting, trainer/multitask.py): a multi-task LoRA and a meta-learned init family. Named apart from multitask_init
   and meta_init, which are learned on other tasks, so that no table mistakes one for the other.
+- family_full_fomaml+K: that setting's full-model FOMAML baseline (trainer/full_model.py): K steps of THE inner loop
+  on every weight, from the learned weights, at the learning rate they were learned for.
 - auto_k: what a job with `"steps": "auto"` gets: from the `--auto-init` init, K chosen on a held-out slice of the
   n_train examples (the worker's split and rule, trainer/selection.py); the row records the K chosen.
 - full_data: LoRA from the standard init on up to `full_data_cap` train examples, trained until its loss on the
@@ -39,7 +41,8 @@ from trainer.data_selection import DRAWS, KCENTER_POOL, kcenter_draw, random_dra
 from trainer.engine import load_shared_init, split_holdout
 from trainer.eval_report import (EVAL_METHODS, K_METHODS, SHARED_INIT_METHODS, merge_reports, with_variant,
                                  write_report)
-from trainer.inner_loop import adapt, get_lora_state, set_lora_state
+from trainer.full_model import FULL_MODEL_METHOD, FullModelInit
+from trainer.inner_loop import adapt, all_parameters, get_lora_state, lora_parameters, set_lora_state, set_state
 from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
 from trainer.provenance import examples_digest, git_commit, machine_record
@@ -157,6 +160,7 @@ class Harness:
     full_data_cap: int
     auto_init: str
     draw: str = "random"
+    full_model: FullModelInit | None = None  # family_full_fomaml's own model: its K steps move every weight
 
     def drawn(self, task: Task, seed: int, n: int) -> list[dict]:
         """The seed's n examples by this run's draw rule (k-center embeds with the base model, adapters off)."""
@@ -165,9 +169,17 @@ class Harness:
         pool = fitting_examples(self.tokenizer, random_draw(task.train, seed, KCENTER_POOL), self.cfg.max_seq_len)[0]
         return kcenter_draw(self.model, self.tokenizer, pool, n, self.cfg.max_seq_len)
 
-    def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6) -> list:
-        return answer_items(self.model, self.tokenizer, items, has_options=task.has_options, rule=self.scoring,
-                            prefix=prefix, max_prompt_tokens=max_prompt_tokens)
+    def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6,
+                model=None) -> list:
+        return answer_items(model or self.model, self.tokenizer, items, has_options=task.has_options,
+                            rule=self.scoring, prefix=prefix, max_prompt_tokens=max_prompt_tokens)
+
+    def trained(self, method: str) -> tuple[object, dict, dict, AdaptConfig]:
+        """What a K method adapts: (model, its weights that move, the init's values of them, the procedure)."""
+        if method == FULL_MODEL_METHOD:
+            full = self.full_model
+            return full.model, all_parameters(full.model), full.theta, full.procedure
+        return self.model, lora_parameters(self.model), self.inits[method], self.procedures[method]
 
 
 def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, k_values, n_train: int,
@@ -188,16 +200,17 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
             continue
         # One run to the largest K, scored as it passes each K: batch order and AdamW have no dependence on the
         # total step count, so step k of a long run is exactly a k-step run.
-        set_lora_state(h.model, h.inits[method])
+        model, params, init, procedure = h.trained(method)
+        set_state(params, init)
         if 0 in k_values:
-            record(method, 0, h.answers(task, test))
+            record(method, 0, h.answers(task, test, model=model))
 
-        def score_at(step: int, _loss: float, method=method) -> None:
+        def score_at(step: int, _loss: float, method=method, model=model) -> None:
             if step in k_values:
-                record(method, step, h.answers(task, test))
+                record(method, step, h.answers(task, test, model=model))
 
         if max(k_values) > 0:
-            adapt(h.model, enc, replace(h.procedures[method], steps=max(k_values), seed=seed), on_step=score_at)
+            adapt(model, enc, replace(procedure, steps=max(k_values), seed=seed), on_step=score_at, params=params)
     if "auto_k" in methods:
         procedure = replace(h.procedures[h.auto_init], seed=seed)
         train, held = split_holdout(enc, procedure)
@@ -219,7 +232,8 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
 
 def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits: dict, auto_init, scoring,
                   icl_max_tokens, full_data_cap, draw: str = "random") -> tuple[Harness, torch.device]:
-    """`shared_inits`: method -> its shared-init folder (None where not given), for the SHARED_INIT_METHODS run."""
+    """`shared_inits`: method -> its init folder (None where not given), for the SHARED_INIT_METHODS and
+    FULL_MODEL_METHOD run."""
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
@@ -237,14 +251,23 @@ def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits:
             if not path:
                 raise ValueError(f"{method} needs the path of its shared-init folder")
             inits[method], procedures[method] = load_init(path, model, cfg)
+    full_model = None
+    if FULL_MODEL_METHOD in wanted:
+        if not shared_inits.get(FULL_MODEL_METHOD):
+            raise ValueError(f"{FULL_MODEL_METHOD} needs the path of its full-model init folder")
+        full_model = FullModelInit.load(shared_inits[FULL_MODEL_METHOD], dev)
+        if full_model.procedure.max_seq_len != cfg.max_seq_len:
+            raise ValueError(f"{FULL_MODEL_METHOD} was learned for max_seq_len {full_model.procedure.max_seq_len}, "
+                             f"this run encodes at {cfg.max_seq_len}")
     return Harness(model, tokenizer, cfg, inits, procedures, scoring, icl_max_tokens, full_data_cap, auto_init,
-                   draw), dev
+                   draw, full_model), dev
 
 
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
              model_dir: Path | str | None = None, meta_init: Path | str | None = None,
              multitask_init: Path | str | None = None, family_init: Path | str | None = None,
-             family_multitask_init: Path | str | None = None, auto_init: str = "standard_init",
+             family_multitask_init: Path | str | None = None, family_full_fomaml: Path | str | None = None,
+             auto_init: str = "standard_init",
              adapt_config: AdaptConfig | None = None, max_test: int = DEFAULT_MAX_TEST, command: str | None = None,
              device: str = "auto", scoring: str = DEFAULT_SCORING, protocol: str | None = None,
              full_data_cap: int = FULL_DATA_CAP, icl_max_tokens: int = ICL_MAX_TOKENS,
@@ -265,12 +288,13 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     # K methods train on all n_train examples; auto_k carves the worker's held-out slice (holdout_fraction) itself.
     cfg = adapt_config or AdaptConfig()
     if rank is not None:
-        if set(methods) & set(SHARED_INIT_METHODS) or (auto_init != "standard_init" and "auto_k" in methods):
+        if (set(methods) & {*SHARED_INIT_METHODS, FULL_MODEL_METHOD}
+                or (auto_init != "standard_init" and "auto_k" in methods)):
             raise ValueError("--rank applies to the standard init only: a shared init has the rank it was learned at")
         # alpha / rank is LoRA's scale: kept at the default's, so that the ablation changes the rank, not the step.
         cfg = replace(cfg, rank=rank, alpha=rank * cfg.alpha // cfg.rank)
     shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
-                    "family_multitask_init": family_multitask_init}
+                    "family_multitask_init": family_multitask_init, FULL_MODEL_METHOD: family_full_fomaml}
     h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
                            shared_inits=shared_inits, auto_init=auto_init, scoring=scoring,
                            icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap, draw=draw)
@@ -345,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "meta-learned init, trained on these tasks' draws: trainer/multitask.py)")
     p.add_argument("--family-multitask-init", type=Path, help="shared-init folder for family_multitask_init (the "
                    "multi-task setting's multi-task LoRA)")
+    p.add_argument("--family-full-fomaml", type=Path, help="full-model init folder for family_full_fomaml (the "
+                   "multi-task setting's full-model FOMAML baseline: trainer/full_model.py)")
     p.add_argument("--auto-init", choices=("standard_init", "meta_init"), default="standard_init",
                    help="the init auto_k adapts from")
     p.add_argument("--model-dir", type=Path, help="base model folder (default: the converted SmolLM2)")
@@ -385,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     evaluate(task_dirs, a.methods.split(","), [int(k) for k in a.k.split(",")], seeds, n_train, a.out_dir,
              model_dir=a.model_dir, meta_init=a.meta_init, multitask_init=a.multitask_init,
-             family_init=a.family_init, family_multitask_init=a.family_multitask_init, auto_init=a.auto_init,
+             family_init=a.family_init, family_multitask_init=a.family_multitask_init,
+             family_full_fomaml=a.family_full_fomaml, auto_init=a.auto_init,
              max_test=max_test, scoring=scoring, protocol=a.protocol, device=a.device,
              full_data_cap=a.full_data_cap, icl_max_tokens=a.icl_max_tokens, draw=a.draw, rank=a.rank,
              command=" ".join(["metalora evaluate", *(sys.argv[1:] if argv is None else argv)]))

@@ -15,6 +15,7 @@ from adapters.adapt_options import FAMILY_DEFAULTS, FAMILY_OPTIONS
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.engine import split_holdout
+from trainer.inner_loop import lora_parameters
 from trainer.meta import OUTER_DEFAULTS, Episode, MetaConfig, MetaLearner
 from trainer.provenance import examples_digest
 
@@ -143,32 +144,38 @@ def train_family(engine, tasks: list[dict], config: FamilyConfig,
     engine's model holds it (write it with trainer.engine.save_shared_init). `on_outer_step` may raise to abort.
     Returns the metrics recorded with the init."""
     with engine.lock:
-        prepared = prepare_tasks(engine.tokenizer, tasks, config)
-        meta = config.meta_config(len(prepared))
+        meta = config.meta_config(len(tasks))
         engine.reset_lora(meta.inner, shared=None)
-        learner = MetaLearner(engine.model, meta)
-        rng = random.Random(config.seed)
-        report = OuterStep(0, meta.outer_steps, meta.method, None,
-                           validation_losses(engine.model, prepared, config.batch_size))
-        history = [report.to_dict()]
+        metrics = meta_train_tasks(engine.model, engine.tokenizer, tasks, config, meta, on_outer_step)
+        return {**metrics, "meta_params": FAMILY_META_PARAMS, "device": engine.device.type}
+
+
+def meta_train_tasks(model, tokenizer, tasks: list[dict], config: FamilyConfig, meta: MetaConfig,
+                     on_outer_step: Callable[[OuterStep], None] | None = None,
+                     select: Callable[[Any], dict] = lora_parameters) -> dict[str, Any]:
+    """The family's outer loop on the weights `select` names (the LoRA ones; every weight for the full-model
+    baseline, trainer/full_model.py): the same episodes for the same config and tasks, whatever is learned."""
+    prepared = prepare_tasks(tokenizer, tasks, config)
+    learner = MetaLearner(model, meta, select)
+    rng = random.Random(config.seed)
+    report = OuterStep(0, meta.outer_steps, meta.method, None, validation_losses(model, prepared, config.batch_size))
+    history = [report.to_dict()]
+    if on_outer_step:
+        on_outer_step(report)
+    for step in range(1, meta.outer_steps + 1):
+        stats = learner.meta_step([sample_episode(t, config, rng) for t in prepared])
+        report = OuterStep(step, meta.outer_steps, meta.method, stats.get("query_loss"),
+                           validation_losses(model, prepared, config.batch_size))
+        history.append(report.to_dict())
         if on_outer_step:
             on_outer_step(report)
-        for step in range(1, meta.outer_steps + 1):
-            stats = learner.meta_step([sample_episode(t, config, rng) for t in prepared])
-            report = OuterStep(step, meta.outer_steps, meta.method, stats.get("query_loss"),
-                               validation_losses(engine.model, prepared, config.batch_size))
-            history.append(report.to_dict())
-            if on_outer_step:
-                on_outer_step(report)
-        return {
-            "method": meta.method,
-            "meta_params": FAMILY_META_PARAMS,
-            "meta_config": meta.to_dict(),
-            # The digest shows which examples a task trained on without storing them (trainer/provenance.py).
-            "tasks": [{"name": t.name, "num_train": len(t.train), "num_validation": len(t.validation),
-                       "examples_sha256": examples_digest(task["examples"])} for t, task in zip(prepared, tasks)],
-            "outer_steps": history,
-            "validation_loss_before": history[0]["validation_loss"],
-            "validation_loss_after": history[-1]["validation_loss"],
-            "device": engine.device.type,
-        }
+    return {
+        "method": meta.method,
+        "meta_config": meta.to_dict(),
+        # The digest shows which examples a task trained on without storing them (trainer/provenance.py).
+        "tasks": [{"name": t.name, "num_train": len(t.train), "num_validation": len(t.validation),
+                   "examples_sha256": examples_digest(task["examples"])} for t, task in zip(prepared, tasks)],
+        "outer_steps": history,
+        "validation_loss_before": history[0]["validation_loss"],
+        "validation_loss_after": history[-1]["validation_loss"],
+    }

@@ -17,18 +17,30 @@ def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad and "lora_" in name}
 
 
-def get_lora_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in lora_parameters(model).items()}
+def all_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Every trainable weight of `model`: what the full-model baseline (trainer/full_model.py) adapts and learns."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def get_state(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
 
 
 @torch.no_grad()
-def set_lora_state(model, state: dict[str, torch.Tensor]) -> None:
-    params = lora_parameters(model)
+def set_state(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor]) -> None:
     if params.keys() != state.keys():
         missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
-        raise KeyError(f"LoRA state does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+        raise KeyError(f"state does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     for name, param in params.items():
         param.copy_(state[name])
+
+
+def get_lora_state(model) -> dict[str, torch.Tensor]:
+    return get_state(lora_parameters(model))
+
+
+def set_lora_state(model, state: dict[str, torch.Tensor]) -> None:
+    set_state(lora_parameters(model), state)
 
 
 def adapt(
@@ -37,8 +49,9 @@ def adapt(
     config: AdaptConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    params: dict[str, torch.nn.Parameter] | None = None,
 ) -> list[float]:
-    """K = config.steps AdamW steps on the LoRA parameters, in place, from their current values.
+    """K = config.steps AdamW steps on `params` (default: the LoRA parameters), in place, from their current values.
 
     A fresh optimizer per call (no state leaks between jobs) and a reseeded RNG (LoRA dropout, batch
     order) make the result a function of (init, examples, config) alone. `on_step(step, loss)` is called
@@ -46,7 +59,7 @@ def adapt(
     Returns the per-step training losses; raises NonFiniteLoss if one is NaN or inf (at that step when someone
     listens, else at the end), so a diverged adapter is never returned as trained.
     """
-    params = lora_parameters(model)
+    params = lora_parameters(model) if params is None else params
     if not params:
         raise ValueError("the model has no trainable LoRA parameters")
     torch.manual_seed(config.seed)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainer.config import AdaptConfig
 from trainer.data import EncodedExample, collate, model_device, to_device
-from trainer.inner_loop import adapt, get_lora_state, lora_parameters, set_lora_state
+from trainer.inner_loop import adapt, get_state, lora_parameters, set_state
 from trainer.precision import autocast_for
 
 META_METHODS = ("fomaml", "reptile", "average", "multitask")
@@ -148,12 +148,15 @@ def batch_loss(model, examples: list[EncodedExample]) -> torch.Tensor:
 
 
 class MetaLearner:
-    def __init__(self, model, config: MetaConfig):
-        self.model, self.config = model, config
-        self.names = list(lora_parameters(model))
+    """θ and its outer step. `select` names the weights θ holds and the inner loop adapts: the LoRA ones, or every
+    weight of a plain model for the full-model FOMAML baseline (trainer/full_model.py)."""
+
+    def __init__(self, model, config: MetaConfig, select: Callable[[Any], dict] = lora_parameters):
+        self.model, self.config, self.select = model, config, select
+        self.names = list(select(model))
         if not self.names:
-            raise ValueError("the model has no trainable LoRA parameters")
-        state = get_lora_state(model)
+            raise ValueError("the model has no trainable parameters to meta-learn")
+        state = get_state(select(model))
         self.theta = [torch.nn.Parameter(state[n].detach().clone().float()) for n in self.names]
         # The part of θ the outer step updates; the rest keeps its standard init.
         self.learned = [p for n, p in zip(self.names, self.theta) if config.meta_params == "all" or "lora_A" in n]
@@ -171,7 +174,7 @@ class MetaLearner:
         return {n: p.detach() for n, p in zip(self.names, self.theta)}
 
     def load_theta_into_model(self) -> None:
-        set_lora_state(self.model, self.theta_state())
+        set_state(self.select(self.model), self.theta_state())
 
     def _inner_config(self, episode_index: int) -> AdaptConfig:
         # A distinct, reproducible batch order per (outer step, task slot).
@@ -179,8 +182,8 @@ class MetaLearner:
 
     def adapted_query_loss(self, episode: Episode, episode_index: int = 0, *, theta: dict | None = None) -> float:
         """Query loss after adapting from θ (or `theta`) on the support set; the model is left adapted."""
-        set_lora_state(self.model, theta if theta is not None else self.theta_state())
-        adapt(self.model, episode.support, self._inner_config(episode_index))
+        set_state(self.select(self.model), theta if theta is not None else self.theta_state())
+        adapt(self.model, episode.support, self._inner_config(episode_index), params=self.select(self.model))
         with torch.no_grad():
             return batch_loss(self.model, episode.query).item()
 
@@ -192,10 +195,10 @@ class MetaLearner:
         else:
             grads = [torch.zeros_like(p) for p in self.theta]
             support_first, support_last, query = [], [], []
-            params = lora_parameters(self.model)
+            params = self.select(self.model)
             for i, episode in enumerate(episodes):
-                set_lora_state(self.model, self.theta_state())
-                losses = adapt(self.model, episode.support, self._inner_config(i))
+                set_state(params, self.theta_state())
+                losses = adapt(self.model, episode.support, self._inner_config(i), params=params)
                 support_first.append(losses[0])
                 support_last.append(losses[-1])
                 if method == "fomaml":
@@ -229,7 +232,7 @@ class MetaLearner:
 
     def _multitask_step(self, episodes: list[Episode]) -> dict[str, float]:
         cfg = self.config.inner
-        params = lora_parameters(self.model)
+        params = self.select(self.model)
         rng = random.Random(self.config.seed * 1_000_003 + self.step)
         losses, norms = [], []
         self.model.train()

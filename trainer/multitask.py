@@ -11,7 +11,9 @@ Per seed, on the held-out protocol's tasks, test items and scoring (trainer/eval
 3. family_multitask_init: one LoRA from the standard init on all tasks' draws mixed, THE inner loop `adapt()` with
    the worker's learning rate and batch, for at most the family's compute, stopped when the loss on the tasks'
    validation splits stops improving (trainer/selection.py, the rule full_data uses);
-4. evaluate scores both inits at each K (K = 0: one adapter for every task) and writes the part with provenance:
+   family_full_fomaml: the seed's baseline, first-order MAML on every base weight (trainer/full_model.py) with the
+   family's episodes, K and outer steps;
+4. evaluate scores the inits at each K (K = 0: one adapter for every task) and writes the part with provenance:
    the inits' metalora_meta.json, the examples' digests, commit, machine, precision and wall time per stage.
 Nothing reads a test item but the scoring in step 4. The inits stay under --runs-dir: they never ship and never
 feed the unseen-task table (results/eval). A stage that finished is not run again (an init folder appears only
@@ -28,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,6 +44,7 @@ from trainer.eval_report import FAMILY_METHODS, merge_reports, with_variant
 from trainer.evaluate import (FULL_DATA_EVAL_EVERY, FULL_DATA_PATIENCE, PROTOCOLS, evaluate, fitting_examples,
                               protocol_task_dirs, training_draw)
 from trainer.family import FAMILY_AGGREGATIONS, FAMILY_METHOD, FamilyConfig, train_family
+from trainer.full_model import FULL_MODEL_METHOD, FullModelConfig, load_trainable, save_full_model_init, train_full_fomaml
 from trainer.model_prep import ensure_base_model
 from trainer.provenance import examples_digest, git_commit
 from trainer.selection import adapt_selecting_k
@@ -48,7 +52,7 @@ from trainer.tasks.fetch import default_cache_dir
 from trainer.tasks.format import load_task
 
 PROTOCOL = "heldout"
-# The table's columns: few-shot LoRA (the held-out parts' standard_init), the two family inits, full-data LoRA.
+# The table's columns: few-shot LoRA (the held-out parts' standard_init), the family inits, full-data LoRA.
 TABLE_METHODS = ("standard_init", *FAMILY_METHODS, "full_data")
 
 
@@ -113,11 +117,11 @@ def seed_data(tokenizer, task_dirs: list[Path], seed: int, n_train: int, recipe:
     return SeedData(names, train, validation)
 
 
-def _write_init(engine: AdaptEngine, out: Path, procedure: AdaptConfig, base_name: str, meta: dict) -> None:
-    """The shared-init folder appears complete or not at all: a stage is done iff its folder exists."""
+def _write_init(out: Path, save: Callable[[Path], None]) -> None:
+    """The init folder appears complete or not at all: a stage is done iff its folder exists."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.save_init(tmp, procedure, base_name, meta)
+    save(tmp)
     os.replace(tmp, out)
 
 
@@ -149,7 +153,7 @@ def train_family_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed:
     metrics = train_family(engine, data.family_tasks(), config, progress)
     meta = {"multitask_setting": setting, "metrics": metrics, "family_config": asdict(config),
             "seconds": round(time.time() - started, 1), "git_commit": git_commit()}
-    _write_init(engine, out, config.adapt_config(), str(engine.base_model_dir), meta)
+    _write_init(out, lambda tmp: engine.save_init(tmp, config.adapt_config(), str(engine.base_model_dir), meta))
     return json.loads((out / SHARED_INIT_META).read_text())
 
 
@@ -180,7 +184,30 @@ def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, se
                          for n in data.names]}
     meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
             "git_commit": git_commit()}
-    _write_init(engine, out, config, str(engine.base_model_dir), meta)
+    _write_init(out, lambda tmp: engine.save_init(tmp, config, str(engine.base_model_dir), meta))
+    return json.loads((out / SHARED_INIT_META).read_text())
+
+
+def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
+                          out: Path, setting: dict) -> dict:
+    config = FullModelConfig(recipe.family_config(seed, procedure))
+    setting = {**setting, "full_model": {"inner_lr": config.inner_lr, "outer_lr": config.outer_lr}}
+    meta = _reuse(out, setting)
+    if meta is not None:
+        return meta
+    started = time.time()
+
+    def progress(report) -> None:
+        losses = {n: round(v, 4) for n, v in report.validation_loss.items() if v is not None}
+        print(f"full-model FOMAML seed {seed} outer step {report.step}/{report.total} query {report.query_loss} "
+              f"validation {losses}", flush=True)
+
+    with engine.lock:
+        model = load_trainable(engine.base_model_dir, engine.device)  # beside the engine's: the base stays intact
+        metrics = train_full_fomaml(model, engine.tokenizer, data.family_tasks(), config, progress)
+        meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
+                "git_commit": git_commit()}
+        _write_init(out, lambda tmp: save_full_model_init(model, engine.tokenizer, tmp, config, meta))
     return json.loads((out / SHARED_INIT_META).read_text())
 
 
@@ -204,7 +231,8 @@ def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list
     setting = {"seed": seed, "recipe": asdict(recipe), "n_train": proto.n_train,
                "max_seq_len": procedure.max_seq_len, "train_sha256": data.digests()}
     folder = runs_dir / f"s{seed}"
-    trainers = {"family_init": train_family_init, "family_multitask_init": train_multitask_init}
+    trainers = {"family_init": train_family_init, "family_multitask_init": train_multitask_init,
+                FULL_MODEL_METHOD: train_full_model_init}
     folders = {m: folder / (recipe.family_row if m == "family_init" else m) for m in wanted}
     inits = {m: trainers[m](engine, data, recipe, seed, procedure, folders[m], setting) for m in wanted}
     del engine  # evaluate loads its own model: one resident copy at a time
