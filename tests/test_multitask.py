@@ -146,6 +146,21 @@ def test_the_aggregation_ablation_trains_its_own_family_init_with_its_outer_step
     assert not (root / "runs-agg" / "s0" / "family_init").exists()
 
 
+def test_the_rank_ablation_trains_the_family_at_its_rank_with_the_scale_kept(setup):
+    root, model_dir = setup
+    runs = ["--runs-dir", str(root / "runs-rank"), "--parts-dir", str(root / "parts-rank")]
+    with pytest.raises(SystemExit, match="family init only"):
+        multitask.main(args(root, model_dir, "--rank", "4", *runs))
+    multitask.main(args(root, model_dir, "--rank", "4", "--methods", "family_init", *runs))
+    part = json.loads((root / "parts-rank" / "multitask-s0-family_init-r4.json").read_text())
+    assert {r["method"] for r in part["rows"]} == {"family_init[r4]"}
+    folder = root / "runs-rank" / "s0" / "family_init[r4]"
+    peft = json.loads((folder / "adapter_config.json").read_text())
+    meta = json.loads((folder / "metalora_meta.json").read_text())
+    assert (peft["r"], peft["lora_alpha"]) == (4, 8) == (meta["adapt_config"]["rank"], meta["adapt_config"]["alpha"])
+    assert meta["multitask_setting"]["rank"] == 4 and part["adapt_config"]["rank"] == 4
+
+
 def test_family_aggregations_take_their_outer_step_and_fomaml_keeps_the_job_option():
     assert (FamilyConfig(outer_lr=3e-4).meta_config(3).outer_lr, FamilyConfig().meta_config(3).method) == (3e-4, "fomaml")
     reptile = FamilyConfig(method="reptile", outer_lr=3e-4).meta_config(3)

@@ -81,6 +81,11 @@ class AdaptConfig:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
         return replace(self, **options)
 
+    def at_rank(self, rank: int) -> AdaptConfig:
+        """This procedure at another LoRA rank, alpha / rank (LoRA's scale) kept, so that a rank ablation changes the
+        rank and not the step size."""
+        return replace(self, rank=rank, alpha=max(1, rank * self.alpha // self.rank))
+
     def lora_structure(self) -> tuple:
         """What a set of LoRA weights is shaped and scaled for; weights transfer only between equal ones."""
         return (self.rank, self.alpha, tuple(sorted(self.target_modules)))

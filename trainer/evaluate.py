@@ -291,8 +291,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         if (set(methods) & {*SHARED_INIT_METHODS, FULL_MODEL_METHOD}
                 or (auto_init != "standard_init" and "auto_k" in methods)):
             raise ValueError("--rank applies to the standard init only: a shared init has the rank it was learned at")
-        # alpha / rank is LoRA's scale: kept at the default's, so that the ablation changes the rank, not the step.
-        cfg = replace(cfg, rank=rank, alpha=rank * cfg.alpha // cfg.rank)
+        cfg = cfg.at_rank(rank)
     shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
                     "family_multitask_init": family_multitask_init, FULL_MODEL_METHOD: family_full_fomaml}
     h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,

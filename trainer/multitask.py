@@ -74,10 +74,11 @@ class Recipe:
     val_examples: int = 16
     method: str = FAMILY_METHOD  # the aggregation of the task updates (an ablation: family_init[reptile], ...)
 
-    @property
-    def family_row(self) -> str:
-        """The name of the family init's rows and folder: the method's own name for the paper's aggregation."""
-        return with_variant("family_init", None if self.method == FAMILY_METHOD else self.method)
+    def family_row(self, rank: int | None = None) -> str:
+        """The name of the family init's rows and folder: the method's own name for the paper's aggregation at the
+        default rank; an ablation's variant otherwise (family_init[reptile], family_init[r4])."""
+        variants = ([self.method] if self.method != FAMILY_METHOD else []) + ([f"r{rank}"] if rank else [])
+        return with_variant("family_init", "+".join(variants))
 
     def family_config(self, seed: int, procedure: AdaptConfig) -> FamilyConfig:
         return FamilyConfig(method=self.method, outer_steps=self.outer_steps, steps=self.steps, outer_lr=self.outer_lr,
@@ -212,33 +213,39 @@ def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, s
 
 
 def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list[int], methods: list[str],
-             model_dir: Path, runs_dir: Path, parts_dir: Path, device: str, command: str) -> Path:
+             model_dir: Path, runs_dir: Path, parts_dir: Path, device: str, command: str,
+             rank: int | None = None) -> Path:
     """One seed end to end; returns its part. A seed whose part exists is skipped. Only the inits that `methods`
     scores are trained, and a part of fewer than every family method is named by its methods, so that a later run
-    of the others is not mistaken for done."""
+    of the others is not mistaken for done. `rank`: the family's LoRA rank (an ablation; None = the default's)."""
     wanted = [m for m in FAMILY_METHODS if m in methods]
     suffix = "" if set(FAMILY_METHODS) <= set(methods) else "-" + "-".join(sorted(set(methods)))
     if recipe.method != FAMILY_METHOD:
         suffix += f"-{recipe.method}"
+    if rank:
+        suffix += f"-r{rank}"
     part = parts_dir / f"multitask-s{seed}{suffix}.json"
     if part.is_file():
         print(f"{part}: seed {seed} done before, skipped", flush=True)
         return part
     proto = PROTOCOLS[PROTOCOL]
     procedure = AdaptConfig()  # evaluate's: the draw fits its max_seq_len, the few-shot LoRA uses its lr and batch
+    procedure = procedure.at_rank(rank) if rank else procedure
     engine = AdaptEngine(model_dir, shared_init=None, device=device)
     data = seed_data(engine.tokenizer, task_dirs, seed, proto.n_train, recipe, procedure.max_seq_len)
     setting = {"seed": seed, "recipe": asdict(recipe), "n_train": proto.n_train,
-               "max_seq_len": procedure.max_seq_len, "train_sha256": data.digests()}
+               "max_seq_len": procedure.max_seq_len, "train_sha256": data.digests(),
+               **({"rank": rank} if rank else {})}  # absent at the default rank: earlier inits stay reusable
     folder = runs_dir / f"s{seed}"
     trainers = {"family_init": train_family_init, "family_multitask_init": train_multitask_init,
                 FULL_MODEL_METHOD: train_full_model_init}
-    folders = {m: folder / (recipe.family_row if m == "family_init" else m) for m in wanted}
+    family_row = recipe.family_row(rank)
+    folders = {m: folder / (family_row if m == "family_init" else m) for m in wanted}
     inits = {m: trainers[m](engine, data, recipe, seed, procedure, folders[m], setting) for m in wanted}
     del engine  # evaluate loads its own model: one resident copy at a time
     evaluated = time.time()
     report = evaluate(task_dirs, methods, k_values, [seed], proto.n_train, folder / "eval", model_dir=model_dir,
-                      **folders, row_names={"family_init": recipe.family_row},
+                      **folders, row_names={"family_init": family_row},
                       adapt_config=procedure, max_test=proto.max_test, scoring=proto.scoring, protocol=PROTOCOL,
                       device=device, command=command,
                       provenance={"setting": "multitask", "inits": {m: {"path": str(folders[m]), "meta": meta}
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family-method", choices=FAMILY_AGGREGATIONS, default=d.method,
                    help="how the task updates are aggregated (an ablation: fomaml, MeTA-LoRA's query-gradient mean, "
                         "is the paper's; reptile and average take train-meta's outer steps; rows family_init[<method>])")
+    p.add_argument("--rank", type=int, help="the family's LoRA rank (an ablation, alpha / rank kept: rows "
+                   "family_init[r<rank>]; the few-shot LoRA's is evaluate's --rank)")
     p.add_argument("--val-examples", type=int, default=d.val_examples,
                    help="first examples of each task's validation split: reported (family), stopped on (multi-task)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/multitask"), help="the inits, per seed (not committed)")
@@ -310,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     methods = a.methods.split(",")
     if not set(methods) <= {*FAMILY_METHODS, "full_data"}:
         raise SystemExit(f"--methods: from {', '.join(FAMILY_METHODS)}, full_data")
-    if a.family_method != FAMILY_METHOD and methods != ["family_init"]:
-        raise SystemExit("--family-method changes the family init only: run it with --methods family_init")
+    if (a.family_method != FAMILY_METHOD or a.rank) and methods != ["family_init"]:
+        raise SystemExit("--family-method and --rank change the family init only: run them with --methods family_init")
     if a.threads:
         torch.set_num_threads(a.threads)
     task_dirs = [d for d in protocol_task_dirs(PROTOCOL, a.tasks_root) if d.name in names]
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in seeds:
         run_seed(seed, task_dirs, recipe, k_values=[int(k) for k in a.k.split(",")], methods=methods,
                  model_dir=model_dir, runs_dir=a.runs_dir, parts_dir=a.parts_dir, device=a.device,
-                 command=" ".join(["metalora multitask", *argv]))
+                 command=" ".join(["metalora multitask", *argv]), rank=a.rank)
 
 
 if __name__ == "__main__":
