@@ -8,6 +8,12 @@ accuracy after K steps against outer step, one line per method and seed); and gp
     python -m benchmarks.meta_compare --out runs/gpu-meta                 # the comparison (sized for one H200)
     python -m benchmarks.meta_compare --smoke --out /tmp/smoke            # 2 outer steps, 1 method, tiny validation
     python -m benchmarks.meta_compare --out runs/x -- --support_size=16   # after --: flags for every train_meta run
+    python -m benchmarks.meta_compare --outer_lrs fomaml=3e-4,1e-3,3e-3 --outer_lrs reptile=0.25,0.5
+
+The outer step's learning rate of each method is chosen on the BIG-bench validation tasks only (the runs' own
+validation, never a held-out task): with --outer_lrs, every listed rate runs for every seed (`<method>-lr<lr>-s<seed>`)
+and the summary names, per method, the rate with the lowest validation loss after K steps at the common step, mean
+over seeds (`chosen_outer_lr`). `average` has one step (θ ← mean θ_i; Reptile at β = 1), so it takes no sweep.
 
 Fairness: the same seed gives every method the same θ_0 and the same episodes. `fomaml` takes one more forward and
 backward pass per task than Reptile and averaging (the query gradient), so the three are compared at equal outer
@@ -37,6 +43,9 @@ from trainer.precision import precision_for, resolve_device
 from trainer.provenance import git_commit, machine_record
 
 METHODS = ("fomaml", "reptile", "average")
+# The outer rates each method is tried at unless --outer_lrs says otherwise: train_meta's defaults (fomaml AdamW 1e-3,
+# Reptile SGD β = 0.5) and a neighbour or two; `average` is Reptile at β = 1, the top of Reptile's range.
+DEFAULT_SWEEP = {"fomaml": "3e-4,1e-3,3e-3", "reptile": "0.25,0.5"}
 SMOKE_FLAGS = ["--n_val_tasks=2", "--val_examples=4"]  # the tiny validation of --smoke
 BUNDLE = "gpu-meta.tar.gz"
 # Not in the bundle: weights and checkpoints (MBs per run; the commands rebuild them) and a converted base model.
@@ -121,12 +130,13 @@ def plot(runs: dict[str, dict], path: Path, title: str) -> bool:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colours = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in runs.values()}))}
+    config = lambda r: r["method"] if r.get("outer_lr") is None else f"{r['method']} lr {r['outer_lr']:g}"  # noqa: E731
+    colours = {c: f"C{i % 10}" for i, c in enumerate(sorted({config(r) for r in runs.values()}))}
     styles = ["-", "--", ":", "-."]
     seeds = sorted({r["seed"] for r in runs.values()})
     for name, r in sorted(runs.items()):
         steps = [v["step"] for v in r["validations"]]
-        style = dict(color=colours[r["method"]], linestyle=styles[seeds.index(r["seed"]) % len(styles)], marker="o",
+        style = dict(color=colours[config(r)], linestyle=styles[seeds.index(r["seed"]) % len(styles)], marker="o",
                      markersize=3, label=name)
         axes[0].plot(steps, [v["val_loss_adapted"] for v in r["validations"]], **style)
         accuracy = [(s, v["val_accuracy_adapted"]) for s, v in zip(steps, r["validations"])
@@ -186,6 +196,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--budget_s", type=float, default=540.0, help="wall-clock budget of the whole command")
     p.add_argument("--reserve_s", type=float, default=90.0,
                    help="of the budget, kept for exporting runs cut short, the plot and the bundle")
+    p.add_argument("--outer_lrs", action="append", default=[], metavar="METHOD=LR,LR",
+                   help="outer learning rates to sweep for a method (repeatable); the summary picks one per method "
+                        f"on validation. Default: {' '.join(f'{m}={r}' for m, r in DEFAULT_SWEEP.items())}")
+    p.add_argument("--no_sweep", action="store_true", help="each method at train_meta's default outer step only")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time; 0 = all")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = the CPUs / runs at a time")
     p.add_argument("--device", default="auto")
@@ -197,10 +211,51 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="run nothing: summarize the runs already in --out (<method>-s<seed>, each with its "
                         "shared_init export and a wall_s file), e.g. runs made one after another on a CPU")
     args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    specs = args.outer_lrs or [f"{m}={r}" for m, r in DEFAULT_SWEEP.items() if m in methods]
+    args.sweep = {} if args.no_sweep or args.smoke or args.collect else parse_sweep(specs, methods)
     if args.smoke:
         args.methods, args.seeds, args.outer_steps, args.eval_interval = "fomaml", "0", 2, 1
         extra = [*SMOKE_FLAGS, *extra]
     return args, extra
+
+
+def parse_sweep(specs: list[str], methods: list[str]) -> dict[str, list[float]]:
+    sweep: dict[str, list[float]] = {}
+    for spec in specs:
+        method, sep, rates = spec.partition("=")
+        if not sep or method not in methods or method in sweep:
+            raise SystemExit(f"--outer_lrs {spec!r}: expected METHOD=LR,LR with METHOD one of --methods, once each")
+        if method == "average":
+            raise SystemExit("--outer_lrs: average has one outer step (θ ← mean θ_i); sweep reptile's β instead")
+        try:
+            sweep[method] = [float(r) for r in rates.split(",")]
+        except ValueError:
+            raise SystemExit(f"--outer_lrs {spec!r}: rates must be numbers") from None
+    return sweep
+
+
+def run_name(method: str, seed: int, outer_lr: float | None) -> str:
+    return f"{method}-s{seed}" if outer_lr is None else f"{method}-lr{outer_lr:g}-s{seed}"
+
+
+def choose_outer_lr(runs: dict[str, dict], common_step: int | None) -> dict[str, dict]:
+    """Per swept method, the outer learning rate with the lowest validation loss after K steps at `common_step`, mean
+    over the seeds that validated there. Validation is the BIG-bench validation tasks: selection data only."""
+    by_config: dict[tuple[str, float], list[float]] = {}
+    for r in runs.values():
+        if r.get("outer_lr") is None:
+            continue
+        at = [v["val_loss_adapted"] for v in r["validations"] if v["step"] == common_step]
+        if at:
+            by_config.setdefault((r["method"], r["outer_lr"]), []).append(at[0])
+    chosen = {}
+    for method in sorted({m for m, _ in by_config}):
+        means = {lr: sum(v) / len(v) for (m, lr), v in by_config.items() if m == method}
+        best = min(means, key=means.get)
+        chosen[method] = {"outer_lr": best, "step": common_step, "mean_val_loss_by_lr": {f"{lr:g}": round(x, 4)
+                                                                                         for lr, x in means.items()}}
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -217,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     model_dir = base_model(args, out)
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
-    parallel = args.parallel or len(methods) * len(seeds)
+    configs = sum(len(args.sweep.get(m, [None])) for m in methods)
+    parallel = args.parallel or configs * len(seeds)
     threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
     common = [f"--outer_steps={args.outer_steps}", f"--eval_interval={args.eval_interval}",
               f"--ckpt_interval={args.eval_interval}", f"--device={args.device}", f"--threads={threads}"]
@@ -225,15 +281,19 @@ def main(argv: list[str] | None = None) -> dict:
     common += [f"--model_dir={model_dir}"] if model_dir else []
     jobs, meta = [], {}
     for method in methods:
-        for seed in seeds:
-            name, run_dir = f"{method}-s{seed}", out / f"{method}-s{seed}"
-            if (run_dir / "log.jsonl").exists() and not args.resume:
-                raise SystemExit(f"{run_dir} holds an earlier run: pass --resume to continue it, or another --out")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            command = [sys.executable, "-m", "trainer.train_meta", f"--method={method}", f"--seed={seed}",
-                       f"--out_dir={run_dir}", *common, *extra, *(["--resume"] if args.resume else [])]
-            jobs.append(Job(name, command, run_dir / "stdout.log"))
-            meta[name] = {"method": method, "seed": seed, "dir": run_dir}
+        for outer_lr in args.sweep.get(method, [None]):
+            for seed in seeds:
+                name = run_name(method, seed, outer_lr)
+                run_dir = out / name
+                if (run_dir / "log.jsonl").exists() and not args.resume:
+                    raise SystemExit(f"{run_dir} holds an earlier run: pass --resume to continue it, or another --out")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                command = [sys.executable, "-m", "trainer.train_meta", f"--method={method}", f"--seed={seed}",
+                           f"--out_dir={run_dir}", *common, *extra,
+                           *([f"--outer_lr={outer_lr:g}"] if outer_lr is not None else []),
+                           *(["--resume"] if args.resume else [])]
+                jobs.append(Job(name, command, run_dir / "stdout.log"))
+                meta[name] = {"method": method, "seed": seed, "dir": run_dir, "outer_lr": outer_lr}
     print(f"{len(jobs)} runs, {parallel} at a time, {threads} threads each, on {device}; training stops "
           f"{deadline - time.monotonic():.0f}s from now at the latest", flush=True)
     run_parallel(jobs, deadline, parallel)
@@ -304,6 +364,7 @@ def summarize(out: Path, jobs: list[Job], meta: dict, exports: list[Job], args, 
         steps_done = json.loads(init_meta.read_text())["steps_done"] if init_meta.is_file() else None
         provenance = {
             "run": job.name, "method": meta[job.name]["method"], "seed": meta[job.name]["seed"],
+            "outer_lr": meta[job.name].get("outer_lr"),
             "command": shlex.join(job.command), "export_command": export and shlex.join(export.command),
             "git_commit": commit, "gpu": gpu, "device": str(device), "precision": precision_for(device),
             "wall_s": round(job.wall_s, 1), "exit_code": job.exit_code,
@@ -321,12 +382,16 @@ def summarize(out: Path, jobs: list[Job], meta: dict, exports: list[Job], args, 
     title = (f"{', '.join(methods)} x seeds {args.seeds}: {gpu or device}, {precision_for(device)}, "
              f"commit {commit[:12]}")
     has_plot = plot(runs, out / "meta_compare.png", title)
+    chosen = choose_outer_lr(runs, common_step)
     summary = {"command": shlex.join([sys.executable, "-m", "benchmarks.meta_compare", *argv]), "git_commit": commit,
                "gpu": gpu, "device": str(device), "precision": precision_for(device), "started_at": started_at,
-               "budget_s": args.budget_s, "common_step": common_step, "plot": has_plot,
+               "budget_s": args.budget_s, "common_step": common_step, "plot": has_plot, "chosen_outer_lr": chosen,
                "runs": {n: {k: v for k, v in r.items() if k != "machine"} for n, r in runs.items()},
                "machine": machine_record(device)}
     table = summary_table(runs, common_step)
+    if chosen:
+        table += "\n\nOuter learning rate chosen on validation (lowest mean loss after K steps at the common step): " + \
+            "; ".join(f"{m} {c['outer_lr']:g} (by rate: {c['mean_val_loss_by_lr']})" for m, c in chosen.items())
     summary["wall_s"] = round(time.monotonic() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The equal-compute meta-training comparison at a scale the CPUs cannot reach: MeTA-LoRA (fomaml), Reptile and
-# parameter averaging, 2 meta-seeds each, up to 300 outer steps, all six runs side by side on one GPU (CUDA, bf16
+# The equal-compute meta-training comparison at a scale the CPUs cannot reach: MeTA-LoRA (fomaml) at outer AdamW
+# rates 3e-4 / 1e-3 / 3e-3, Reptile at β 0.25 / 0.5 and parameter averaging (β = 1), each rate chosen on the
+# BIG-bench validation tasks (summary.json chosen_outer_lr), 2 meta-seeds each, up to 300 outer steps, all twelve
+# runs side by side on one GPU (CUDA, bf16
 # autocast), in under 10 minutes of wall time in all (--budget_s, default 540). Writes under --out (default
 # runs/gpu-meta): per run <method>-s<seed>/{log.jsonl, shared_init/metalora_meta.json, provenance.json, stdout.log},
 # then summary.json, summary.md, meta_compare.png and gpu-meta.tar.gz (all of it but weights and checkpoints).
@@ -32,9 +34,9 @@
 # Sizing (an estimate: no GPU has run this yet). On the 2 CPU cores an outer step of the defaults (3 tasks, K = 5
 # steps of batch 8, sequences up to 96 tokens) costs ~65 s, ~4 s per forward+backward of SmolLM2-135M. On the
 # H200 such a step is launch-bound, not compute-bound (~0.6 TFLOP per step): ~50 ms, so ~1 s per outer step and
-# ~10 s per validation (8 tasks x 32 items) for one process alone. Six processes share the GPU by time-slicing;
-# expect 2-3x the throughput of one, i.e. ~2-3 s per outer step each, so 150-250 of the 300 steps in the ~450 s
-# of training the budget leaves. Whatever is still running then is stopped, every run at the same moment, and
+# ~10 s per validation (8 tasks x 32 items) for one process alone. Twelve processes share the GPU by time-slicing;
+# expect 2-3x the throughput of one, i.e. ~4-6 s per outer step each, so ~75-110 of the 300 steps in the ~450 s
+# of training the budget leaves (--no_sweep: six runs, about twice the steps each). Whatever is still running then is stopped, every run at the same moment, and
 # exported from its last checkpoint (one per validation, every 25 steps); the plot compares at equal outer steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."

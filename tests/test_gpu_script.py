@@ -11,6 +11,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 from benchmarks.meta_compare import BUNDLE, Job, main as meta_compare, run_parallel
 from tests.test_inner_loop import save_tiny_model
 from tests.test_meta import make_task
@@ -79,3 +81,37 @@ def test_budget_stops_runs_still_going(tmp_path):
     assert quick.exit_code == 0 and not quick.cut_short
     assert slow.cut_short and slow.exit_code != 0 and time.monotonic() - t0 < 20
     assert queued.cut_short and queued.exit_code is None  # never started: one at a time, and the budget was spent
+
+
+def test_an_outer_lr_sweep_runs_every_rate_per_seed_and_chooses_on_validation_at_the_common_step(tmp_path):
+    from benchmarks.meta_compare import choose_outer_lr, parse_args, run_name
+
+    args, _ = parse_args(["--methods=fomaml,reptile,average", "--outer_lrs", "fomaml=3e-4,1e-3",
+                          "--outer_lrs", "reptile=0.25,0.5"])
+    assert args.sweep == {"fomaml": [3e-4, 1e-3], "reptile": [0.25, 0.5]}
+    assert (run_name("fomaml", 1, 3e-4), run_name("average", 0, None)) == ("fomaml-lr0.0003-s1", "average-s0")
+    for bad in ("average=0.5", "fomaml", "sgd=1e-3", "fomaml=fast"):
+        with pytest.raises(SystemExit):
+            parse_args(["--methods=fomaml,reptile,average", "--outer_lrs", bad])
+
+    def run(method, lr, seed, losses):  # validation loss after K steps at steps 0, 10, 20
+        return {"method": method, "outer_lr": lr, "seed": seed,
+                "validations": [{"step": s, "val_loss_adapted": x} for s, x in zip((0, 10, 20), losses)]}
+
+    runs = {"a": run("fomaml", 3e-4, 0, (1.0, 0.80, 0.70)), "b": run("fomaml", 3e-4, 1, (1.0, 0.90, 0.80)),
+            "c": run("fomaml", 1e-3, 0, (1.0, 0.70, 0.74)), "d": run("fomaml", 1e-3, 1, (1.0, 0.75, 0.78)),
+            "e": run("reptile", 0.5, 0, (1.0, 0.9, 0.9)), "f": {**run("average", None, 0, (1.0, 0.5, 0.4))}}
+    chosen = choose_outer_lr(runs, 20)
+    # At step 20 the mean over seeds favours 3e-4 (0.75 vs 0.76), though 1e-3 led at step 10: the common step decides.
+    assert chosen["fomaml"]["outer_lr"] == 3e-4 and chosen["fomaml"]["mean_val_loss_by_lr"] == {"0.0003": 0.75,
+                                                                                                "0.001": 0.76}
+    assert choose_outer_lr(runs, 10)["fomaml"]["outer_lr"] == 1e-3
+    assert chosen["reptile"]["outer_lr"] == 0.5 and "average" not in chosen  # a method run at one fixed step
+
+
+def test_the_comparison_sweeps_each_methods_outer_rate_by_default_and_smoke_does_not():
+    from benchmarks.meta_compare import parse_args
+
+    assert parse_args([])[0].sweep == {"fomaml": [3e-4, 1e-3, 3e-3], "reptile": [0.25, 0.5]}
+    assert parse_args(["--methods=fomaml"])[0].sweep == {"fomaml": [3e-4, 1e-3, 3e-3]}
+    assert parse_args(["--no_sweep"])[0].sweep == {} and parse_args(["--smoke"])[0].sweep == {}
