@@ -132,29 +132,32 @@ def test_a_run_of_one_family_method_trains_only_its_init_and_names_its_part(setu
     assert not (root / "parts-one" / "multitask-s0.json").exists()  # a full run of the seed is still to do
 
 
-def test_the_aggregation_ablation_trains_its_own_family_init_with_its_outer_step(setup):
+def family_ablation(setup, tag: str, flags: list[str], part_name: str, row: str):
+    """An ablation of the family init: refused unless it trains the family alone, then run; its part holds only the
+    variant's rows. Returns (part, the init's folder)."""
     root, model_dir = setup
-    runs = ["--runs-dir", str(root / "runs-agg"), "--parts-dir", str(root / "parts-agg")]
+    runs = ["--runs-dir", str(root / f"runs-{tag}"), "--parts-dir", str(root / f"parts-{tag}")]
     with pytest.raises(SystemExit, match="family init only"):
-        multitask.main(args(root, model_dir, "--family-method", "reptile", *runs))
-    multitask.main(args(root, model_dir, "--family-method", "reptile", "--methods", "family_init", *runs))
-    part = json.loads((root / "parts-agg" / "multitask-s0-family_init-reptile.json").read_text())
-    assert {r["method"] for r in part["rows"]} == {"family_init[reptile]"}
-    meta = json.loads((root / "runs-agg" / "s0" / "family_init[reptile]" / "metalora_meta.json").read_text())
+        multitask.main(args(root, model_dir, *flags, *runs))
+    multitask.main(args(root, model_dir, *flags, "--methods", "family_init", *runs))
+    part = json.loads((root / f"parts-{tag}" / part_name).read_text())
+    assert {r["method"] for r in part["rows"]} == {row}
+    return part, root / f"runs-{tag}" / "s0" / row
+
+
+def test_the_aggregation_ablation_trains_its_own_family_init_with_its_outer_step(setup):
+    root, _ = setup
+    _, folder = family_ablation(setup, "agg", ["--family-method", "reptile"], "multitask-s0-family_init-reptile.json",
+                                "family_init[reptile]")
+    meta = json.loads((folder / "metalora_meta.json").read_text())
     config = meta["metrics"]["meta_config"]
     assert meta["metrics"]["method"] == "reptile" and (config["outer_optimizer"], config["outer_lr"]) == ("sgd", 0.5)
     assert not (root / "runs-agg" / "s0" / "family_init").exists()
 
 
 def test_the_rank_ablation_trains_the_family_at_its_rank_with_the_scale_kept(setup):
-    root, model_dir = setup
-    runs = ["--runs-dir", str(root / "runs-rank"), "--parts-dir", str(root / "parts-rank")]
-    with pytest.raises(SystemExit, match="family init only"):
-        multitask.main(args(root, model_dir, "--rank", "4", *runs))
-    multitask.main(args(root, model_dir, "--rank", "4", "--methods", "family_init", *runs))
-    part = json.loads((root / "parts-rank" / "multitask-s0-family_init-r4.json").read_text())
-    assert {r["method"] for r in part["rows"]} == {"family_init[r4]"}
-    folder = root / "runs-rank" / "s0" / "family_init[r4]"
+    part, folder = family_ablation(setup, "rank", ["--rank", "4"], "multitask-s0-family_init-r4.json",
+                                   "family_init[r4]")
     peft = json.loads((folder / "adapter_config.json").read_text())
     meta = json.loads((folder / "metalora_meta.json").read_text())
     assert (peft["r"], peft["lora_alpha"]) == (4, 8) == (meta["adapt_config"]["rank"], meta["adapt_config"]["alpha"])

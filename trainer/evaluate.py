@@ -171,7 +171,7 @@ class Harness:
 
     def answers(self, task: Task, items: list[dict], prefix: str = "", max_prompt_tokens: int = 10**6,
                 model=None) -> list:
-        return answer_items(model or self.model, self.tokenizer, items, has_options=task.has_options,
+        return answer_items(self.model if model is None else model, self.tokenizer, items, has_options=task.has_options,
                             rule=self.scoring, prefix=prefix, max_prompt_tokens=max_prompt_tokens)
 
     def trained(self, method: str) -> tuple[object, dict, dict, AdaptConfig]:

@@ -138,6 +138,15 @@ def _reuse(out: Path, setting: dict) -> dict | None:
     return meta
 
 
+def outer_step_printer(label: str, seed: int) -> Callable:
+    """The progress line of a meta-training stage, after each outer step (trainer/family.py OuterStep)."""
+    def progress(report) -> None:
+        losses = {n: round(v, 4) for n, v in report.validation_loss.items() if v is not None}
+        print(f"{label} seed {seed} outer step {report.step}/{report.total} query {report.query_loss} "
+              f"validation {losses}", flush=True)
+    return progress
+
+
 def train_family_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
                       out: Path, setting: dict) -> dict:
     meta = _reuse(out, setting)
@@ -146,12 +155,7 @@ def train_family_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed:
     config = recipe.family_config(seed, procedure)
     started = time.time()
 
-    def progress(report) -> None:
-        losses = {n: round(v, 4) for n, v in report.validation_loss.items() if v is not None}
-        print(f"family seed {seed} outer step {report.step}/{report.total} query {report.query_loss} "
-              f"validation {losses}", flush=True)
-
-    metrics = train_family(engine, data.family_tasks(), config, progress)
+    metrics = train_family(engine, data.family_tasks(), config, outer_step_printer("family", seed))
     meta = {"multitask_setting": setting, "metrics": metrics, "family_config": asdict(config),
             "seconds": round(time.time() - started, 1), "git_commit": git_commit()}
     _write_init(out, lambda tmp: engine.save_init(tmp, config.adapt_config(), str(engine.base_model_dir), meta))
@@ -198,14 +202,10 @@ def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, s
         return meta
     started = time.time()
 
-    def progress(report) -> None:
-        losses = {n: round(v, 4) for n, v in report.validation_loss.items() if v is not None}
-        print(f"full-model FOMAML seed {seed} outer step {report.step}/{report.total} query {report.query_loss} "
-              f"validation {losses}", flush=True)
-
     with engine.lock:
         model = load_trainable(engine.base_model_dir, engine.device)  # beside the engine's: the base stays intact
-        metrics = train_full_fomaml(model, engine.tokenizer, data.family_tasks(), config, progress)
+        metrics = train_full_fomaml(model, engine.tokenizer, data.family_tasks(), config,
+                                     outer_step_printer("full-model FOMAML", seed))
         meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
                 "git_commit": git_commit()}
         _write_init(out, lambda tmp: save_full_model_init(model, engine.tokenizer, tmp, config, meta))
