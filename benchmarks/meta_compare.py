@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -208,7 +209,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--resume", action="store_true", help="continue runs already in --out from their checkpoints")
     p.add_argument("--smoke", action="store_true", help="2 outer steps, 1 method, 1 seed, tiny validation")
     p.add_argument("--collect", action="store_true",
-                   help="run nothing: summarize the runs already in --out (<method>-s<seed>, each with its "
+                   help="run nothing: summarize the runs already in --out (<method>[-lr<rate>]-s<seed>, each with its "
                         "shared_init export and a wall_s file), e.g. runs made one after another on a CPU")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -237,6 +238,20 @@ def parse_sweep(specs: list[str], methods: list[str]) -> dict[str, list[float]]:
 
 def run_name(method: str, seed: int, outer_lr: float | None) -> str:
     return f"{method}-s{seed}" if outer_lr is None else f"{method}-lr{outer_lr:g}-s{seed}"
+
+
+RUN_NAME = re.compile(r"^(?P<method>[a-z_]+?)(?:-lr(?P<lr>.+?))?-s(?P<seed>\d+)$")
+
+
+def parse_run_name(name: str) -> tuple[str, int, float | None] | None:
+    """run_name's inverse: (method, seed, outer_lr), or None for a folder that is not a run."""
+    m = RUN_NAME.match(name)
+    if not m:
+        return None
+    try:
+        return m["method"], int(m["seed"]), float(m["lr"]) if m["lr"] else None
+    except ValueError:
+        return None
 
 
 def choose_outer_lr(runs: dict[str, dict], common_step: int | None) -> dict[str, dict]:
@@ -312,22 +327,27 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def collected(out: Path, methods: list[str], seeds: list[int]) -> tuple[list[Job], dict, str]:
-    """The runs already in `out`, as jobs that ran: command and commit from each export's metalora_meta.json, wall
-    time from the run's wall_s file (whoever ran it measured it). One commit for all, or the summary says mixed.
-    A run without an export (not finished) is left out, and said so."""
+    """The runs already in `out` (every swept rate of each method and seed), as jobs that ran: command and commit
+    from each export's metalora_meta.json, wall time from the run's wall_s file (whoever ran it measured it). One
+    commit for all, or the summary says mixed. A run without an export (not finished) is left out, and said so."""
+    found = []
+    for run_dir in (out.iterdir() if out.is_dir() else ()):
+        parsed = parse_run_name(run_dir.name) if run_dir.is_dir() else None
+        if parsed and parsed[0] in methods and parsed[1] in seeds:
+            found.append((parsed, run_dir))
+    found.sort(key=lambda f: (methods.index(f[0][0]), f[0][2] or 0.0, f[0][1]))
     jobs, meta, commits = [], {}, set()
-    for method in methods:
-        for seed in seeds:
-            name, run_dir = f"{method}-s{seed}", out / f"{method}-s{seed}"
-            if not (run_dir / "shared_init" / "metalora_meta.json").is_file():
-                print(f"{name}: no export in {run_dir}, left out", file=sys.stderr)
-                continue
-            init_meta = json.loads((run_dir / "shared_init" / "metalora_meta.json").read_text())
-            commits.add(init_meta["git_commit"])
-            wall = run_dir / "wall_s"
-            jobs.append(Job(name, shlex.split(init_meta["command"]), run_dir / "stdout.log", exit_code=0,
-                            wall_s=float(wall.read_text()) if wall.is_file() else 0.0))
-            meta[name] = {"method": method, "seed": seed, "dir": run_dir}
+    for (method, seed, outer_lr), run_dir in found:
+        name = run_dir.name
+        if not (run_dir / "shared_init" / "metalora_meta.json").is_file():
+            print(f"{name}: no export in {run_dir}, left out", file=sys.stderr)
+            continue
+        init_meta = json.loads((run_dir / "shared_init" / "metalora_meta.json").read_text())
+        commits.add(init_meta["git_commit"])
+        wall = run_dir / "wall_s"
+        jobs.append(Job(name, shlex.split(init_meta["command"]), run_dir / "stdout.log", exit_code=0,
+                        wall_s=float(wall.read_text()) if wall.is_file() else 0.0))
+        meta[name] = {"method": method, "seed": seed, "dir": run_dir, "outer_lr": outer_lr}
     return jobs, meta, commits.pop() if len(commits) == 1 else "mixed: " + ", ".join(sorted(commits))
 
 

@@ -64,8 +64,13 @@ def test_smoke_run_writes_logs_provenance_summary_plot_and_bundle(tmp_path):
     (twin / "log.jsonl").write_text("".join(line + "\n" for line in (run / "log.jsonl").read_text().splitlines()
                                             if json.loads(line)["step"] != 0 or "tasks" in json.loads(line)))
     (twin / "wall_s").write_text("123.4")
-    collected = meta_compare([f"--out={out}", "--collect", "--methods=fomaml,reptile", "--seeds=0", "--device=cpu"])
-    assert set(collected["runs"]) == {"fomaml-s0", "reptile-s0"} and collected["common_step"] == 2
+    shutil.copytree(run, out / "fomaml-lr0.003-s0")  # a swept rate's run, named as the sweep names it
+    (out / "average-s0").mkdir()  # begun, never exported: left out
+    collected = meta_compare([f"--out={out}", "--collect", "--methods=fomaml,reptile,average", "--seeds=0",
+                              "--device=cpu"])
+    assert set(collected["runs"]) == {"fomaml-s0", "fomaml-lr0.003-s0", "reptile-s0"}
+    assert collected["common_step"] == 2 and collected["runs"]["fomaml-lr0.003-s0"]["outer_lr"] == 0.003
+    assert collected["chosen_outer_lr"]["fomaml"]["outer_lr"] == 0.003
     assert collected["git_commit"] == meta["git_commit"]  # the runs' commit, not the collecting checkout's
     twin_run = collected["runs"]["reptile-s0"]
     assert twin_run["wall_s"] == 123.4 and twin_run["validations"][0]["borrowed_from"] == "fomaml-s0"
@@ -84,12 +89,15 @@ def test_budget_stops_runs_still_going(tmp_path):
 
 
 def test_an_outer_lr_sweep_runs_every_rate_per_seed_and_chooses_on_validation_at_the_common_step(tmp_path):
-    from benchmarks.meta_compare import choose_outer_lr, parse_args, run_name
+    from benchmarks.meta_compare import choose_outer_lr, parse_args, parse_run_name, run_name
 
     args, _ = parse_args(["--methods=fomaml,reptile,average", "--outer_lrs", "fomaml=3e-4,1e-3",
                           "--outer_lrs", "reptile=0.25,0.5"])
     assert args.sweep == {"fomaml": [3e-4, 1e-3], "reptile": [0.25, 0.5]}
     assert (run_name("fomaml", 1, 3e-4), run_name("average", 0, None)) == ("fomaml-lr0.0003-s1", "average-s0")
+    for method, seed, lr in (("fomaml", 1, 3e-4), ("reptile", 12, 1e-5), ("average", 0, None)):
+        assert parse_run_name(run_name(method, seed, lr)) == (method, seed, lr)
+    assert parse_run_name("shared_init") is None and parse_run_name("fomaml-lrfast-s0") is None
     for bad in ("average=0.5", "fomaml", "sgd=1e-3", "fomaml=fast"):
         with pytest.raises(SystemExit):
             parse_args(["--methods=fomaml,reptile,average", "--outer_lrs", bad])
