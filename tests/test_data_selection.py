@@ -74,6 +74,13 @@ def test_an_ablation_column_on_fewer_tasks_does_not_shrink_the_mean_row():
     rows.append(row("a", "standard_init[kcenter]", 5, 0, [1, 1, 1, 1]))
     text = markdown(report_for(rows))
     assert "| **mean over 2 task(s) with every column** | **0.625** | - |" in text
+    assert "mean over all" not in text  # every protocol column has both tasks: one mean row
+    # A protocol column on one task only: the common mean shrinks to that task, and the complete columns keep
+    # their mean over every task in a row of their own.
+    rows.append(row("a", "in_context", 0, 0, [0, 0, 0, 1]))
+    text = markdown(report_for(rows))
+    assert "| **mean over 1 task(s) with every column** | **0.250** | **0.750** | **1.000** |" in text
+    assert "| **mean over all 2 tasks** (columns run on every task) | - | **0.625** | - |" in text
     assert comparisons([("standard_init", 5), ("standard_init[kcenter]", 5)]) == [
         (("standard_init[kcenter]", 5), ("standard_init", 5))]
 

@@ -203,6 +203,10 @@ def markdown(report: dict) -> str:
             f"**{sum(acc[(t, m, k)][0] for t in complete) / len(complete):.3f}**"
             if all((t, m, k) in acc for t in complete) else "-" for m, k in cols) + " |")
     if len(complete) < len(tasks):
+        # A partial column would shrink the common mean to a few tasks; the columns run on every task keep theirs.
+        lines.append(f"| **mean over all {len(tasks)} tasks** (columns run on every task) | " + " | ".join(
+            f"**{sum(acc[(t, m, k)][0] for t in tasks) / len(tasks):.3f}**"
+            if all((t, m, k) in acc for t in tasks) else "-" for m, k in cols) + " |")
         lines += ["", f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run."]
     if family:
         lines += _targets_section(by_cell, cols)
