@@ -36,6 +36,20 @@ def test_bootstrap_interval_widens_with_seed_disagreement_that_item_noise_alone_
     assert a["resolved"] and not d["resolved"]
 
 
+def test_few_seeds_are_rescaled_so_the_seed_spread_is_not_understated():
+    # Three seeds whose every item moves together by 0, 0.1 and 0.2: the spread is all between seeds. Drawing 3 of 3
+    # with replacement alone would put the interval at [0, 0.2], the narrowest the values allow; rescaled by
+    # sqrt(3 / 2) its ends sit 0.1225 from the mean, so all-seeds-gain-a-little is not read as a resolved gain.
+    spread = {"t": np.stack([np.full(40, x) for x in (0.0, 0.1, 0.2)])}
+    p = paired_bootstrap(spread)
+    assert p["diff"] == pytest.approx(0.1)
+    assert p["lo"] == pytest.approx(0.1 - 0.1 * 1.5 ** 0.5) and p["hi"] == pytest.approx(0.1 + 0.1 * 1.5 ** 0.5)
+    assert not p["resolved"]
+    # One seed has no spread to resample: its interval is over items only, and the same as before any rescaling.
+    one = {"t": np.array([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0]])}
+    assert 0.0 < paired_bootstrap(one)["lo"] < 0.75 < paired_bootstrap(one)["hi"] <= 1.0
+
+
 def test_bootstrap_of_identical_methods_is_zero_and_unresolved():
     zeros = {"t": np.zeros((3, 50)), "u": np.zeros((3, 20))}
     p = paired_bootstrap(zeros)
@@ -128,6 +142,25 @@ def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols
     with pytest.raises(ValueError, match="different scoring"):
         merge_reports([old, other], tmp_path / "bad")
 
+    # Cells trained another way, or in another precision, are not seeds of the same cell.
+    lora = {"rank": 8, "alpha": 16, "dropout": 0.0, "learning_rate": 0.002, "batch_size": 8, "max_seq_len": 256,
+            "target_modules": ["q_proj"], "seed": 0, "steps": 30}
+    plain = part("plain", ROWS, adapt_config=lora)
+    for name, extra, refused in (("lr", {"adapt_config": {**lora, "learning_rate": 0.01}}, "different procedure"),
+                                 ("r4", {"adapt_config": {**lora, "rank": 4, "alpha": 8}}, "different LoRA rank"),
+                                 ("fp32", {"adapt_config": lora, "machine": {"device": "cpu", "precision": "bf16 autocast"}},
+                                  "different precision")):
+        with pytest.raises(ValueError, match=refused):
+            merge_reports([plain, part(name, ROWS, **extra)], tmp_path / "bad")
+    # A rank ablation names its rank in its rows (standard_init[r4]), so it merges beside the protocol's parts;
+    # its seed and K differ by row and are not compared.
+    ablation = part("ablation", [{**r, "method": r["method"] + "[r4]"} for r in ROWS if r["method"] == "standard_init"],
+                    adapt_config={**lora, "rank": 4, "alpha": 8, "seed": 3}, rank=4)
+    merged = merge_reports([plain, ablation], tmp_path / "with-ablation", methods=["meta_init", "standard_init"])
+    assert [(p["rows_replaced"], p["rows_left_out"]) for p in merged["parts"]] == [(0, 0), (0, 0)]
+    only_meta = merge_reports([plain, ablation], tmp_path / "meta-only", methods=["meta_init"])
+    assert [(p["rows_replaced"], p["rows_left_out"]) for p in only_meta["parts"]] == [(0, 3), (0, 3)]
+
 
 def test_a_table_with_family_columns_names_them_and_reads_each_target_off_its_interval():
     n = 40  # items; every seed alike, so each interval is narrow around its difference
@@ -166,3 +199,10 @@ def test_merge_keeps_only_the_methods_asked_and_refuses_parts_of_other_test_item
     moved["a"] = {**moved["a"], "gold": [1, 1, 1, 1]}
     with pytest.raises(ValueError, match="task a has another gold"):
         merge_reports([part("one"), part("two", moved)], tmp_path / "bad")
+
+
+def test_columns_run_with_other_seeds_are_named_beside_the_table():
+    rows = [row("a", "standard_init", 5, s, [1, 0, 1, 1]) for s in (0, 1, 2)] + [row("a", "in_context", 0, 0, [1, 1, 0, 0])]
+    text = markdown(report_for(rows))
+    assert "in_context: seed 0; standard_init+5: seeds 0, 1, 2." in text
+    assert "Seeds per column" not in markdown(report_for([r for r in rows if r["method"] == "standard_init"]))

@@ -44,19 +44,25 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
     """One table from runs split by method or task (so they can run in parallel); each part keeps its own command,
     commit, machine and settings under `parts`. A later part's row replaces an earlier part's row for the same
     (task, method, K, seed), so one column can be re-measured without rerunning the rest; each part records how many
-    of its rows were replaced. Parts of different protocols or scoring rules are refused: their cells do not
-    compare; so are parts whose task has other test items or train pool, or whose seed drew other examples.
+    of its rows were replaced. Parts of different protocols, scoring rules, training procedures (LoRA, optimiser,
+    sequence length) or precisions are refused: their cells do not compare; so are parts whose task has other test
+    items or train pool, or whose seed drew other examples.
     `methods`: keep only these methods' rows (a table of one setting from parts that measured more)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    for key in ("protocol", "scoring", "n_train"):
-        values = {json.dumps(p.get(key)) for p in parts}
+    for key, value in (("protocol", lambda p: p.get("protocol")), ("scoring", lambda p: p.get("scoring")),
+                       ("n_train", lambda p: p.get("n_train")), ("procedure", _procedure),
+                       ("LoRA rank and alpha", _lora_size),
+                       ("precision", lambda p: p.get("machine", {}).get("precision"))):
+        values = {json.dumps(v, sort_keys=True) for p in parts if (v := value(p)) is not NOT_COMPARED}
         if len(values) > 1:
             raise ValueError(f"cannot merge reports with different {key}: {sorted(values)}")
     by_key: dict[tuple, tuple[int, dict]] = {}
+    considered = [0] * len(parts)
     for i, part in enumerate(parts):
         for r in part["rows"]:
             if methods is None or split_variant(r["method"])[0] in methods:
                 by_key[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
+                considered[i] += 1
     kept = [sum(1 for i, _ in by_key.values() if i == n) for n in range(len(parts))]
     merged = {key: parts[0].get(key) for key in ("protocol", "scoring", "n_train", "max_test", "adapt_config",
                                                  "model_dir")}
@@ -68,11 +74,26 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
         "methods": sorted({m for p in parts for m in p["methods"] if methods is None or m in methods},
                           key=_method_rank),
         "tasks": tasks,
-        "parts": [{**{k: v for k, v in p.items() if k not in ("rows", "tasks")}, "rows_replaced": len(p["rows"]) - kept[n]}
-                  for n, p in enumerate(parts)],
+        "parts": [{**{k: v for k, v in p.items() if k not in ("rows", "tasks")}, "rows_replaced": considered[n] - kept[n],
+                   "rows_left_out": len(p["rows"]) - considered[n]} for n, p in enumerate(parts)],
         "rows": [r for _, r in by_key.values()],
     })
     return write_report(merged, out)
+
+
+def _procedure(part: dict) -> dict:
+    """What the K steps of a part's rows were trained with, where every part must agree: the LoRA's modules and
+    dropout, the optimisation, the sequence length (the seed and K vary by row; the rank by `_lora_size`)."""
+    return {k: v for k, v in (part.get("adapt_config") or {}).items() if k not in ("seed", "steps", "rank", "alpha")}
+
+
+NOT_COMPARED = object()
+
+
+def _lora_size(part: dict):
+    """The protocol's parts must agree on rank and alpha; a rank ablation (`rank` set) names its own in its rows."""
+    config = part.get("adapt_config") or {}
+    return NOT_COMPARED if part.get("rank") is not None else [config.get("rank"), config.get("alpha")]
 
 
 def _merge_tasks(parts: list[dict], paths: list[Path]) -> dict[str, dict]:
@@ -208,6 +229,16 @@ def markdown(report: dict) -> str:
             f"**{sum(acc[(t, m, k)][0] for t in tasks) / len(tasks):.3f}**"
             if all((t, m, k) in acc for t in tasks) else "-" for m, k in cols) + " |")
         lines += ["", f"Tasks with every column: {', '.join(complete) or 'none'}; '-' = not run."]
+    seeds = {col: sorted({r["seed"] for (t, m, k), rows in by_cell.items() if (m, k) == col for r in rows})
+             for col in cols}
+    if len({tuple(v) for v in seeds.values()}) > 1:
+        groups: dict[tuple, list[str]] = {}
+        for col, v in seeds.items():
+            groups.setdefault(tuple(v), []).append(column_name(*col, labels))
+        listed = "; ".join(f"{', '.join(names)}: seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))}"
+                           for v, names in groups.items())
+        lines += ["", "Seeds per column, over its tasks (a cell averages its own seeds; a paired difference uses "
+                  f"the seeds both columns ran on each task): {listed}."]
     if family:
         lines += _targets_section(by_cell, cols)
     lines += _binary_section(by_cell, tasks_meta, cols, labels)
@@ -280,15 +311,17 @@ def _paired_section(by_cell: dict, cols, tasks, labels: dict[str, str]) -> list[
         return []
     lines = ["", "## Paired differences", "",
              "Accuracy of one column minus another on the same test items and seeds. Mean over tasks, with a 95 % "
-             "paired bootstrap interval that resamples the seeds and the items together "
-             "(trainer/eval_stats.py); **resolved** when the interval excludes 0.", "",
+             "paired bootstrap interval that resamples the seeds (rescaled by sqrt(S / (S − 1)) for few seeds) and "
+             "the items together (trainer/eval_stats.py); **resolved** when the interval excludes 0. Where a task "
+             "has one seed in common, its interval covers the items only: 'items only' marks such a row.", "",
              "| comparison | " + " | ".join(tasks) + " | mean over tasks [95 % interval] | |",
              "|" + "---|" * (len(tasks) + 3)]
     for a, b, p in paired:
         lines.append(f"| {column_name(*a, labels)} − {column_name(*b, labels)} | " + " | ".join(
             f"{p['tasks'][t]['diff']:+.3f}" if t in p["tasks"] else "-" for t in tasks) +
             f" | **{p['diff']:+.3f}** [{p['lo']:+.3f}, {p['hi']:+.3f}] ({len(p['tasks'])} tasks, {p['n_seeds']} seeds,"
-            f" {p['n_items']} items) | {'resolved' if p['resolved'] else 'not resolved'} |")
+            f" {p['n_items']} items{', items only' if min(t['n_seeds'] for t in p['tasks'].values()) == 1 else ''})"
+            f" | {'resolved' if p['resolved'] else 'not resolved'} |")
     return lines
 
 

@@ -7,6 +7,10 @@ replicate draws, per task, the seeds with replacement and the test items with re
 and item i of one method against seed s and item i of the other, which share the training sample and the question.
 Tasks are resampled independently: a seed of one task shares nothing with the same seed number of another but the
 RNG's starting value, and tasks may have been run with different numbers of seeds.
+
+Few seeds: drawing S seeds with replacement gives the seeds' mean a variance of (S - 1) / S times the right one
+(half of it at 2 seeds), so each replicate's departure over seeds is scaled back by sqrt(S / (S - 1)) (the rescaled
+bootstrap). One seed has no spread to resample: its interval covers the items only, and the tables say so.
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def cells(rows: list[dict]) -> dict[tuple, list[dict]]:
 def paired_bootstrap(diffs: dict[str, np.ndarray], replicates: int = BOOTSTRAP_REPLICATES,
                      seed: int = BOOTSTRAP_SEED) -> dict:
     """`diffs[task]` is a (seeds x items) array of a[s, i] - b[s, i]. Returns the mean over tasks of each task's mean
-    difference, and its 95 % percentile interval from resampling, per task, seeds and items."""
+    difference, and its 95 % percentile interval from resampling, per task, seeds (rescaled) and items."""
     rng = np.random.default_rng(seed)
     totals = np.zeros(replicates)
     per_task = {}
@@ -59,9 +63,13 @@ def paired_bootstrap(diffs: dict[str, np.ndarray], replicates: int = BOOTSTRAP_R
         n_seeds, n_items = d.shape
         seed_draw = rng.integers(0, n_seeds, size=(replicates, n_seeds))
         item_draw = rng.integers(0, n_items, size=(replicates, n_items))
-        # Mean over the drawn seeds of the mean over the drawn items: sum_s sum_i d[s*, i*] / (S * N).
-        by_seed = d[seed_draw]  # (replicates, S, N)
-        resampled = np.take_along_axis(by_seed, item_draw[:, None, :].repeat(n_seeds, axis=1), axis=2).mean(axis=(1, 2))
+        # Each seed's mean over the drawn items (one item draw for every seed: the items are shared), then the mean
+        # over the drawn seeds, its departure from the all-seed mean rescaled for the few seeds.
+        per_seed = d[:, item_draw].mean(axis=2).T  # (replicates, S)
+        every_seed = per_seed.mean(axis=1)
+        drawn = np.take_along_axis(per_seed, seed_draw, axis=1).mean(axis=1)
+        scale = np.sqrt(n_seeds / (n_seeds - 1)) if n_seeds > 1 else 0.0
+        resampled = every_seed + scale * (drawn - every_seed)
         totals += resampled
         lo, hi = np.percentile(resampled, [2.5, 97.5])
         per_task[task] = {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n_items": int(n_items),
