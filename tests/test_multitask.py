@@ -12,6 +12,7 @@ import torch
 
 from test_inner_loop import save_tiny_model
 from trainer import multitask
+from trainer.config import AdaptConfig
 from trainer.family import FamilyConfig
 from trainer.evaluate import evaluate
 from trainer.provenance import examples_digest
@@ -98,6 +99,15 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     few_shot = evaluate([root / "tasks" / t for t in TASKS], ["standard_init"], [2], [0], 100, root / "fewshot",
                         model_dir=model_dir, protocol="heldout", max_test=250, device="cpu")
     assert few_shot["tasks"]["sst2"]["train_sha256"] == part["tasks"]["sst2"]["train_sha256"]
+    # A family init is scored on the seed it was trained on, in the LoRA it was trained as, or not at all.
+    family_dir, task_dirs = root / "runs" / "s0" / "family_init", [root / "tasks" / t for t in TASKS]
+    with pytest.raises(ValueError, match="seed 0's draws"):
+        evaluate(task_dirs, ["family_init"], [0], [1], 100, root / "wrong-seed", model_dir=model_dir,
+                 family_init=family_dir, device="cpu")
+    with pytest.raises(ValueError, match="learned for rank 8, alpha 16"):
+        evaluate(task_dirs, ["family_init"], [0], [0], 100, root / "wrong-lora", model_dir=model_dir,
+                 family_init=family_dir, adapt_config=AdaptConfig(alpha=32), device="cpu")
+    assert not (root / "wrong-seed").exists() and not (root / "wrong-lora").exists()
     part_path.write_text(json.dumps(part))
     multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(part_path), "--out-dir",
                     str(root / "table")])

@@ -25,6 +25,7 @@ The report (trainer/eval_report.py) holds every item's answer, so methods are co
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +35,7 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapters.layout import SHARED_INIT_META
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
@@ -144,7 +146,31 @@ def load_init(path: Path | str, model, cfg: AdaptConfig) -> tuple[dict[str, torc
     if all(torch.equal(state[n], saved[n]) for n in state):
         raise ValueError(f"{path}: no LoRA weight was loaded (key mismatch?)")
     learned = shared.adapt_config
+    # The worker builds a job's LoRA from the init's own structure (engine.job_defaults); scored in another one,
+    # the init would be measured under a procedure no job runs.
+    if (learned.lora_structure(), learned.dropout) != (cfg.lora_structure(), cfg.dropout):
+        raise ValueError(f"{path}: learned for rank {learned.rank}, alpha {learned.alpha}, dropout {learned.dropout}, "
+                         f"modules {sorted(learned.target_modules)}; this run builds rank {cfg.rank}, alpha "
+                         f"{cfg.alpha}, dropout {cfg.dropout}, modules {sorted(cfg.target_modules)}")
     return state, replace(cfg, learning_rate=learned.learning_rate, batch_size=learned.batch_size)
+
+
+def trained_setting(path: Path | str | None) -> dict | None:
+    """The multi-task setting an init was trained in (trainer/multitask.py: its seed and each task's draw digest),
+    None for an init trained elsewhere."""
+    meta = Path(path) / SHARED_INIT_META if path else None
+    return json.loads(meta.read_text()).get("multitask_setting") if meta and meta.is_file() else None
+
+
+def check_trained_on(settings: dict[str, dict], seeds, task: str | None = None, drawn: str | None = None) -> None:
+    """A family init is scored on the seed whose draws it was trained on, never on another seed's (its K steps
+    would start from weights that saw other examples of the very task)."""
+    for method, setting in settings.items():
+        if set(seeds) != {setting["seed"]}:
+            raise ValueError(f"{method} was trained on seed {setting['seed']}'s draws: score it with that seed only")
+        want = setting.get("train_sha256", {}).get(task) if task else None
+        if want and drawn and want != drawn:
+            raise ValueError(f"{method} was trained on other examples of {task} than seed {setting['seed']} draws here")
 
 
 @dataclass
@@ -294,7 +320,10 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         cfg = cfg.at_rank(rank)
     shared_inits = {"meta_init": meta_init, "multitask_init": multitask_init, "family_init": family_init,
                     "family_multitask_init": family_multitask_init, FULL_MODEL_METHOD: family_full_fomaml}
-    h, dev = build_harness(model_dir or ensure_base_model(Settings()), methods, device=device, cfg=cfg,
+    trained_on = {m: st for m, path in shared_inits.items() if m in methods and (st := trained_setting(path))}
+    check_trained_on(trained_on, seeds)
+    model_dir = model_dir or ensure_base_model(Settings())
+    h, dev = build_harness(model_dir, methods, device=device, cfg=cfg,
                            shared_inits=shared_inits, auto_init=auto_init, scoring=scoring,
                            icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap, draw=draw)
     out = Path(out_dir)
@@ -334,6 +363,8 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
 
             # Which examples the seed drew, so parts run apart (and inits trained on the draw) can be checked alike.
             drawn = run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
+            if draw == "random":
+                check_trained_on(trained_on, [seed], task.name, drawn)
             tasks_meta[task.name].setdefault("train_sha256", {})[draw_key(seed, draw)] = drawn
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
