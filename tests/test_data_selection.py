@@ -89,4 +89,6 @@ def test_a_row_names_only_the_settings_that_change_it():
     assert variant_name("standard_init", 4, "kcenter") == "standard_init[r4+kcenter]"
     assert variant_name("in_context", 4, "kcenter") == "in_context[kcenter]"  # demos come from the draw
     assert variant_name("zero_shot", 4, "kcenter") == "zero_shot"
+    assert variant_name("full_data", None, "kcenter") == "full_data"  # its pool is its own random draw
+    assert variant_name("full_data", 4, "kcenter") == "full_data[r4]"
     assert variant_name("standard_init", None, "random") == "standard_init"

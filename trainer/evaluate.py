@@ -91,10 +91,10 @@ def training_draw(task: Task, seed: int, n: int) -> list[dict]:
 def variant_name(method: str, rank: int | None, draw: str) -> str:
     """The name an ablation's row carries (`standard_init[kcenter]`, `standard_init[r16]`): a part that changes the
     LoRA rank or the draw rule measures another column than the protocol's, and must not replace its rows in a
-    merge. Only what changes the row names it: the rank changes what is trained, the draw every method but
-    zero-shot (in-context reads its demos from the draw)."""
+    merge. Only what changes the row names it: the rank changes what is trained, the draw every method that reads
+    the seed's n examples (in-context its demos; zero-shot reads none, full data its own larger random pool)."""
     parts = ([f"r{rank}"] if rank is not None and method not in ("zero_shot", "in_context") else []) + (
-        [draw] if draw != "random" and method != "zero_shot" else [])
+        [draw] if draw != "random" and method not in ("zero_shot", "full_data") else [])
     return with_variant(method, "+".join(parts))
 
 
