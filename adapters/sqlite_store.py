@@ -545,7 +545,7 @@ class SqliteMetadataStore:
     async def add_version(self, version: AdapterVersion, quota: TenantQuota | None = None) -> None:
         def tx(c: sqlite3.Connection) -> None:
             if quota is not None:
-                counts = _quota_counts(c, version.tenant, [version.adapter])
+                counts = _adapter_counts(c, version.tenant, [version.adapter])
                 check_upload_quota(quota, version.tenant, counts["adapter_count"], counts["new_adapters"])
                 check_bytes(quota, version.tenant, _usage(c, version.tenant), version.size_bytes)
             _write_version(c, version)
@@ -586,14 +586,19 @@ class SqliteMetadataStore:
         self.db.close()
 
 
-def _quota_counts(c: sqlite3.Connection, tenant: str, creates: Sequence[str]) -> dict[str, int]:
-    """check_quota's counts: the tenant's jobs in flight, its adapter names, and how many of `creates` are new."""
-    active = c.execute("SELECT count(*) FROM jobs WHERE expires_at IS NULL AND json_extract(record, '$.tenant') = ?",
-                       (tenant,)).fetchone()[0]
+def _adapter_counts(c: sqlite3.Connection, tenant: str, creates: Sequence[str]) -> dict[str, int]:
+    """The tenant's adapter names, and how many of `creates` are new (check_upload_quota's counts)."""
     count = c.execute("SELECT count(DISTINCT adapter) FROM versions WHERE tenant = ?", (tenant,)).fetchone()[0]
     new = sum(c.execute("SELECT 1 FROM versions WHERE tenant = ? AND adapter = ? LIMIT 1",
                         (tenant, name)).fetchone() is None for name in set(creates))
-    return {"active_jobs": active, "adapter_count": count, "new_adapters": new}
+    return {"adapter_count": count, "new_adapters": new}
+
+
+def _quota_counts(c: sqlite3.Connection, tenant: str, creates: Sequence[str]) -> dict[str, int]:
+    """check_quota's counts: the tenant's jobs in flight, and _adapter_counts."""
+    active = c.execute("SELECT count(*) FROM jobs WHERE expires_at IS NULL AND json_extract(record, '$.tenant') = ?",
+                       (tenant,)).fetchone()[0]
+    return {"active_jobs": active, **_adapter_counts(c, tenant, creates)}
 
 
 @dataclass
