@@ -142,14 +142,12 @@ def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols
     with pytest.raises(ValueError, match="different scoring"):
         merge_reports([old, other], tmp_path / "bad")
 
-    # Cells trained another way, or in another precision, are not seeds of the same cell.
+    # Cells trained another way are not seeds of the same cell; another precision is named, not refused.
     lora = {"rank": 8, "alpha": 16, "dropout": 0.0, "learning_rate": 0.002, "batch_size": 8, "max_seq_len": 256,
             "target_modules": ["q_proj"], "seed": 0, "steps": 30}
     plain = part("plain", ROWS, adapt_config=lora)
     for name, extra, refused in (("lr", {"adapt_config": {**lora, "learning_rate": 0.01}}, "different procedure"),
-                                 ("r4", {"adapt_config": {**lora, "rank": 4, "alpha": 8}}, "different LoRA rank"),
-                                 ("fp32", {"adapt_config": lora, "machine": {"device": "cpu", "precision": "bf16 autocast"}},
-                                  "different precision")):
+                                 ("r4", {"adapt_config": {**lora, "rank": 4, "alpha": 8}}, "different LoRA rank")):
         with pytest.raises(ValueError, match=refused):
             merge_reports([plain, part(name, ROWS, **extra)], tmp_path / "bad")
     # A rank ablation names its rank in its rows (standard_init[r4]), so it merges beside the protocol's parts;
@@ -160,6 +158,10 @@ def test_merge_lets_a_later_part_re_measure_a_column_and_refuses_other_protocols
     assert [(p["rows_replaced"], p["rows_left_out"]) for p in merged["parts"]] == [(0, 0), (0, 0)]
     only_meta = merge_reports([plain, ablation], tmp_path / "meta-only", methods=["meta_init"])
     assert [(p["rows_replaced"], p["rows_left_out"]) for p in only_meta["parts"]] == [(0, 3), (0, 3)]
+    bf16 = part("bf16", ROWS, adapt_config=lora, machine={"device": "cpu", "cpu_model": "Y", "precision": "bf16 autocast"})
+    merge_reports([plain, bf16], tmp_path / "mixed")
+    assert "Machine and precision (by part): fp32 on cpu (X), bf16 autocast on cpu (Y)" in (
+        tmp_path / "mixed" / "results.md").read_text()
 
 
 def test_a_table_with_family_columns_names_them_and_reads_each_target_off_its_interval():

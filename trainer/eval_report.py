@@ -44,15 +44,16 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
     """One table from runs split by method or task (so they can run in parallel); each part keeps its own command,
     commit, machine and settings under `parts`. A later part's row replaces an earlier part's row for the same
     (task, method, K, seed), so one column can be re-measured without rerunning the rest; each part records how many
-    of its rows were replaced. Parts of different protocols, scoring rules, training procedures (LoRA, optimiser,
-    sequence length) or precisions are refused: their cells do not compare; so are parts whose task has other test
-    items or train pool, or whose seed drew other examples.
+    of its rows were replaced. Parts of different protocols, scoring rules or training procedures (LoRA, optimiser,
+    sequence length) are refused: their cells do not compare; so are parts whose task has other test items or train
+    pool, or whose seed drew other examples. Precision is not refused (a CPU without native bf16 cannot reproduce
+    bf16 autocast at a usable speed); the header names each part's, and results/eval/README.md measures the
+    difference on the same cells.
     `methods`: keep only these methods' rows (a table of one setting from parts that measured more)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     for key, value in (("protocol", lambda p: p.get("protocol")), ("scoring", lambda p: p.get("scoring")),
                        ("n_train", lambda p: p.get("n_train")), ("procedure", _procedure),
-                       ("LoRA rank and alpha", _lora_size),
-                       ("precision", lambda p: p.get("machine", {}).get("precision"))):
+                       ("LoRA rank and alpha", _lora_size)):
         values = {json.dumps(v, sort_keys=True) for p in parts if (v := value(p)) is not NOT_COMPARED}
         if len(values) > 1:
             raise ValueError(f"cannot merge reports with different {key}: {sorted(values)}")
