@@ -208,3 +208,11 @@ def test_columns_run_with_other_seeds_are_named_beside_the_table():
     text = markdown(report_for(rows))
     assert "in_context: seed 0; standard_init+5: seeds 0, 1, 2." in text
     assert "Seeds per column" not in markdown(report_for([r for r in rows if r["method"] == "standard_init"]))
+
+
+def test_a_difference_says_where_its_interval_has_no_seed_spread():
+    three = [row("a", m, 5, s, [1, 0, 1, 1]) for m in ("standard_init", "meta_init") for s in (0, 1, 2)]
+    one = [row("b", m, 5, 0, [1, 0]) for m in ("standard_init", "meta_init")]
+    assert "(1 tasks, 3 seeds, 4 items) |" in markdown(report_for(three))
+    assert "(2 tasks, 1-3 seeds, 6 items, items only on 1 of 2 tasks) |" in markdown(report_for(three + one))
+    assert "(1 tasks, 1 seeds, 2 items, items only) |" in markdown(report_for(one))

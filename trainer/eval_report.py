@@ -313,17 +313,25 @@ def _paired_section(by_cell: dict, cols, tasks, labels: dict[str, str]) -> list[
     lines = ["", "## Paired differences", "",
              "Accuracy of one column minus another on the same test items and seeds. Mean over tasks, with a 95 % "
              "paired bootstrap interval that resamples the seeds (rescaled by sqrt(S / (S − 1)) for few seeds) and "
-             "the items together (trainer/eval_stats.py); **resolved** when the interval excludes 0. Where a task "
-             "has one seed in common, its interval covers the items only: 'items only' marks such a row.", "",
+             "the items together (trainer/eval_stats.py); **resolved** when the interval excludes 0. A task both "
+             "columns ran with one seed contributes item noise only: 'items only' marks such rows.", "",
              "| comparison | " + " | ".join(tasks) + " | mean over tasks [95 % interval] | |",
              "|" + "---|" * (len(tasks) + 3)]
     for a, b, p in paired:
         lines.append(f"| {column_name(*a, labels)} − {column_name(*b, labels)} | " + " | ".join(
             f"{p['tasks'][t]['diff']:+.3f}" if t in p["tasks"] else "-" for t in tasks) +
             f" | **{p['diff']:+.3f}** [{p['lo']:+.3f}, {p['hi']:+.3f}] ({len(p['tasks'])} tasks, {p['n_seeds']} seeds,"
-            f" {p['n_items']} items{', items only' if min(t['n_seeds'] for t in p['tasks'].values()) == 1 else ''})"
+            f" {p['n_items']} items{_items_only(p)})"
             f" | {'resolved' if p['resolved'] else 'not resolved'} |")
     return lines
+
+
+def _items_only(p: dict) -> str:
+    """Where the interval has no seed spread to cover: the tasks both columns ran with one seed."""
+    single = sum(t["n_seeds"] == 1 for t in p["tasks"].values())
+    if not single:
+        return ""
+    return ", items only" if single == len(p["tasks"]) else f", items only on {single} of {len(p['tasks'])} tasks"
 
 
 def plot(report: dict, out: Path) -> list[Path]:
