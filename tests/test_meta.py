@@ -187,6 +187,29 @@ def test_checkpoint_round_trips(setup, tmp_path):
     assert set(lora_parameters(setup[0])) == set(learner.names)
 
 
+def test_in_context_demo_count_reads_what_a_test_item_shows_never_its_answer(tmp_path):
+    """The demos' budget is sized from each test item's prompt and longest option: which option is gold, and how
+    long the gold completion is, change nothing, and the longest item still fits beside the demos."""
+    from trainer.evaluate import icl_prefix, scored_length
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_model(tmp_path / "tiny"))
+    demos = [{"prompt": f"demo {i}: x ->", "completion": " y"} for i in range(40)]
+
+    def items(gold: int) -> list[dict]:
+        options = [" no", " a much longer option"]
+        return [{"prompt": f"q{i} ->", "options": options, "answer": gold, "completion": options[gold]}
+                for i in range(5)]
+
+    budget = 200
+    short_gold, long_gold = icl_prefix(tokenizer, demos, items(0), budget), icl_prefix(tokenizer, demos, items(1),
+                                                                                          budget)
+    assert short_gold == long_gold and 0 < short_gold[1] < len(demos)
+    prefix_tokens = len(tokenizer(short_gold[0], add_special_tokens=False)["input_ids"])
+    assert prefix_tokens + max(scored_length(tokenizer, ex) for ex in items(0)) <= budget
+    # An open task has no options: the longest answer generation may give is what it budgets for.
+    open_items = [{"prompt": "q ->", "completion": " a"}, {"prompt": "q ->", "completion": " " + "a" * 60}]
+    assert icl_prefix(tokenizer, demos, open_items[:1], budget) == icl_prefix(tokenizer, demos, open_items, budget)
+
+
 def test_evaluate_writes_results_for_any_task_folder(setup, tmp_path):
     """End to end on the tiny model: an option task and an open task, every method, files written."""
     import json as _json

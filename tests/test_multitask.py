@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -107,7 +108,17 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     with pytest.raises(ValueError, match="learned for rank 8, alpha 16"):
         evaluate(task_dirs, ["family_init"], [0], [0], 100, root / "wrong-lora", model_dir=model_dir,
                  family_init=family_dir, adapt_config=AdaptConfig(alpha=32), device="cpu")
-    assert not (root / "wrong-seed").exists() and not (root / "wrong-lora").exists()
+    # ... and on the examples it was trained on: an init whose record names another draw of the first task is
+    # refused before that task is scored, so nothing is written.
+    tampered = root / "tampered-family"
+    shutil.copytree(family_dir, tampered)
+    meta = json.loads((tampered / "metalora_meta.json").read_text())
+    meta["multitask_setting"]["train_sha256"][TASKS[0]] = "0" * 64
+    (tampered / "metalora_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"other examples of {TASKS[0]}"):
+        evaluate(task_dirs, ["family_init"], [0], [0], 100, root / "wrong-draw", model_dir=model_dir,
+                 family_init=tampered, device="cpu")
+    assert not any(p.exists() for p in (root / "wrong-seed", root / "wrong-lora", root / "wrong-draw"))
     part_path.write_text(json.dumps(part))
     multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(part_path), "--out-dir",
                     str(root / "table")])

@@ -48,7 +48,7 @@ from trainer.inner_loop import adapt, all_parameters, get_lora_state, lora_param
 from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
 from trainer.provenance import examples_digest, git_commit, machine_record
-from trainer.scoring import DEFAULT_SCORING, SCORING_RULES, answer_items
+from trainer.scoring import DEFAULT_SCORING, GEN_MAX_NEW_TOKENS, SCORING_RULES, answer_items
 from adapters.adapt_options import AUTO_K
 from trainer.selection import adapt_selecting_k
 from trainer.tasks.fetch import default_cache_dir
@@ -121,9 +121,19 @@ def encode_safe(tokenizer, examples: list[dict], max_seq_len: int) -> list:
     return fitting_examples(tokenizer, examples, max_seq_len)[1]
 
 
+def scored_length(tokenizer, item: dict) -> int:
+    """Tokens the model reads for a test item: its prompt and its longest option (an open task: the longest answer
+    generation may give). Only what the item shows at test time counts, never its gold answer, so no test answer
+    decides how many demos in-context gets."""
+    prompt = len(tokenizer(item["prompt"])["input_ids"])
+    if not item.get("options"):
+        return prompt + GEN_MAX_NEW_TOKENS
+    return prompt + max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in item["options"])
+
+
 def icl_prefix(tokenizer, demos: list[dict], test: list[dict], budget: int) -> tuple[str, int]:
-    """Demos joined by blank lines, as many as fit in `budget` tokens next to the longest test prompt."""
-    longest = max(len(tokenizer(ex["prompt"] + ex["completion"])["input_ids"]) for ex in test)
+    """Demos joined by blank lines, as many as fit in `budget` tokens next to the longest test item."""
+    longest = max(scored_length(tokenizer, ex) for ex in test)
     prefix, used, n = "", longest, 0
     for d in demos:
         block = d["prompt"] + d["completion"] + "\n\n"
@@ -208,12 +218,11 @@ class Harness:
         return self.model, lora_parameters(self.model), self.inits[method], self.procedures[method]
 
 
-def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, k_values, n_train: int,
-                  record) -> str:
-    """Every method on one (task, seed): `record(method, k, answers, **extra)` once per measured cell. Returns the
-    digest of the examples the methods trained on (trainer/provenance.py examples_digest)."""
-    sample = h.drawn(task, seed, n_train)
-    kept, enc = fitting_examples(h.tokenizer, sample, h.cfg.max_seq_len)
+def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, sample: list[dict], methods, k_values,
+                  record) -> None:
+    """Every method on one (task, seed), adapting on the seed's `sample` (Harness.drawn): `record(method, k,
+    answers, **extra)` once per measured cell."""
+    enc = fitting_examples(h.tokenizer, sample, h.cfg.max_seq_len)[1]
     if "zero_shot" in methods:
         set_lora_state(h.model, h.inits["zero"])
         record("zero_shot", 0, h.answers(task, test))
@@ -253,7 +262,6 @@ def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, methods, 
                                    eval_every=FULL_DATA_EVAL_EVERY, patience=FULL_DATA_PATIENCE)
         record("full_data", 0, h.answers(task, test), n_full=len(full), chosen_k=chosen.k,
                steps_run=chosen.steps_run, curve=chosen.curve)
-    return examples_digest(kept)
 
 
 def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits: dict, auto_init, scoring,
@@ -352,19 +360,24 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         tasks_meta[task.name] = {"n_test": len(test), "n_train_available": len(task.train), "gold": gold,
                                  "n_options": sorted({len(ex["options"]) for ex in test}) if gold else None}
         for seed in seeds:
+            # Which examples the seed drew (as they fit max_seq_len), so parts run apart and inits trained on the
+            # draw can be checked alike; an init trained on other examples is refused before anything is scored.
+            sample = h.drawn(task, seed, n_train)
+            kept = fitting_examples(h.tokenizer, sample, cfg.max_seq_len)[0]
+            drawn = examples_digest(kept)
+            if draw == "random":
+                check_trained_on(trained_on, [seed], task.name, drawn)
+
             def record(method, k, answers, **extra):
                 correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
                 method = variant_name((row_names or {}).get(method, method), rank, draw)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
-                             "n_train_used": min(n_train, len(task.train)), "n_test": len(test), "correct": correct,
+                             "n_train_used": len(kept), "n_test": len(test), "correct": correct,
                              "pred": [a.pred for a in answers] if gold else None, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
-            # Which examples the seed drew, so parts run apart (and inits trained on the draw) can be checked alike.
-            drawn = run_task_seed(h, task, test, seed, methods, k_values, n_train, record)
-            if draw == "random":
-                check_trained_on(trained_on, [seed], task.name, drawn)
+            run_task_seed(h, task, test, seed, sample, methods, k_values, record)
             tasks_meta[task.name].setdefault("train_sha256", {})[draw_key(seed, draw)] = drawn
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
