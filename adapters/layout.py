@@ -6,6 +6,9 @@ our records. A shared init is a PEFT adapter folder plus `SHARED_INIT_META`.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 # PEFT's names (peft writes ADAPTER_CONFIG itself in save_pretrained); vLLM loads exactly these two.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -21,3 +24,10 @@ ADAPTER_VERSION_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPT_RECORD, JOB_RECO
 # {"adapt_config": AdaptConfig.to_dict(), ...what meta-training records}: the procedure an init was learned for.
 SHARED_INIT_META = "metalora_meta.json"
 SHARED_INIT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_META)
+
+
+def read_init_meta(folder: Path | str) -> dict | None:
+    """An init folder's SHARED_INIT_META as written; None where the folder has none (not an init, or one whose
+    writer has not finished: inits appear whole, the record with them)."""
+    path = Path(folder) / SHARED_INIT_META
+    return json.loads(path.read_text()) if path.is_file() else None

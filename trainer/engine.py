@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.adapt_options import AUTO_K
-from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META
+from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META, read_init_meta
 from trainer.config import AdaptConfig, NonFiniteLoss
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt
@@ -50,7 +50,7 @@ def load_shared_init(path: Path | str) -> SharedInit:
     for name in SHARED_INIT_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"shared init {path} is incomplete: {name} is missing")
-    meta = json.loads((path / SHARED_INIT_META).read_text())
+    meta = read_init_meta(path)
     if "adapt_config" not in meta:
         raise ValueError(f"{path / SHARED_INIT_META} has no adapt_config: cannot tell what it was trained for")
     config = AdaptConfig.from_dict(meta["adapt_config"])

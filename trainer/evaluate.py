@@ -25,7 +25,6 @@ The report (trainer/eval_report.py) holds every item's answer, so methods are co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +34,7 @@ import torch
 from peft import get_peft_model, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapters.layout import SHARED_INIT_META
+from adapters.layout import read_init_meta
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import ExampleTooLong, encode_examples
@@ -168,8 +167,8 @@ def load_init(path: Path | str, model, cfg: AdaptConfig) -> tuple[dict[str, torc
 def trained_setting(path: Path | str | None) -> dict | None:
     """The multi-task setting an init was trained in (trainer/multitask.py: its seed and each task's draw digest),
     None for an init trained elsewhere."""
-    meta = Path(path) / SHARED_INIT_META if path else None
-    return json.loads(meta.read_text()).get("multitask_setting") if meta and meta.is_file() else None
+    meta = read_init_meta(path) if path else None
+    return meta.get("multitask_setting") if meta else None
 
 
 def check_trained_on(settings: dict[str, dict], seeds, task: str | None = None, drawn: str | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapters.layout import SHARED_INIT_META
+from adapters.layout import SHARED_INIT_META, read_init_meta
 from trainer.config import AdaptConfig
 from trainer.family import FamilyConfig, OuterStep, meta_train_tasks
 from trainer.inner_loop import all_parameters, get_state
@@ -90,8 +90,7 @@ class FullModelInit:
 
     @classmethod
     def load(cls, path: Path | str, device: torch.device) -> "FullModelInit":
-        meta_path = Path(path) / SHARED_INIT_META
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        meta = read_init_meta(path) or {}
         if meta.get("kind") != "full_model":
             raise ValueError(f"{path} is not a full-model init (no metalora_meta.json of kind full_model)")
         model = load_trainable(path, device)

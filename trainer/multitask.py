@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from adapters.adapt_options import FAMILY_DEFAULTS
-from adapters.layout import SHARED_INIT_META
+from adapters.layout import read_init_meta
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import encode_examples
@@ -128,9 +128,9 @@ def _write_init(out: Path, save: Callable[[Path], None]) -> None:
 
 def _reuse(out: Path, setting: dict) -> dict | None:
     """The meta of a finished init for the same setting; None where there is none yet."""
-    if not (out / SHARED_INIT_META).is_file():
+    meta = read_init_meta(out)
+    if meta is None:
         return None
-    meta = json.loads((out / SHARED_INIT_META).read_text())
     if meta.get("multitask_setting") != setting:
         raise SystemExit(f"{out} was trained for another setting (recipe, seed or draw): move it away or pick "
                          f"another --runs-dir\n  it has:  {meta.get('multitask_setting')}\n  asked:   {setting}")
@@ -159,7 +159,7 @@ def train_family_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed:
     meta = {"multitask_setting": setting, "metrics": metrics, "family_config": asdict(config),
             "seconds": round(time.time() - started, 1), "git_commit": git_commit()}
     _write_init(out, lambda tmp: engine.save_init(tmp, config.adapt_config(), str(engine.base_model_dir), meta))
-    return json.loads((out / SHARED_INIT_META).read_text())
+    return read_init_meta(out)
 
 
 def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
@@ -190,7 +190,7 @@ def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, se
     meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
             "git_commit": git_commit()}
     _write_init(out, lambda tmp: engine.save_init(tmp, config, str(engine.base_model_dir), meta))
-    return json.loads((out / SHARED_INIT_META).read_text())
+    return read_init_meta(out)
 
 
 def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
@@ -209,7 +209,7 @@ def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, s
         meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
                 "git_commit": git_commit()}
         _write_init(out, lambda tmp: save_full_model_init(model, engine.tokenizer, tmp, config, meta))
-    return json.loads((out / SHARED_INIT_META).read_text())
+    return read_init_meta(out)
 
 
 def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list[int], methods: list[str],
