@@ -92,6 +92,9 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     multitask.main(args(root, model_dir))
     again = json.loads(part_path.read_text())
     assert again["inits"] == part["inits"] and again["rows"] == part["rows"]
+    # The weights each init was scored from: the same init read again gives the same digest.
+    assert again["init_sha256"] == part["init_sha256"] and set(part["init_sha256"]) == set(methods)
+    assert all(len(d) == 64 for d in part["init_sha256"].values()) and len(set(part["init_sha256"].values())) == 3
     part_path.unlink()
     with pytest.raises(SystemExit, match="another setting"):  # an init of another recipe is never reused
         multitask.main(args(root, model_dir, "--outer-steps", "3"))
@@ -140,6 +143,18 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     with pytest.raises(ValueError, match="drew other train examples"):
         multitask.main(["--merge", str(root / "fewshot" / "results.json"), str(root / "other.json"), "--out-dir",
                         str(root / "bad")])
+
+    # A seed's family column is one init: copa's rows scored from a retrained init (other weights) do not merge
+    # with sst2's from the first one, while a re-measurement from the same weights does.
+    retrained = json.loads(part_path.read_text())
+    retrained["rows"] = [r for r in retrained["rows"] if r["task"] == "copa"]
+    (root / "same.json").write_text(json.dumps(retrained))
+    multitask.main(["--merge", str(part_path), str(root / "same.json"), "--out-dir", str(root / "same")])
+    retrained["init_sha256"]["family_init"] = "f" * 64
+    (root / "retrained.json").write_text(json.dumps(retrained))
+    with pytest.raises(ValueError, match="family_init seed 0 was scored from other init weights"):
+        multitask.main(["--merge", str(part_path), str(root / "retrained.json"), "--out-dir", str(root / "bad2")])
+    assert not (root / "bad2").exists()
 
 
 def test_a_run_of_one_family_method_trains_only_its_init_and_names_its_part(setup):

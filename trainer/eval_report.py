@@ -64,6 +64,7 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
             if methods is None or split_variant(r["method"])[0] in methods:
                 by_key[(r["task"], r["method"], r["k"], r["seed"])] = (i, r)
                 considered[i] += 1
+    _check_inits(parts, paths, by_key.values())
     kept = [sum(1 for i, _ in by_key.values() if i == n) for n in range(len(parts))]
     merged = {key: parts[0].get(key) for key in ("protocol", "scoring", "n_train", "max_test", "adapt_config",
                                                  "model_dir")}
@@ -80,6 +81,21 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
         "rows": [r for _, r in by_key.values()],
     })
     return write_report(merged, out)
+
+
+def _check_inits(parts: list[dict], paths: list[Path], kept) -> None:
+    """A column's seed is one init: every row it keeps of a learned init's method and seed must have been scored
+    from the same weights (`init_sha256`; older parts did not record it). A family init retrained for some of a
+    seed's tasks would otherwise pass for the seed's one init."""
+    seen: dict[tuple[str, int], tuple[str, Path]] = {}
+    for i, row in kept:
+        digest = (parts[i].get("init_sha256") or {}).get(split_variant(row["method"])[0])
+        if digest is None:
+            continue
+        first = seen.setdefault((row["method"], row["seed"]), (digest, paths[i]))
+        if first[0] != digest:
+            raise ValueError(f"cannot merge {paths[i]}: {row['method']} seed {row['seed']} was scored from other "
+                             f"init weights than in {first[1]}; score every task of the seed from one init")
 
 
 def _procedure(part: dict) -> dict:

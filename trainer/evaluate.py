@@ -46,7 +46,7 @@ from trainer.full_model import FULL_MODEL_METHOD, FullModelInit
 from trainer.inner_loop import adapt, all_parameters, get_lora_state, lora_parameters, set_lora_state, set_state
 from trainer.model_prep import ensure_base_model
 from trainer.precision import resolve_device
-from trainer.provenance import examples_digest, git_commit, machine_record
+from trainer.provenance import examples_digest, git_commit, machine_record, weights_digest
 from trainer.scoring import DEFAULT_SCORING, GEN_MAX_NEW_TOKENS, SCORING_RULES, answer_items
 from adapters.adapt_options import AUTO_K
 from trainer.selection import adapt_selecting_k
@@ -296,6 +296,14 @@ def build_harness(model_dir, methods, *, device, cfg: AdaptConfig, shared_inits:
                    draw, full_model), dev
 
 
+def init_digests(h: Harness) -> dict[str, str]:
+    """The weights each learned init was scored from (trainer/provenance.py weights_digest), by method."""
+    digests = {m: weights_digest(state) for m, state in h.inits.items() if m in SHARED_INIT_METHODS}
+    if h.full_model is not None:
+        digests[FULL_MODEL_METHOD] = weights_digest(h.full_model.theta)
+    return digests
+
+
 def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: Path | str = "results/eval", *,
              model_dir: Path | str | None = None, meta_init: Path | str | None = None,
              multitask_init: Path | str | None = None, family_init: Path | str | None = None,
@@ -347,6 +355,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
                               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
                 "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, "draw": draw, "rank": rank,
+                "init_sha256": init_digests(h),
                 **(provenance or {})}
 
     def report() -> dict:

@@ -47,3 +47,14 @@ def examples_digest(examples: list[dict]) -> str:
     """sha256 of a list of examples (order counts), to show that two runs trained on the same draw without storing
     the data (task data is not ours to redistribute)."""
     return hashlib.sha256(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of weights as loaded (names, shapes and fp32 values, in name order), whatever file format held them: two
+    reports scored from the same init record the same digest, so a merge can tell a retrained init from the same one."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to(torch.float32).cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
