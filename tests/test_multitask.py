@@ -189,6 +189,14 @@ def test_the_aggregation_ablation_trains_its_own_family_init_with_its_outer_step
     config = meta["metrics"]["meta_config"]
     assert meta["metrics"]["method"] == "reptile" and (config["outer_optimizer"], config["outer_lr"]) == ("sgd", 0.5)
     assert not (root / "runs-agg" / "s0" / "family_init").exists()
+    # Merged beside the few-shot LoRA, the variant is read against the seed's targets like the family itself.
+    few_shot = evaluate([root / "tasks" / t for t in TASKS], ["standard_init"], [2], [0], 100, root / "fewshot-agg",
+                        model_dir=setup[1], protocol="heldout", max_test=250, device="cpu")
+    multitask.main(["--merge", str(root / "fewshot-agg" / "results.json"),
+                    str(root / "parts-agg" / "multitask-s0-family_init-reptile.json"), "--out-dir", str(root / "agg")])
+    targets = (root / "agg" / "results.md").read_text().split("## The seed's targets")[1].split("\n## ")[0]
+    assert few_shot["rows"] and "| over few-shot LoRA by >= 0.10 | MeTA-LoRA family[reptile]+0 − few-shot LoRA+2 |" in targets
+    assert "| over few-shot LoRA by >= 0.10 | MeTA-LoRA family[reptile]+2 − few-shot LoRA+2 |" in targets
 
 
 def test_the_rank_ablation_trains_the_family_at_its_rank_with_the_scale_kept(setup):

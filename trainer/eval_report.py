@@ -267,19 +267,20 @@ def markdown(report: dict) -> str:
 def _targets_section(by_cell: dict, cols) -> list[str]:
     """The seed's targets (FAMILY_TARGETS) for each K of the family init, each read off a paired interval: met when
     the whole interval clears the margin, missed when none of it does, not resolved otherwise. K = 0 (one adapter
-    for every task of the family) is compared with the few-shot LoRA at its largest K."""
+    for every task of the family) is compared with the few-shot LoRA at its largest K. An ablation of the family
+    (family_init[reptile], ...) is read against the same targets: each is a way to learn the family's init."""
     present = set(cols)
     lines = ["", "## The seed's targets", "",
              "MeTA-LoRA family over few-shot LoRA by >= 0.10 on the mean, over multi-task LoRA by >= 0.05, and at "
              "most 0.05 behind full-data LoRA (the seed: within 2-5 points). Difference of the means over tasks "
              "with its 95 % paired bootstrap interval over seeds x items (as below).", "",
              "| target | comparison | difference [95 % interval] | status |", "|---|---|---|---|"]
-    for k in sorted(kk for m, kk in cols if m == "family_init"):
+    for family, k in [(m, k) for m, k in cols if split_variant(m)[0] == "family_init"]:
         for ref, margin, target in FAMILY_TARGETS:
             ref_ks = [kk for m, kk in cols if m == ref and kk > 0]
             ref_k = {"full_data": 0, "standard_init": k if k in ref_ks else max(ref_ks, default=k)}.get(ref, k)
-            name = f"{column_name('family_init', k, FAMILY_LABELS)} − {column_name(ref, ref_k, FAMILY_LABELS)}"
-            p = paired_difference(by_cell, ("family_init", k), (ref, ref_k)) if (ref, ref_k) in present else None
+            name = f"{column_name(family, k, FAMILY_LABELS)} − {column_name(ref, ref_k, FAMILY_LABELS)}"
+            p = paired_difference(by_cell, (family, k), (ref, ref_k)) if (ref, ref_k) in present else None
             if p is None:
                 lines.append(f"| {target} | {name} | - | not measured |")
                 continue
