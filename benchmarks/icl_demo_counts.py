@@ -24,13 +24,18 @@ from trainer.tasks.fetch import default_cache_dir
 from trainer.tasks.format import load_task
 
 
-def recorded_counts(parts: list[Path]) -> dict[tuple[str, int], set[int]]:
-    """(task, seed) -> the demo counts in_context rows recorded, over the parts (a protocol part per file)."""
+def recorded_counts(parts: list[Path], protocol: str) -> dict[tuple[str, int], set[int]]:
+    """(task, seed) -> the demo counts in_context rows recorded, over the parts: evaluate parts of `protocol`, with
+    its draw, test items and today's budget (anything else would be recomputed for other demos or items)."""
+    proto = PROTOCOLS[protocol]
+    want = {"protocol": protocol, "n_train": proto.n_train, "max_test": proto.max_test, "draw": "random",
+            "icl_max_tokens": ICL_MAX_TOKENS}
     counts: dict[tuple[str, int], set[int]] = {}
     for path in parts:
         part = json.loads(path.read_text())
-        if part.get("icl_max_tokens", ICL_MAX_TOKENS) != ICL_MAX_TOKENS:
-            raise SystemExit(f"{path}: measured with icl_max_tokens {part['icl_max_tokens']}, today's {ICL_MAX_TOKENS}")
+        have = {key: part.get(key, "random" if key == "draw" else None) for key in want}
+        if have != want:
+            raise SystemExit(f"{path}: not a part of this protocol with today's budget (has {have}, wants {want})")
         for row in part["rows"]:
             if row["method"] == "in_context":
                 counts.setdefault((row["task"], row["seed"]), set()).add(row["n_demos"])
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     proto = PROTOCOLS[a.protocol]
     tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(Settings()))
-    recorded = recorded_counts(a.parts)
+    recorded = recorded_counts(a.parts, a.protocol)
     lines = [f"# In-context demo counts: recorded vs `icl_prefix` at {git_commit()}", "",
              f"Command: `python -m benchmarks.icl_demo_counts {' '.join(sys.argv[1:] if argv is None else argv)}`",
              f"Budget {ICL_MAX_TOKENS} tokens; protocol `{a.protocol}` ({proto.n_train} examples, <= {proto.max_test} "

@@ -216,3 +216,24 @@ def test_a_difference_says_where_its_interval_has_no_seed_spread():
     assert "(1 tasks, 3 seeds, 4 items) |" in markdown(report_for(three))
     assert "(2 tasks, 1-3 seeds, 6 items, items only on 1 of 2 tasks) |" in markdown(report_for(three + one))
     assert "(1 tasks, 1 seeds, 2 items, items only) |" in markdown(report_for(one))
+
+
+def test_a_column_is_one_init_per_seed_for_a_family_and_one_for_every_seed_otherwise(tmp_path):
+    def part(name, method, seed, digest):
+        rows = [{**row("a", method, 5, seed, [1, 0, 1, 1], [0, 0, 1, 1]), "init_sha256": digest},
+                {**row("a", "standard_init", 5, seed, [0, 0, 1, 1], [1, 0, 1, 1])}]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**report_for(rows), "command": name, "k_values": [5],
+                                    "methods": ["standard_init", method]}))
+        return path
+
+    # A family init is trained on its seed's draws: another seed from other weights is the normal case.
+    merge_reports([part("f0", "family_init", 0, "a" * 64), part("f1", "family_init", 1, "b" * 64)], tmp_path / "f")
+    # The shipped init is one for every seed: seed 1 scored from other weights is another init under the same name.
+    with pytest.raises(ValueError, match="meta_init column was scored from other init weights"):
+        merge_reports([part("m0", "meta_init", 0, "a" * 64), part("m1", "meta_init", 1, "b" * 64)], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    # The digest travels with the rows, so a merged table merged again is checked too.
+    merge_reports([part("m0", "meta_init", 0, "a" * 64)], tmp_path / "once")
+    with pytest.raises(ValueError, match="meta_init column"):
+        merge_reports([tmp_path / "once" / "results.json", part("m1", "meta_init", 1, "b" * 64)], tmp_path / "twice")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.icl_demo_counts import main
 from trainer.evaluate import ICL_MAX_TOKENS, PROTOCOLS
 
@@ -19,8 +21,10 @@ def test_a_recorded_count_that_the_rule_no_longer_gives_is_named_for_a_rerun(tmp
         write_task(tmp_path / "tasks" / name, {"train": rows(name, 120), "validation": rows(name, 4),
                                               "test": rows(name, 6)})
     args = ["--tasks-root", str(tmp_path / "tasks"), "--seeds", "0", "--out", str(tmp_path / "counts.md")]
-    part = {"icl_max_tokens": ICL_MAX_TOKENS, "rows": [{"task": "sst2", "seed": 0, "method": "in_context",
-                                                         "n_demos": 1}]}
+    proto = PROTOCOLS["heldout"]
+    part = {"protocol": "heldout", "n_train": proto.n_train, "max_test": proto.max_test, "draw": "random",
+            "icl_max_tokens": ICL_MAX_TOKENS, "rows": [{"task": "sst2", "seed": 0, "method": "in_context",
+                                                        "n_demos": 1}]}
     (tmp_path / "part.json").write_text(json.dumps(part))
     assert main([str(tmp_path / "part.json"), *args]) == 1  # 1 demo recorded, far more fit in the budget
     table = (tmp_path / "counts.md").read_text()
@@ -31,3 +35,8 @@ def test_a_recorded_count_that_the_rule_no_longer_gives_is_named_for_a_rerun(tmp
     (tmp_path / "part.json").write_text(json.dumps(part))
     assert main([str(tmp_path / "part.json"), *args]) == 0
     assert "| copa | 0 | - |" in (tmp_path / "counts.md").read_text()  # not recorded: reported, not a failure
+
+    # A part of other test items (or a merged table, which records no budget) would be checked for other demos.
+    (tmp_path / "other.json").write_text(json.dumps({**part, "max_test": 20}))
+    with pytest.raises(SystemExit, match="not a part of this protocol"):
+        main([str(tmp_path / "other.json"), *args])

@@ -95,6 +95,7 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     # The weights each init was scored from: the same init read again gives the same digest.
     assert again["init_sha256"] == part["init_sha256"] and set(part["init_sha256"]) == set(methods)
     assert all(len(d) == 64 for d in part["init_sha256"].values()) and len(set(part["init_sha256"].values())) == 3
+    assert all(r["init_sha256"] == part["init_sha256"][r["method"]] for r in part["rows"])  # each row names its init
     part_path.unlink()
     with pytest.raises(SystemExit, match="another setting"):  # an init of another recipe is never reused
         multitask.main(args(root, model_dir, "--outer-steps", "3"))
@@ -111,14 +112,14 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     with pytest.raises(ValueError, match="learned for rank 8, alpha 16"):
         evaluate(task_dirs, ["family_init"], [0], [0], 100, root / "wrong-lora", model_dir=model_dir,
                  family_init=family_dir, adapt_config=AdaptConfig(alpha=32), device="cpu")
-    # ... and on the examples it was trained on: an init whose record names another draw of the first task is
-    # refused before that task is scored, so nothing is written.
+    # ... and on the examples it was trained on: an init whose record names another draw of the last task is
+    # refused before any task is scored, so nothing is written.
     tampered = root / "tampered-family"
     shutil.copytree(family_dir, tampered)
     meta = json.loads((tampered / "metalora_meta.json").read_text())
-    meta["multitask_setting"]["train_sha256"][TASKS[0]] = "0" * 64
+    meta["multitask_setting"]["train_sha256"][TASKS[-1]] = "0" * 64
     (tampered / "metalora_meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=f"other examples of {TASKS[0]}"):
+    with pytest.raises(ValueError, match=f"other examples of {TASKS[-1]}"):
         evaluate(task_dirs, ["family_init"], [0], [0], 100, root / "wrong-draw", model_dir=model_dir,
                  family_init=tampered, device="cpu")
     assert not any(p.exists() for p in (root / "wrong-seed", root / "wrong-lora", root / "wrong-draw"))
@@ -150,7 +151,8 @@ def test_multitask_trains_on_the_evaluate_draw_writes_a_part_resumes_and_merges(
     retrained["rows"] = [r for r in retrained["rows"] if r["task"] == "copa"]
     (root / "same.json").write_text(json.dumps(retrained))
     multitask.main(["--merge", str(part_path), str(root / "same.json"), "--out-dir", str(root / "same")])
-    retrained["init_sha256"]["family_init"] = "f" * 64
+    for r in retrained["rows"]:
+        r["init_sha256"] = "f" * 64 if r["method"] == "family_init" else r.get("init_sha256")
     (root / "retrained.json").write_text(json.dumps(retrained))
     with pytest.raises(ValueError, match="family_init seed 0 was scored from other init weights"):
         multitask.main(["--merge", str(part_path), str(root / "retrained.json"), "--out-dir", str(root / "bad2")])

@@ -84,18 +84,20 @@ def merge_reports(paths: list[Path], out: Path, methods: list[str] | None = None
 
 
 def _check_inits(parts: list[dict], paths: list[Path], kept) -> None:
-    """A column's seed is one init: every row it keeps of a learned init's method and seed must have been scored
-    from the same weights (`init_sha256`; older parts did not record it). A family init retrained for some of a
-    seed's tasks would otherwise pass for the seed's one init."""
-    seen: dict[tuple[str, int], tuple[str, Path]] = {}
+    """A column is one init per seed (a family init: trained on the seed's draws) or one init for every seed (the
+    others): every row it keeps must have been scored from the same weights (each row's `init_sha256`; rows of
+    older parts carry none and are not checked). A retrained init would otherwise pass for the column's one."""
+    seen: dict[tuple, tuple[str, Path]] = {}
     for i, row in kept:
-        digest = (parts[i].get("init_sha256") or {}).get(split_variant(row["method"])[0])
+        digest = row.get("init_sha256")
         if digest is None:
             continue
-        first = seen.setdefault((row["method"], row["seed"]), (digest, paths[i]))
+        per_seed = split_variant(row["method"])[0] in FAMILY_METHODS
+        first = seen.setdefault((row["method"], row["seed"] if per_seed else None), (digest, paths[i]))
         if first[0] != digest:
-            raise ValueError(f"cannot merge {paths[i]}: {row['method']} seed {row['seed']} was scored from other "
-                             f"init weights than in {first[1]}; score every task of the seed from one init")
+            which = f"seed {row['seed']}" if per_seed else "column"
+            raise ValueError(f"cannot merge {paths[i]}: {row['method']} {which} was scored from other init weights "
+                             f"than in {first[1]}; score it from one init")
 
 
 def _procedure(part: dict) -> dict:

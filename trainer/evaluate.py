@@ -182,6 +182,18 @@ def check_trained_on(settings: dict[str, dict], seeds, task: str | None = None, 
             raise ValueError(f"{method} was trained on other examples of {task} than seed {setting['seed']} draws here")
 
 
+def check_draws(trained_on: dict[str, dict], task_dirs, seeds, n_train: int, tokenizer, max_seq_len: int) -> None:
+    """Every (task, seed) draw against the draws the family inits were trained on, before anything is scored, so a
+    mismatch on the last task leaves no half-measured report behind."""
+    if not trained_on:
+        return
+    for task_dir in task_dirs:
+        task = load_task(task_dir)
+        for seed in seeds:
+            kept = fitting_examples(tokenizer, training_draw(task, seed, n_train), max_seq_len)[0]
+            check_trained_on(trained_on, [seed], task.name, examples_digest(kept))
+
+
 @dataclass
 class Harness:
     """What every method of one run shares: the model with its LoRA slots, the inits and their procedures."""
@@ -341,6 +353,9 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
     h, dev = build_harness(model_dir, methods, device=device, cfg=cfg,
                            shared_inits=shared_inits, auto_init=auto_init, scoring=scoring,
                            icl_max_tokens=icl_max_tokens, full_data_cap=full_data_cap, draw=draw)
+    if draw == "random":
+        check_draws(trained_on, task_dirs, seeds, n_train, h.tokenizer, cfg.max_seq_len)
+    digests = init_digests(h)
     out = Path(out_dir)
     rows: list[dict] = []
     tasks_meta: dict[str, dict] = {}
@@ -355,7 +370,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                 "full_data": {"cap": full_data_cap, "max_steps": FULL_DATA_MAX_STEPS,
                               "eval_every": FULL_DATA_EVAL_EVERY, "patience": FULL_DATA_PATIENCE},
                 "auto_k": asdict(AUTO_K), "icl_max_tokens": icl_max_tokens, "draw": draw, "rank": rank,
-                "init_sha256": init_digests(h),
+                "init_sha256": digests,
                 **(provenance or {})}
 
     def report() -> dict:
@@ -368,21 +383,19 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         tasks_meta[task.name] = {"n_test": len(test), "n_train_available": len(task.train), "gold": gold,
                                  "n_options": sorted({len(ex["options"]) for ex in test}) if gold else None}
         for seed in seeds:
-            # Which examples the seed drew (as they fit max_seq_len), so parts run apart and inits trained on the
-            # draw can be checked alike; an init trained on other examples is refused before anything is scored.
+            # Which examples the seed drew (as they fit max_seq_len), so parts run apart can be checked alike.
             sample = h.drawn(task, seed, n_train)
             kept = fitting_examples(h.tokenizer, sample, cfg.max_seq_len)[0]
             drawn = examples_digest(kept)
-            if draw == "random":
-                check_trained_on(trained_on, [seed], task.name, drawn)
 
             def record(method, k, answers, **extra):
                 correct = [a.correct for a in answers]
                 acc = sum(correct) / len(correct)
+                init = {"init_sha256": digests[method]} if method in digests else {}  # the weights it started from
                 method = variant_name((row_names or {}).get(method, method), rank, draw)
                 rows.append({"task": task.name, "seed": seed, "method": method, "k": k, "accuracy": acc,
                              "n_train_used": len(kept), "n_test": len(test), "correct": correct,
-                             "pred": [a.pred for a in answers] if gold else None, **extra})
+                             "pred": [a.pred for a in answers] if gold else None, **init, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
             run_task_seed(h, task, test, seed, sample, methods, k_values, record)

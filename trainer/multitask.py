@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 
 from adapters.adapt_options import FAMILY_DEFAULTS
-from adapters.layout import read_init_meta
+from adapters.layout import SHARED_INIT_META, read_init_meta
 from adapters.settings import Settings
 from trainer.config import AdaptConfig
 from trainer.data import encode_examples
@@ -126,6 +126,13 @@ def _write_init(out: Path, save: Callable[[Path], None]) -> None:
     os.replace(tmp, out)
 
 
+def _finished(out: Path) -> dict:
+    meta = read_init_meta(out)
+    if meta is None:
+        raise RuntimeError(f"{out}: the init was written without its {SHARED_INIT_META}")
+    return meta
+
+
 def _reuse(out: Path, setting: dict) -> dict | None:
     """The meta of a finished init for the same setting; None where there is none yet."""
     meta = read_init_meta(out)
@@ -159,7 +166,7 @@ def train_family_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed:
     meta = {"multitask_setting": setting, "metrics": metrics, "family_config": asdict(config),
             "seconds": round(time.time() - started, 1), "git_commit": git_commit()}
     _write_init(out, lambda tmp: engine.save_init(tmp, config.adapt_config(), str(engine.base_model_dir), meta))
-    return read_init_meta(out)
+    return _finished(out)
 
 
 def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
@@ -190,7 +197,7 @@ def train_multitask_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, se
     meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
             "git_commit": git_commit()}
     _write_init(out, lambda tmp: engine.save_init(tmp, config, str(engine.base_model_dir), meta))
-    return read_init_meta(out)
+    return _finished(out)
 
 
 def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, seed: int, procedure: AdaptConfig,
@@ -209,7 +216,7 @@ def train_full_model_init(engine: AdaptEngine, data: SeedData, recipe: Recipe, s
         meta = {"multitask_setting": setting, "metrics": metrics, "seconds": round(time.time() - started, 1),
                 "git_commit": git_commit()}
         _write_init(out, lambda tmp: save_full_model_init(model, engine.tokenizer, tmp, config, meta))
-    return read_init_meta(out)
+    return _finished(out)
 
 
 def run_seed(seed: int, task_dirs: list[Path], recipe: Recipe, *, k_values: list[int], methods: list[str],
