@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             was = recorded.get((task.name, seed))
             status = "not recorded" if was is None else ("same" if was == {n} else "DIFFERS: rerun")
             differing += status.startswith("DIFFERS")
-            lines.append(f"| {task.name} | {seed} | {', '.join(map(str, sorted(was))) if was else '-'} | {n} | {status} |")
+            shown = ", ".join(map(str, sorted(was))) if was else "-"
+            lines.append(f"| {task.name} | {seed} | {shown} | {n} | {status} |")
     lines += ["", f"{differing} recorded cell(s) differ."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapters.adapt_options import AUTO_K
-from adapters.layout import ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META, read_init_meta
+from adapters.layout import (ADAPT_RECORD, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SHARED_INIT_FILES, SHARED_INIT_META,
+                             read_init_meta)
 from trainer.config import AdaptConfig, NonFiniteLoss
 from trainer.data import EncodedExample, encode_examples, mean_loss
 from trainer.inner_loop import adapt

@@ -229,11 +229,11 @@ class Harness:
         return self.model, lora_parameters(self.model), self.inits[method], self.procedures[method]
 
 
-def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, sample: list[dict], methods, k_values,
-                  record) -> None:
-    """Every method on one (task, seed), adapting on the seed's `sample` (Harness.drawn): `record(method, k,
-    answers, **extra)` once per measured cell."""
-    enc = fitting_examples(h.tokenizer, sample, h.cfg.max_seq_len)[1]
+def run_task_seed(h: Harness, task: Task, test: list[dict], seed: int, sample: list[dict], enc: list, methods,
+                  k_values, record) -> None:
+    """Every method on one (task, seed): in-context shows the seed's `sample` (Harness.drawn), the others adapt on
+    `enc`, the sample as it fits max_seq_len (fitting_examples). `record(method, k, answers, **extra)` once per
+    measured cell."""
     if "zero_shot" in methods:
         set_lora_state(h.model, h.inits["zero"])
         record("zero_shot", 0, h.answers(task, test))
@@ -385,7 +385,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
         for seed in seeds:
             # Which examples the seed drew (as they fit max_seq_len), so parts run apart can be checked alike.
             sample = h.drawn(task, seed, n_train)
-            kept = fitting_examples(h.tokenizer, sample, cfg.max_seq_len)[0]
+            kept, enc = fitting_examples(h.tokenizer, sample, cfg.max_seq_len)
             drawn = examples_digest(kept)
 
             def record(method, k, answers, **extra):
@@ -398,7 +398,7 @@ def evaluate(task_dirs, methods, k_values, seeds, n_train: int = 100, out_dir: P
                              "pred": [a.pred for a in answers] if gold else None, **init, **extra})
                 print(f"{task.name} seed {seed} {method} K={k}: {acc:.3f}", flush=True)
 
-            run_task_seed(h, task, test, seed, sample, methods, k_values, record)
+            run_task_seed(h, task, test, seed, sample, enc, methods, k_values, record)
             tasks_meta[task.name].setdefault("train_sha256", {})[draw_key(seed, draw)] = drawn
         write_report(report(), out)  # after every task, so a run cut short keeps what it measured
     return report()
